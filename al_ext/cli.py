@@ -1,0 +1,200 @@
+"""The ``al-ext`` command line: train an AL model, and optionally its BP baseline, and compare."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import data
+from ._extension import build_info
+from .nn import ALMLP, bp_baseline
+from .train import Trainer
+
+DATASET_HELP = (
+    "digits (scikit-learn's 8x8 digits, embedded), mnist-test (the MNIST test set in "
+    "../shared/data/mnist-test, or $AL_EXT_MNIST_DIR), or idx:IMAGES,LABELS (any IDX image/label pair)"
+)
+
+
+def load_dataset(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec == "digits":
+        return data.load_digits()
+    if spec == "mnist-test":
+        return data.load_mnist_test()
+    if spec.startswith("idx:") and spec.count(",") == 1:
+        images, labels = spec[4:].split(",")
+        return data.load_idx_pair(images, labels)
+    raise ValueError(f"--dataset must be {DATASET_HELP}; got {spec!r}")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return widths
+
+
+def _size(text: str) -> float | int:
+    """A split size: a fraction if it has a decimal point, else a sample count."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.2 or a count such as 2000, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="al-ext", description="Associated Learning for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train an AL model (and optionally its BP baseline) and report accuracy and throughput",
+        description="Train an Associated Learning model with its local losses; with --compare-bp also train "
+        "the parameter-matched end-to-end (BP) network on the same split and compare accuracy and samples/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--dataset", default="digits", help=DATASET_HELP)
+    train.add_argument("--model", default="mlp", choices=["mlp"], help="architecture: mlp is the NECO MLP (ALMLP)")
+    train.add_argument("--epochs", type=int, default=20, help="training epochs (the same for AL and BP)")
+    train.add_argument("--compare-bp", action="store_true", help="also train the parameter-matched BP baseline")
+    train.add_argument("--variant", default="A", choices=["A", "B"],
+                       help="A: L_as updates f and b; B: L_as also updates g (its target is not detached)")
+    train.add_argument("--hidden", type=_widths, default=(1024, 1024),
+                       help="x-side widths, one per block, comma-separated")
+    train.add_argument("--label-dim", type=int, default=1024, help="label-side width d")
+    train.add_argument("--bridge-factor", type=int, default=5, help="bridge hidden width = factor x label-dim")
+    train.add_argument("--first-ae-loss", default="mse", choices=["mse", "cross_entropy"],
+                       help="loss of the first block's auto-encoder")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of (f, b) and of the BP baseline")
+    train.add_argument("--ae-lr", type=float, default=None, help="learning rate of (g, h); default 2 x lr")
+    train.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    train.add_argument("--schedule", default="none", choices=["none", "neco", "plateau"],
+                       help="learning-rate schedule: neco steps x0.1 at 40/60/80%% and x0.5 at 90%% of the run; "
+                       "plateau cuts x0.1 when validation accuracy stalls")
+    train.add_argument("--val", type=_size, default=0.1, help="validation part: fraction (0.1) or count (1000)")
+    train.add_argument("--test", type=_size, default=0.2, help="test part: fraction (0.2) or count (2000)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the batch order")
+    train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    train.add_argument("--backend", default="auto", choices=["auto", "reference"],
+                       help="auto uses al_ext's compiled ops; reference is plain PyTorch")
+    train.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full results as JSON")
+    train.add_argument("--save", type=Path, default=None, metavar="FILE", help="save the AL trainer's final checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _format_epoch(name: str, record: dict[str, Any], epochs: int) -> str:
+    parts = [f"{name} epoch {record['epoch']:>3}/{epochs}"]
+    if "loss_as" in record:
+        parts.append("L_as " + " ".join(f"{v:.4f}" for v in record["loss_as"]))
+        parts.append("L_ae " + " ".join(f"{v:.4f}" for v in record["loss_ae"]))
+    else:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "val_accuracy" in record:
+        parts.append(f"val {record['val_accuracy']:.4f}")
+        if "val_shortcut_accuracy" in record:
+            parts.append("by depth [" + " ".join(f"{v:.3f}" for v in record["val_shortcut_accuracy"]) + "]")
+    parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+    return "  ".join(parts)
+
+
+def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
+    trainer = Trainer(model, lr=args.lr, ae_lr=args.ae_lr, batch_size=args.batch_size, device=args.device,
+                      seed=args.seed, schedule=None if args.schedule == "none" else args.schedule,
+                      progress=False if args.no_progress else None)
+    history = trainer.fit(splits.train, splits.val, epochs=args.epochs,
+                          on_epoch=lambda r: print(_format_epoch(name, r, args.epochs), flush=True))
+    train_time = sum(r["train_time_s"] for r in history)
+    result: dict[str, Any] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "samples_per_s": splits.train[0].shape[0] * len(history) / train_time,
+        "train_time_s": train_time,
+        "history": history,
+    }
+    if splits.test is not None:
+        final = trainer.evaluate(splits.test)
+        result["test_accuracy"] = final["accuracy"]
+        if "shortcut_accuracy" in final:
+            result["test_shortcut_accuracy"] = final["shortcut_accuracy"]
+    if trainer.best is not None:
+        result["best_val"] = trainer.best
+        if splits.test is not None:
+            trainer.restore_best()
+            result["test_accuracy_at_best_val"] = trainer.evaluate(splits.test)["accuracy"]
+    return trainer, result
+
+
+def _print_comparison(results: dict[str, dict[str, Any]]) -> None:
+    print("\nresult          params   test acc (final)   best val (epoch)   test acc @ best val   samples/s")
+    for name, r in results.items():
+        test = f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else "-"
+        best = f"{r['best_val']['val_accuracy']:.4f} ({r['best_val']['epoch']})" if "best_val" in r else "-"
+        at_best = f"{r['test_accuracy_at_best_val']:.4f}" if "test_accuracy_at_best_val" in r else "-"
+        print(f"{name:<12} {r['parameters'] / 1e6:>7.2f}M   {test:>16}   {best:>16}   {at_best:>19}   {r['samples_per_s']:>9,.0f}")
+    if "AL" in results and "BP" in results and "test_accuracy" in results["AL"]:
+        gap = 100 * (results["AL"]["test_accuracy"] - results["BP"]["test_accuracy"])
+        ratio = results["AL"]["samples_per_s"] / results["BP"]["samples_per_s"]
+        print(f"AL - BP test accuracy: {gap:+.2f} points; AL throughput {ratio:.2f}x BP's")
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    x, y = load_dataset(args.dataset)
+    splits = data.split_dataset(x, y, val=args.val, test=args.test, seed=args.seed)
+    sizes = {k: 0 if v is None else v[0].shape[0] for k, v in vars(splits).items()}
+    num_classes = int(y.max()) + 1
+    print(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
+          f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test", flush=True)
+    torch.manual_seed(args.seed)
+    model = ALMLP(x[0].numel(), num_classes, hidden=args.hidden, label_dim=args.label_dim,
+                  bridge_factor=args.bridge_factor, variant=args.variant, backend=args.backend,
+                  first_ae_loss=args.first_ae_loss)
+    baseline = bp_baseline(model) if args.compare_bp else None  # same initial weights on the shared path
+    results: dict[str, dict[str, Any]] = {}
+    trainer, results["AL"] = _train_one("AL", model, splits, args)
+    if args.save is not None:
+        trainer.save(args.save)
+    if baseline is not None:
+        _, results["BP"] = _train_one("BP", baseline, splits, args)
+    _print_comparison(results)
+    report = {
+        "command": "al-ext " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "al_ext_build": build_info(),
+        "threads": torch.get_num_threads(),
+        "dataset": args.dataset,
+        "split": {"seed": args.seed, **sizes},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": results,
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        run_train(args)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+        print(f"al-ext: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("al-ext: interrupted", file=sys.stderr)
+        return 130
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Model API: ALBlock, AssociatedLearning, the NECO MLP and the parameter-matched BP baseline."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops, reference
+from ._extension import has_cuda_kernels
+from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
+from .validation import check_choice, check_float_tensor, check_positive_int
+
+Backend = Literal["auto", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "reference")
+
+
+def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "x") -> Tensor:
+    """x must be a non-empty batch on the device and in the dtype of ``param`` (a model
+    parameter), with ``in_features`` values per sample where the architecture fixes that."""
+    check_float_tensor(x, name)
+    if x.device != param.device:
+        raise ValueError(f"{name} must be on {param.device} (the model's device), got {x.device}")
+    if x.dtype != param.dtype:
+        raise TypeError(f"{name} must have the model's dtype {param.dtype}, got {x.dtype}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch (samples along dim 0), got shape {tuple(x.shape)}")
+    if in_features is not None and math.prod(x.shape[1:]) != in_features:
+        raise ValueError(f"{name} must have {in_features} features per sample, got shape {tuple(x.shape)}")
+    return x
+
+
+class ALBlock(nn.Module):
+    """One Associated Learning block: x-side encoder f, label-side encoder g and decoder h,
+    and the bridge b from x-side to label-side. Any four modules will do (MLP, conv, recurrent...)."""
+
+    def __init__(self, f: nn.Module, g: nn.Module, b: nn.Module, h: nn.Module) -> None:
+        super().__init__()
+        for name, part in (("f", f), ("g", g), ("b", b), ("h", h)):
+            if not isinstance(part, nn.Module):
+                raise TypeError(f"ALBlock: {name} must be an nn.Module, got {type(part).__name__}")
+        self.f, self.g, self.b, self.h = f, g, b, h
+
+    def forward(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """The two encoders: (s_i, t_i) = (f(s_{i-1}), g(t_{i-1}))."""
+        return self.f(s_prev), self.g(t_prev)
+
+
+class AssociatedLearning(nn.Module):
+    """A network of ALBlocks trained by local losses only.
+
+    ``model(x)`` returns class scores through the full inference path
+    h_1(h_2(... h_L(b_L(f_L(... f_1(x)))))); ``predict`` and ``predict_adaptive`` give
+    classes through the full, shortcut and adaptive paths. ``local_losses(x, y)`` is the
+    training forward pass: each block's (L_as, L_ae), with nothing crossing a block.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[ALBlock],
+        num_classes: int,
+        variant: Variant = "A",
+        first_ae_loss: AELoss = "mse",
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("blocks must hold at least one ALBlock, got none")
+        for i, block in enumerate(blocks):
+            if not isinstance(block, ALBlock):
+                raise TypeError(f"blocks[{i}] must be an ALBlock, got {type(block).__name__}")
+        if check_positive_int(num_classes, "num_classes") < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.blocks = nn.ModuleList(blocks)
+        self.num_classes = num_classes
+        self.variant: Variant = check_choice(variant, "variant", VARIANTS)  # type: ignore[assignment]
+        self.first_ae_loss: AELoss = check_choice(first_ae_loss, "first_ae_loss", AE_LOSSES)  # type: ignore[assignment]
+        self.backend: Backend = check_choice(backend, "backend", BACKENDS)  # type: ignore[assignment]
+        # Number of input features per sample, where the architecture fixes it (checked on every call).
+        self.in_features: int | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def _reference_tensor(self) -> Tensor:
+        return next(self.parameters())
+
+    def check_input(self, x: Tensor, name: str = "x") -> Tensor:
+        return check_batch(x, self._reference_tensor(), self.in_features, name)
+
+    def label_targets(self, y: Tensor) -> Tensor:
+        """t_0 = one-hot(y), in the model's dtype and on its device."""
+        param = self._reference_tensor()
+        return reference.one_hot_targets(y.to(param.device), self.num_classes, param.dtype)
+
+    def _mse(self, device: torch.device) -> reference.MseFunction:
+        # "auto" takes the compiled loss op wherever this build has a kernel for the device.
+        compiled = device.type == "cpu" or (device.type == "cuda" and has_cuda_kernels())
+        return ops.mse_loss if self.backend == "auto" and compiled else F.mse_loss
+
+    def local_losses(self, x: Tensor, y: Tensor) -> list[BlockLosses]:
+        """Training forward pass: each block's outputs and (L_as, L_ae); no gradient crosses a block."""
+        s, t = self.check_input(x), self.label_targets(y)
+        mse = self._mse(s.device)
+        out = []
+        for i, block in enumerate(self.blocks):
+            ae_loss: AELoss = self.first_ae_loss if i == 0 else "mse"
+            losses = reference.local_losses(block, s, t, self.variant, ae_loss, mse)
+            out.append(losses)
+            s, t = losses.s, losses.t
+        return out
+
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], list[nn.Parameter]]]:
+        """Per block: (parameters of f and b, parameters of g and h), the two optimisers' shares."""
+        return [
+            (
+                [*block.f.parameters(), *block.b.parameters()],
+                [*block.g.parameters(), *block.h.parameters()],
+            )
+            for block in self.blocks
+        ]
+
+    def _decode(self, t_hat: Tensor, depth: int) -> Tensor:
+        for block in reversed(self.blocks[:depth]):
+            t_hat = block.h(t_hat)
+        return t_hat
+
+    def _check_depth(self, depth: int) -> int:
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= self.depth:
+            raise ValueError(f"depth must be an integer in [1, {self.depth}], got {depth!r}")
+        return depth
+
+    def scores(self, x: Tensor, depth: int | None = None) -> Tensor:
+        """Class scores through the shortcut path of the given depth (the full path by default)."""
+        depth = self.depth if depth is None else self._check_depth(depth)
+        s = self.check_input(x)
+        for block in self.blocks[:depth]:
+            s = block.f(s)
+        return self._decode(self.blocks[depth - 1].b(s), depth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scores(x)
+
+    def shortcut_scores(self, x: Tensor) -> list[Tensor]:
+        """Class scores of every shortcut depth 1..L, sharing the x-side encoders."""
+        s = self.check_input(x)
+        out = []
+        for k, block in enumerate(self.blocks, start=1):
+            s = block.f(s)
+            out.append(self._decode(block.b(s), k))
+        return out
+
+    def confidence(self, scores: Tensor) -> Tensor:
+        """A sample's confidence in [0, 1]: the largest softmax probability where the first
+        decoder emits logits (cross-entropy), else the largest score (sigmoid outputs)."""
+        probs = scores.softmax(dim=1) if self.first_ae_loss == "cross_entropy" else scores
+        return probs.max(dim=1).values
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, depth: int | None = None) -> Tensor:
+        """Predicted classes through the full path, or the shortcut path of depth ``depth``."""
+        return self.scores(x, depth).argmax(dim=1)
+
+    @torch.no_grad()
+    def predict_adaptive(self, x: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+        """Early exit: each sample leaves at the first depth whose confidence reaches ``threshold``
+        (the last block otherwise). Deeper blocks only see the samples still in flight.
+
+        Returns (classes, depths), depths counted from 1.
+        """
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        s = self.check_input(x)
+        n = s.shape[0]
+        classes = torch.empty(n, dtype=torch.long, device=s.device)
+        depths = torch.full((n,), self.depth, dtype=torch.long, device=s.device)
+        active = torch.arange(n, device=s.device)
+        for k, block in enumerate(self.blocks, start=1):
+            s = block.f(s)
+            scores = self._decode(block.b(s), k)
+            leave = self.confidence(scores) >= threshold if k < self.depth else torch.ones_like(active, dtype=torch.bool)
+            classes[active[leave]] = scores[leave].argmax(dim=1)
+            depths[active[leave]] = k
+            active, s = active[~leave], s[~leave]
+            if active.numel() == 0:
+                break
+        return classes, depths
+
+
+def he_normal_(module: nn.Module) -> None:
+    """He-normal weights and zero biases for every Linear and conv layer (the NECO initialisation)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ALMLP(AssociatedLearning):
+    """The NECO MLP: per block f = Linear + ELU, g = Linear + sigmoid, h = Linear + sigmoid,
+    b = Linear(d_x -> bridge_factor * label_dim) + sigmoid + Linear(-> label_dim) + sigmoid.
+
+    Inputs of any shape whose per-sample size is ``in_features`` are flattened. With
+    ``first_ae_loss="cross_entropy"`` the first decoder emits logits (no sigmoid).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: Sequence[int] = (1024, 1024),
+        label_dim: int = 1024,
+        bridge_factor: int = 5,
+        variant: Variant = "A",
+        backend: Backend = "auto",
+        first_ae_loss: AELoss = "mse",
+    ) -> None:
+        check_positive_int(in_features, "in_features")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(label_dim, "label_dim")
+        check_positive_int(bridge_factor, "bridge_factor")
+        hidden = list(hidden)
+        if not hidden:
+            raise ValueError("hidden must list at least one width (one per block), got none")
+        for i, width in enumerate(hidden):
+            check_positive_int(width, f"hidden[{i}]")
+        blocks = []
+        x_dim, y_dim = in_features, num_classes
+        for i, width in enumerate(hidden):
+            f = nn.Sequential(nn.Flatten(), nn.Linear(x_dim, width), nn.ELU()) if i == 0 else nn.Sequential(
+                nn.Linear(x_dim, width), nn.ELU()
+            )
+            g = nn.Sequential(nn.Linear(y_dim, label_dim), nn.Sigmoid())
+            b = nn.Sequential(
+                nn.Linear(width, bridge_factor * label_dim), nn.Sigmoid(),
+                nn.Linear(bridge_factor * label_dim, label_dim), nn.Sigmoid(),
+            )
+            logits = i == 0 and first_ae_loss == "cross_entropy"
+            h = nn.Sequential(nn.Linear(label_dim, y_dim)) if logits else nn.Sequential(
+                nn.Linear(label_dim, y_dim), nn.Sigmoid()
+            )
+            blocks.append(ALBlock(f, g, b, h))
+            x_dim, y_dim = width, label_dim
+        super().__init__(blocks, num_classes, variant=variant, first_ae_loss=first_ae_loss, backend=backend)
+        self.in_features = in_features
+        he_normal_(self)
+
+
+class BPNetwork(nn.Module):
+    """An AL model's inference path f_1..f_L, b_L, h_L..h_1 as one network, trained end to end."""
+
+    def __init__(self, encoders: Sequence[nn.Module], bridge: nn.Module, decoders: Sequence[nn.Module],
+                 num_classes: int, in_features: int | None) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.bridge = bridge
+        self.decoders = nn.ModuleList(decoders)  # h_L first, h_1 last
+        self.num_classes = num_classes
+        self.in_features = in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = check_batch(x, next(self.parameters()), self.in_features)
+        for f in self.encoders:
+            s = f(s)
+        t = self.bridge(s)
+        for h in self.decoders:
+            t = h(t)
+        return t
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        return self(x).argmax(dim=1)
+
+
+def bp_baseline(model: AssociatedLearning) -> BPNetwork:
+    """The parameter-matched end-to-end network: the same inference path, to be trained with
+    softmax cross-entropy. Its modules are copies of the model's, so a baseline taken from an
+    untrained model starts from the same weights. A trailing Sigmoid on h_1 is dropped, so that
+    cross-entropy sees logits (softmax over sigmoid outputs saturates); argmax is unchanged.
+    """
+    if not isinstance(model, AssociatedLearning):
+        raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
+    blocks = copy.deepcopy(model.blocks)
+    decoders = [block.h for block in reversed(blocks)]
+    first = decoders[-1]
+    if isinstance(first, nn.Sequential) and len(first) > 1 and isinstance(first[-1], nn.Sigmoid):
+        decoders[-1] = first[:-1]
+    return BPNetwork([block.f for block in blocks], blocks[-1].b, decoders, model.num_classes, model.in_features)

@@ -1,0 +1,130 @@
+"""The executable specification of Associated Learning, in plain PyTorch.
+
+One block's training forward pass, its two local losses and their gradients, for
+variants A and B (../shared/design/associated-learning.md). Every fused kernel is
+tested against these functions, and the model's own training path calls them.
+
+Block i maps (s_{i-1}, t_{i-1}), both detached, to
+
+    s_i = f_i(s_{i-1})      t_i = g_i(t_{i-1})
+    L_as = MSE(b_i(s_i), t_i)            (t_i detached in variant A)
+    L_ae = MSE(h_i(t_i), t_{i-1})        (or cross-entropy for the first block)
+
+Variant A: L_as updates (f, b) and L_ae updates (g, h).
+Variant B: L_as also updates g (its target t_i is not detached).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Variant = Literal["A", "B"]
+AELoss = Literal["mse", "cross_entropy"]
+VARIANTS: tuple[str, ...] = ("A", "B")
+AE_LOSSES: tuple[str, ...] = ("mse", "cross_entropy")
+MseFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+class BlockModules(Protocol):
+    """What the specification needs of a block: its four parts."""
+
+    f: nn.Module
+    g: nn.Module
+    b: nn.Module
+    h: nn.Module
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True): ...
+
+
+@dataclass
+class BlockLosses:
+    """A block's outputs and local losses, still attached to its parameters' graph."""
+
+    s: Tensor
+    t: Tensor
+    loss_as: Tensor
+    loss_ae: Tensor
+
+
+@dataclass
+class BlockGradients:
+    """A block's outputs, losses and the gradient of each loss for the parameters it updates."""
+
+    s: Tensor
+    t: Tensor
+    loss_as: Tensor
+    loss_ae: Tensor
+    grads_as: dict[str, Tensor]
+    grads_ae: dict[str, Tensor]
+
+    def total(self) -> dict[str, Tensor]:
+        """Each parameter's gradient as one backward pass of L_as + L_ae leaves it in .grad."""
+        total = dict(self.grads_ae)
+        for name, grad in self.grads_as.items():
+            total[name] = total[name] + grad if name in total else grad
+        return total
+
+
+def one_hot_targets(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """t_0: the label side's input, one row of num_classes per sample."""
+    return F.one_hot(labels, num_classes).to(dtype)
+
+
+def local_losses(
+    block: BlockModules,
+    s_prev: Tensor,
+    t_prev: Tensor,
+    variant: Variant = "A",
+    ae_loss: AELoss = "mse",
+    mse: MseFunction = F.mse_loss,
+) -> BlockLosses:
+    """Forward pass of one block and its two local losses.
+
+    The inputs are detached here, so no gradient ever reaches the block below.
+    ``ae_loss="cross_entropy"`` (first block only) treats h's output as class logits
+    and ``t_prev`` as one-hot targets. ``mse`` is the MSE implementation to use.
+    """
+    s_prev, t_prev = s_prev.detach(), t_prev.detach()
+    s = block.f(s_prev)
+    t = block.g(t_prev)
+    target = t.detach() if variant == "A" else t
+    loss_as = mse(block.b(s), target)
+    decoded = block.h(t)
+    loss_ae = mse(decoded, t_prev) if ae_loss == "mse" else F.cross_entropy(decoded, t_prev)
+    return BlockLosses(s, t, loss_as, loss_ae)
+
+
+def updated_parameters(block: BlockModules, variant: Variant) -> tuple[list[str], list[str]]:
+    """Names of the parameters that L_as and that L_ae update, in the block's order."""
+    parts_as = ("f", "b", "g") if variant == "B" else ("f", "b")
+    names = [name for name, _ in block.named_parameters()]
+    as_names = [n for n in names if n.split(".", 1)[0] in parts_as]
+    ae_names = [n for n in names if n.split(".", 1)[0] in ("g", "h")]
+    return as_names, ae_names
+
+
+def local_gradients(
+    block: BlockModules,
+    s_prev: Tensor,
+    t_prev: Tensor,
+    variant: Variant = "A",
+    ae_loss: AELoss = "mse",
+) -> BlockGradients:
+    """Outputs, losses and per-loss gradients of one block (plain torch.autograd.grad)."""
+    losses = local_losses(block, s_prev, t_prev, variant, ae_loss)
+    params = dict(block.named_parameters())
+    as_names, ae_names = updated_parameters(block, variant)
+
+    def grads(loss: Tensor, names: list[str], retain: bool) -> dict[str, Tensor]:
+        found = torch.autograd.grad(loss, [params[n] for n in names], retain_graph=retain, allow_unused=True)
+        return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, found)}
+
+    grads_as = grads(losses.loss_as, as_names, retain=True)
+    grads_ae = grads(losses.loss_ae, ae_names, retain=False)
+    return BlockGradients(
+        losses.s.detach(), losses.t.detach(), losses.loss_as.detach(), losses.loss_ae.detach(), grads_as, grads_ae
+    )

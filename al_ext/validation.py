@@ -1,0 +1,70 @@
+"""Argument checks with messages that name the argument and say what was expected.
+
+Bad input must fail here, loudly, rather than crash inside a kernel or train on garbage.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(value: Any, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(value: Any, name: str) -> Tensor:
+    tensor = check_tensor(value, name)
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    return tensor
+
+
+def check_finite(tensor: Tensor, name: str) -> None:
+    """Raise if any element is NaN or infinite. Synchronises with the device."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s); expected only finite values")
+
+
+def check_device(tensor: Tensor, name: str, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on {device} (the model's device), got {tensor.device}")
+
+
+def check_labels(labels: Any, num_classes: int, name: str = "y", length: int | None = None) -> Tensor:
+    """Integer class labels, one per sample, each in [0, num_classes)."""
+    y = check_tensor(labels, name)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one label per sample), got shape {tuple(y.shape)}")
+    if length is not None and y.shape[0] != length:
+        raise ValueError(f"{name} must have one label per sample ({length}), got {y.shape[0]}")
+    if y.numel() > 0:
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values from {low} to {high}")
+    return y.long()
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -1,0 +1,52 @@
+// CUDA glue of al_ext::mse_loss_and_grad: checks the arguments once, fills the params
+// struct of the torch-free kernel and launches it on the current stream.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../ops/checks.h"
+#include "../ops/ops.h"
+#include "mse_loss.cuh"
+
+namespace al_ext {
+namespace {
+
+cuda::FloatType to_float_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::FloatType::kFloat32;
+    case at::kDouble: return cuda::FloatType::kFloat64;
+    case at::kHalf: return cuda::FloatType::kFloat16;
+    case at::kBFloat16: return cuda::FloatType::kBFloat16;
+    default: TORCH_CHECK(false, "al_ext::mse_loss_and_grad: unsupported dtype ", t);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& input_arg,
+                                                          const at::Tensor& target_arg) {
+  check_loss_pair("al_ext::mse_loss_and_grad", input_arg, target_arg);
+  TORCH_CHECK(input_arg.is_cuda(), "al_ext::mse_loss_and_grad: CUDA kernel got input on ", input_arg.device());
+  const c10::cuda::CUDAGuard guard(input_arg.device());
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor target = target_arg.contiguous();
+  at::Tensor grad = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor loss = at::empty({}, input.options());
+  const int64_t n = input.numel();
+  at::Tensor partial = at::empty({cuda::mse_loss_partial_count(n)}, input.options().dtype(at::kDouble));
+
+  cuda::MseLossParams params;
+  params.input = input.const_data_ptr();
+  params.target = target.const_data_ptr();
+  params.grad = grad.mutable_data_ptr();
+  params.loss = loss.mutable_data_ptr();
+  params.partial = partial.mutable_data_ptr<double>();
+  params.n = n;
+  params.type = to_float_type(input.scalar_type());
+  const cudaError_t err = cuda::launch_mse_loss_and_grad(params, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "al_ext::mse_loss_and_grad: CUDA launch failed: ", cudaGetErrorString(err));
+  return {loss, grad};
+}
+
+}  // namespace al_ext

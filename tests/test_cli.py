@@ -1,0 +1,91 @@
+"""The al-ext console script, end to end."""
+import gzip
+import json
+import os
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+
+from al_ext.cli import build_parser
+
+AL_EXT = shutil.which("al-ext")
+pytestmark = pytest.mark.skipif(AL_EXT is None, reason="the al-ext console script is not installed")
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([AL_EXT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_help_explains_every_option():
+    assert run("--help").returncode == 0
+    result = run("train", "--help")
+    assert result.returncode == 0
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.values())
+    for action in train._actions:
+        for flag in action.option_strings:
+            assert flag in result.stdout
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_train_on_digits_and_compare_with_bp(tmp_path):
+    out = tmp_path / "result.json"
+    result = run("train", "--dataset", "digits", "--epochs", "6", "--batch-size", "16", "--compare-bp", "--hidden", "64,64",
+                 "--label-dim", "64", "--bridge-factor", "2", "--first-ae-loss", "cross_entropy",
+                 "--json", str(out), "--save", str(tmp_path / "al.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "1258 train / 180 val / 359 test" in result.stdout
+    assert result.stdout.count("AL epoch") == 6 and result.stdout.count("BP epoch") == 6
+    assert "AL - BP test accuracy" in result.stdout
+    report = json.loads(out.read_text())
+    for name in ("AL", "BP"):
+        r = report["results"][name]
+        assert 0.5 < r["test_accuracy"] <= 1 and r["samples_per_s"] > 0 and len(r["history"]) == 6
+        assert "best_val" in r and "test_accuracy_at_best_val" in r
+    assert len(report["results"]["AL"]["test_shortcut_accuracy"]) == 2
+    assert report["split"]["train"] + report["split"]["val"] + report["split"]["test"] == 1797
+    assert (tmp_path / "al.pt").is_file()
+
+
+def write_idx(path, array, code):
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def test_train_on_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(60, dtype=np.uint8) % 3
+    images = (rng.random((60, 4, 4)) * 60 + labels[:, None, None] * 60).astype(np.uint8)
+    write_idx(tmp_path / "img.gz", images, 0x08)
+    write_idx(tmp_path / "lab.gz", labels, 0x08)
+    result = run("train", "--dataset", f"idx:{tmp_path / 'img.gz'},{tmp_path / 'lab.gz'}", "--epochs", "2",
+                 "--hidden", "8", "--label-dim", "4", "--val", "0", "--test", "12", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "48 train / 0 val / 12 test" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "cifar"], "--dataset must be"),
+        (["--hidden", "8,x"], "expected comma-separated positive integers"),
+        (["--variant", "C"], "invalid choice: 'C'"),
+        (["--lr", "-1"], "lr must be a positive finite number"),
+        (["--test", "0.9", "--val", "0.2"], "leave no training samples"),
+    ],
+)
+def test_bad_arguments_are_reported_without_a_traceback(args, message):
+    result = run("train", "--epochs", "1", "--hidden", "8", "--label-dim", "4", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_idx_file_is_reported(tmp_path):
+    (tmp_path / "img").write_bytes(b"\0\0\x08\x03" + b"\0\0\0\x05" * 3 + b"\1" * 7)
+    (tmp_path / "lab").write_bytes(b"\0\0\x08\x01\0\0\0\x05" + b"\1" * 5)
+    result = run("train", "--dataset", f"idx:{tmp_path / 'img'},{tmp_path / 'lab'}", "--epochs", "1")
+    assert result.returncode == 2
+    assert "truncated" in result.stderr and "Traceback" not in result.stderr
