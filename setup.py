@@ -48,17 +48,21 @@ def extension():
     with_cuda = build_with_cuda()
     write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/python/*.cpp"))
-    # torch's headers need C++20 from 2.13 on; -O3 lets the elementwise loops vectorise.
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # torch's headers need C++20 from 2.13 on; -O3 lets the elementwise loops vectorise;
+    # at::parallel_for is an OpenMP pragma in a header, so without -fopenmp it runs serially.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = [("AL_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     if not with_cuda:
-        return CppExtension("al_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        return CppExtension("al_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # the H100/H200 machines; no GPU to ask here
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     macros.append(("AL_EXT_WITH_CUDA", None))
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
-    return CUDAExtension("al_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return CUDAExtension("al_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                         extra_link_args=link)
 
 
 setup(
