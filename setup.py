@@ -49,8 +49,9 @@ def extension():
     write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/python/*.cpp"))
     # torch's headers need C++20 from 2.13 on; -O3 lets the elementwise loops vectorise;
-    # at::parallel_for is an OpenMP pragma in a header, so without -fopenmp it runs serially.
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    # at::parallel_for is an OpenMP pragma in a header, so without -fopenmp it runs serially;
+    # -fno-math-errno lets sqrt vectorise (nothing here reads errno).
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-fno-math-errno"]
     link = ["-fopenmp"]
     macros = [("AL_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
     if not with_cuda:

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import fused, ops, reference
 from ._extension import has_cuda_kernels
 from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
 from .validation import check_choice, check_float_tensor, check_positive_int
 
-Backend = Literal["auto", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "reference")
+Backend = Literal["auto", "fused", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "fused", "reference")
 
 
 def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "x") -> Tensor:
@@ -51,6 +51,10 @@ class ALBlock(nn.Module):
 
 class AssociatedLearning(nn.Module):
     """A network of ALBlocks trained by local losses only.
+
+    ``backend``: "auto" trains each block with the fused op where it fits (dense blocks on
+    the CPU) and with the compiled loss op otherwise; "fused" insists on the fused op;
+    "reference" is plain PyTorch (al_ext.reference).
 
     ``model(x)`` returns class scores through the full inference path
     h_1(h_2(... h_L(b_L(f_L(... f_1(x)))))); ``predict`` and ``predict_adaptive`` give
@@ -97,6 +101,29 @@ class AssociatedLearning(nn.Module):
         """t_0 = one-hot(y), in the model's dtype and on its device."""
         param = self._reference_tensor()
         return reference.one_hot_targets(y.to(param.device), self.num_classes, param.dtype)
+
+    def fused_block_problem(self) -> str | None:
+        """Why the fused dense block step cannot train this model as it stands, or None if it can."""
+        param = self._reference_tensor()
+        if param.device.type != "cpu":
+            return f"the fused dense block step has no kernel for {param.device.type} yet"
+        if param.dtype not in (torch.float32, torch.float64):
+            return f"the fused dense block step takes float32 or float64, not {param.dtype}"
+        for i, block in enumerate(self.blocks):
+            try:
+                fused.dense_block_layout(block)
+            except ValueError as exc:
+                return f"block {i + 1} is not a dense block: {exc}"
+        return None
+
+    def uses_fused_step(self) -> bool:
+        """Whether training runs each block as one fused op (backend "fused", or "auto" where it fits)."""
+        if self.backend == "reference":
+            return False
+        problem = self.fused_block_problem()
+        if problem is not None and self.backend == "fused":
+            raise ValueError(f"backend='fused' cannot train this model: {problem}")
+        return problem is None
 
     def _mse(self, device: torch.device) -> reference.MseFunction:
         # "auto" takes the compiled loss op wherever this build has a kernel for the device.

@@ -16,7 +16,7 @@ Variant B: L_as also updates g (its target t_i is not detached).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,3 +128,65 @@ def local_gradients(
     return BlockGradients(
         losses.s.detach(), losses.t.detach(), losses.loss_as.detach(), losses.loss_ae.detach(), grads_as, grads_ae
     )
+
+
+# ---- the dense (MLP) block, as the fused op al_ext::dense_block_step computes it ----------
+
+DENSE_PARAMETER_NAMES: tuple[str, ...] = ("W_f", "c_f", "W_b1", "c_b1", "W_b2", "c_b2", "W_g", "c_g", "W_h", "c_h")
+X_ACTIVATIONS: tuple[str, ...] = ("elu", "relu", "sigmoid", "tanh")
+H_ACTIVATIONS: tuple[str, ...] = ("sigmoid", "identity")
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "elu": F.elu, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda z: z,
+}
+
+
+@dataclass
+class DenseBlockStep:
+    """What al_ext::dense_block_step returns: outputs, losses and the gradient of every
+    parameter (in DENSE_PARAMETER_NAMES order), each parameter's gradient being the sum
+    of the gradients of the losses that update it."""
+
+    s: Tensor
+    t: Tensor
+    loss_as: Tensor
+    loss_ae: Tensor
+    grads: list[Tensor]
+
+
+def dense_block_step(
+    s_prev: Tensor,
+    t_prev: Tensor,
+    params: Sequence[Tensor],
+    x_activation: str = "elu",
+    h_activation: str = "sigmoid",
+    variant: Variant = "A",
+    ae_loss: AELoss = "mse",
+) -> DenseBlockStep:
+    """One dense block: f = x_activation(Linear), b = sigmoid(Linear(sigmoid(Linear))),
+    g = sigmoid(Linear), h = h_activation(Linear); params as nn.Linear stores them:
+    W_f (H, d_x), c_f, W_b1 (B, H), c_b1, W_b2 (D, B), c_b2, W_g (D, d_y), c_g, W_h (d_y, D), c_h."""
+    W_f, c_f, W_b1, c_b1, W_b2, c_b2, W_g, c_g, W_h, c_h = [p.detach().requires_grad_(True) for p in params]
+    act_x, act_h = _ACTIVATIONS[x_activation], _ACTIVATIONS[h_activation]
+    block = _FunctionalBlock(
+        f=lambda x: act_x(F.linear(x, W_f, c_f)),
+        g=lambda y: torch.sigmoid(F.linear(y, W_g, c_g)),
+        b=lambda s: torch.sigmoid(F.linear(torch.sigmoid(F.linear(s, W_b1, c_b1)), W_b2, c_b2)),
+        h=lambda t: act_h(F.linear(t, W_h, c_h)),
+    )
+    out = local_losses(block, s_prev, t_prev, variant, ae_loss)  # type: ignore[arg-type]
+    leaves = (W_f, c_f, W_b1, c_b1, W_b2, c_b2, W_g, c_g, W_h, c_h)
+    as_leaves = leaves[:6] + (leaves[6:8] if variant == "B" else ())
+    grads_as = torch.autograd.grad(out.loss_as, as_leaves, retain_graph=True)
+    grads_ae = torch.autograd.grad(out.loss_ae, leaves[6:])
+    grads = list(grads_as[:6]) + [
+        g_ae + (grads_as[6 + i] if variant == "B" else 0) for i, g_ae in enumerate(grads_ae[:2])
+    ] + list(grads_ae[2:])
+    return DenseBlockStep(out.s.detach(), out.t.detach(), out.loss_as.detach(), out.loss_ae.detach(), grads)
+
+
+@dataclass
+class _FunctionalBlock:
+    f: Callable[[Tensor], Tensor]
+    g: Callable[[Tensor], Tensor]
+    b: Callable[[Tensor], Tensor]
+    h: Callable[[Tensor], Tensor]

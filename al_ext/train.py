@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .fused import FusedBlockAdam
 from .nn import AssociatedLearning
 from .validation import (
     check_choice,
@@ -88,15 +89,20 @@ class Trainer:
         if self.num_classes < 2:
             raise ValueError("model must have a num_classes attribute of at least 2 (the number of classes)")
 
+        self.fused = self.is_al and model.uses_fused_step()
         self.optimizers: list[torch.optim.Optimizer] = []
-        self._base_lrs: list[float] = []
-        if self.is_al:
+        if self.fused:
+            # One op per block does forward, local losses, gradients and the Adam update.
+            for i, block in enumerate(model.blocks):
+                ae_loss = model.first_ae_loss if i == 0 else "mse"
+                self.optimizers.append(FusedBlockAdam(block, self.lr, self.ae_lr, model.variant, ae_loss))
+        elif self.is_al:
             for fb_params, gh_params in model.parameter_groups():
                 self.optimizers += [torch.optim.Adam(fb_params, lr=self.lr), torch.optim.Adam(gh_params, lr=self.ae_lr)]
-                self._base_lrs += [self.lr, self.ae_lr]
         else:
             self.optimizers.append(torch.optim.Adam(model.parameters(), lr=self.lr))
-            self._base_lrs.append(self.lr)
+        # Each parameter group's own starting lr, which the NECO schedule scales.
+        self._base_lrs: list[list[float]] = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self._plateaus = (
             [torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=5) for opt in self.optimizers]
             if self.schedule == "plateau"
@@ -149,6 +155,8 @@ class Trainer:
     def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
         """One update; returns the losses, (L, 2) of (L_as, L_ae) for AL or (1,) for BP."""
         self.model.train()
+        if self.fused:
+            return self._fused_train_step(x, y)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         if self.is_al:
@@ -166,6 +174,22 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
         return values
+
+    def _fused_train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        s, t = self.model.check_input(x), self.model.label_targets(y)
+        losses = []
+        for i, opt in enumerate(self.optimizers):
+            try:
+                s, t, loss_as, loss_ae = opt.train_step(s, t)
+            except RuntimeError as exc:
+                if "non-finite loss" not in str(exc):
+                    raise
+                raise FloatingPointError(
+                    f"non-finite loss in block {i + 1} in epoch {self.epoch + 1}; that block was not updated"
+                    + (f", blocks 1-{i} were updated on this batch" if i else "") + f" ({exc})"
+                ) from exc
+            losses.append(torch.stack([loss_as, loss_ae]))
+        return torch.stack(losses)
 
     def _describe_non_finite(self, values: Tensor) -> str:
         where = f"epoch {self.epoch + 1}"
@@ -191,8 +215,8 @@ class Trainer:
         if self.schedule != "neco":
             return
         factor = neco_lr_factor(self.epoch, total_epochs)
-        for opt, base in zip(self.optimizers, self._base_lrs):
-            for group in opt.param_groups:
+        for opt, bases in zip(self.optimizers, self._base_lrs):
+            for group, base in zip(opt.param_groups, bases):
                 group["lr"] = base * factor
 
     def fit(
@@ -333,7 +357,7 @@ class Trainer:
             opt.load_state_dict(state)
         for plateau, state in zip(self._plateaus, ckpt["plateaus"]):
             plateau.load_state_dict(state)
-        self._base_lrs = list(ckpt["base_lrs"])
+        self._base_lrs = [list(bases) for bases in ckpt["base_lrs"]]
         self.epoch = ckpt["epoch"]
         self.history = copy.deepcopy(ckpt["history"])
         self.best = ckpt["best"]

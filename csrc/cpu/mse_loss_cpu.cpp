@@ -13,14 +13,7 @@
 
 #include "../ops/checks.h"
 #include "../ops/ops.h"
-
-// The extension is compiled for baseline x86-64; cloning the hot loop for AVX2 and
-// AVX-512 lets the loader pick the widest one the CPU has, as torch's own kernels do.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define AL_EXT_CLONE_FOR_WIDE_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define AL_EXT_CLONE_FOR_WIDE_SIMD
-#endif
+#include "simd.h"
 
 namespace al_ext {
 namespace {

@@ -7,14 +7,14 @@
 
 namespace al_ext {
 
-inline bool is_supported_float(at::ScalarType t) {
+inline bool is_supported_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 // `input` and `target` of a loss: same shape, dtype and device, floating point, non-empty.
 inline void check_loss_pair(const char* op, const at::Tensor& input, const at::Tensor& target) {
   TORCH_CHECK(input.defined() && target.defined(), op, ": input and target must be defined tensors");
-  TORCH_CHECK(is_supported_float(input.scalar_type()), op,
+  TORCH_CHECK(is_supported_float_type(input.scalar_type()), op,
               ": input must be float32, float64, float16 or bfloat16, got ", input.scalar_type());
   TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": target must have the dtype of input (",
               input.scalar_type(), "), got ", target.scalar_type());

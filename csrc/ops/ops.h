@@ -4,7 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/string_view.h>
+
 #include <tuple>
+#include <vector>
 
 namespace al_ext {
 
@@ -12,6 +15,18 @@ namespace al_ext {
 // computed in one pass over memory: (mean((input - target)^2), 2 (input - target) / N).
 std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cpu(const at::Tensor& input,
                                                          const at::Tensor& target);
+// One dense AL block: forward pass, both local losses and the gradient of every parameter.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dense_block_step_cpu(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, c10::string_view x_activation,
+    c10::string_view h_activation, c10::string_view variant, c10::string_view ae_loss);
+
+// The same, with the Adam update applied in place instead of returning gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cpu(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
+    c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss);
+
 #ifdef AL_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& input,
                                                           const at::Tensor& target);

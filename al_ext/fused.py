@@ -1,0 +1,150 @@
+"""The fused dense block: Python wrappers of al_ext::dense_block_step and
+al_ext::dense_block_adam_step_, their fake kernels, and FusedBlockAdam, the optimiser
+that trains one ALMLP block with one op call per step."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _extension  # noqa: F401  (loading the extension registers the ops)
+from .reference import DENSE_PARAMETER_NAMES, DenseBlockStep
+
+
+def dense_block_step(
+    s_prev: Tensor,
+    t_prev: Tensor,
+    params: Sequence[Tensor],
+    x_activation: str = "elu",
+    h_activation: str = "sigmoid",
+    variant: str = "A",
+    ae_loss: str = "mse",
+) -> DenseBlockStep:
+    """Forward pass, both local losses and every gradient of one dense block in one call.
+
+    Returns exactly what ``al_ext.reference.dense_block_step`` returns (the specification).
+    """
+    s, t, loss_as, loss_ae, grads = torch.ops.al_ext.dense_block_step.default(
+        s_prev.detach(), t_prev.detach(), [p.detach() for p in params], x_activation, h_activation, variant, ae_loss
+    )
+    return DenseBlockStep(s, t, loss_as, loss_ae, list(grads))
+
+
+def dense_block_adam_step_(
+    s_prev: Tensor,
+    t_prev: Tensor,
+    params: Sequence[Tensor],
+    exp_avg: Sequence[Tensor],
+    exp_avg_sq: Sequence[Tensor],
+    step: int,
+    lr_fb: float,
+    lr_gh: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    x_activation: str = "elu",
+    h_activation: str = "sigmoid",
+    variant: str = "A",
+    ae_loss: str = "mse",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A whole training step of one dense block: the gradients of ``dense_block_step``
+    applied in place by Adam (torch.optim.Adam's update; ``step`` is the step number after
+    this update), with ``lr_fb`` for (f, b) and ``lr_gh`` for (g, h). Returns (s, t, L_as, L_ae).
+    """
+    return torch.ops.al_ext.dense_block_adam_step_.default(
+        s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [m.detach() for m in exp_avg],
+        [v.detach() for v in exp_avg_sq], float(step), float(lr_fb), float(lr_gh), float(betas[0]),
+        float(betas[1]), float(eps), x_activation, h_activation, variant, ae_loss,
+    )
+
+
+def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    torch._check(len(params) == len(DENSE_PARAMETER_NAMES), lambda: "params must hold the 10 tensors W_f ... c_h")
+    for name, p in [("t_prev", t_prev), *zip(DENSE_PARAMETER_NAMES, params)]:
+        torch._check(p.device == s_prev.device, lambda: f"{name} must be on s_prev's device {s_prev.device}, got {p.device}")
+    n = s_prev.shape[0]
+    s = s_prev.new_empty((n, params[0].shape[0]))
+    t = s_prev.new_empty((n, params[6].shape[0]))
+    return s, t, s_prev.new_empty(()), s_prev.new_empty(())
+
+
+@torch.library.register_fake("al_ext::dense_block_step")
+def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss):
+    return (*_outputs_like(s_prev, t_prev, params), [torch.empty_like(p) for p in params])
+
+
+@torch.library.register_fake("al_ext::dense_block_adam_step_")
+def _dense_block_adam_step_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2,
+                                eps, x_activation, h_activation, variant, ae_loss):
+    return _outputs_like(s_prev, t_prev, params)
+
+
+# ---- ALMLP blocks ----------------------------------------------------------------------
+
+_ACTIVATION_NAMES = {nn.ELU: "elu", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+
+
+def _linear_then(seq: nn.Module, what: str, activations: tuple[str, ...]) -> tuple[nn.Linear, str]:
+    layers = [m for m in seq.children() if not isinstance(m, nn.Flatten)] if isinstance(seq, nn.Sequential) else []
+    if not layers or not isinstance(layers[0], nn.Linear) or layers[0].bias is None or len(layers) > 2:
+        raise ValueError(f"{what} must be Sequential(Linear with bias[, activation]) for the fused dense block")
+    act = "identity" if len(layers) == 1 else _ACTIVATION_NAMES.get(type(layers[1]), type(layers[1]).__name__)
+    if act not in activations:
+        raise ValueError(f"{what}'s activation must be one of {', '.join(activations)} for the fused dense block, got {act}")
+    return layers[0], act
+
+
+def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
+    """(params in DENSE_PARAMETER_NAMES order, x_activation, h_activation) of an ALMLP-style
+    block; ValueError, saying what does not fit, for any other block."""
+    f, x_act = _linear_then(block.f, "f", ("elu", "relu", "sigmoid", "tanh"))
+    g, _ = _linear_then(block.g, "g", ("sigmoid",))
+    h, h_act = _linear_then(block.h, "h", ("sigmoid", "identity"))
+    b = list(block.b.children()) if isinstance(block.b, nn.Sequential) else []
+    if not (len(b) == 4 and isinstance(b[0], nn.Linear) and isinstance(b[1], nn.Sigmoid)
+            and isinstance(b[2], nn.Linear) and isinstance(b[3], nn.Sigmoid) and b[0].bias is not None
+            and b[2].bias is not None):
+        raise ValueError("b must be Sequential(Linear, Sigmoid, Linear, Sigmoid) for the fused dense block")
+    params = [f.weight, f.bias, b[0].weight, b[0].bias, b[2].weight, b[2].bias, g.weight, g.bias, h.weight, h.bias]
+    return params, x_act, h_act
+
+
+class FusedBlockAdam(torch.optim.Optimizer):
+    """Adam for one dense ALMLP block, with the whole step (forward, local losses, gradients
+    and update) done by one al_ext::dense_block_adam_step_ call: ``train_step(s_prev, t_prev)``.
+
+    Two parameter groups, (f, b) with ``lr`` and (g, h) with ``ae_lr``; the state per
+    parameter is torch.optim.Adam's (step, exp_avg, exp_avg_sq), so state_dict, checkpoints
+    and learning-rate schedulers work as with any optimiser.
+    """
+
+    def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        params, self.x_activation, self.h_activation = dense_block_layout(block)
+        self.variant, self.ae_loss = variant, ae_loss
+        super().__init__([{"params": params[:6], "lr": lr}, {"params": params[6:], "lr": ae_lr}],
+                         {"betas": betas, "eps": eps})
+
+    def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                 "exp_avg_sq": torch.zeros_like(p)}
+        states = [self.state[p] for p in params]
+        return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], states[0]["step"]
+
+    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One training step of the block on a batch: returns (s, t, L_as, L_ae)."""
+        params, exp_avg, exp_avg_sq, step = self._state()
+        fb, gh = self.param_groups
+        out = dense_block_adam_step_(
+            s_prev, t_prev, params, exp_avg, exp_avg_sq, int(step.item()) + 1, fb["lr"], gh["lr"], fb["betas"],
+            fb["eps"], self.x_activation, self.h_activation, self.variant, self.ae_loss,
+        )
+        for p in params:  # only after the op succeeded: a refused step leaves the state as it was
+            self.state[p]["step"] += 1
+        return out
+
+    def step(self, closure: Any = None) -> None:
+        raise RuntimeError("FusedBlockAdam computes its own gradients: call train_step(s_prev, t_prev)")

@@ -1,0 +1,139 @@
+"""One whole AL training step of an MLP: the fused op against plain PyTorch, in one run.
+
+    python -m pytest benchmarks/test_bench_block.py --benchmark-only --benchmark-columns=mean,stddev,rounds -s
+
+Implementations, on the same model and batch:
+- fused:    FusedBlockAdam.train_step, one al_ext::dense_block_adam_step_ call per block;
+- eager:    the reference (al_ext.reference via model.local_losses, one backward of the summed
+            losses) with torch.optim.Adam(fused=True), torch's fastest optimiser;
+- compiled: the same with the losses' forward and backward from torch.compile.
+
+The floor of a step is the larger of its FLOPs over the GEMM rate and its unavoidable bytes
+over the copy bandwidth, both measured in this run. The summary (shown with -s) gives
+samples/s, GFLOP/s, the speed-up over eager, and the fraction of the floor reached, at the end of the session.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import al_ext
+from al_ext.fused import FusedBlockAdam
+
+# (batch, width): MLP 784 -> width -> width, label width = width, bridges 5 x width.
+# (32, 1024) and (128, 1024) are the NECO MNIST MLP at the NECO and the later batch size.
+POINTS = [(32, 1024), (128, 1024), (512, 1024), (32, 256), (128, 256), (512, 256)]
+COMPILED_POINTS = {(32, 1024), (128, 1024)}
+
+
+def linear_shapes(width: int) -> list[tuple[int, int, bool]]:
+    """(in, out, needs input gradient) of every Linear of the 2-block model."""
+    d, c = width, 10
+    shapes = []
+    for x_in, y_in in ((784, c), (width, d)):
+        shapes += [(x_in, width, False), (width, 5 * d, True), (5 * d, d, True), (y_in, d, False), (d, y_in, True)]
+    return shapes
+
+
+def step_cost(batch: int, width: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one training step: forward, weight and input gradients; the bytes
+    a step cannot avoid are each weight read for the forward and the input gradient, plus
+    Adam's read and write of parameter, exp_avg and exp_avg_sq (4-byte floats)."""
+    flops = bytes_ = 0.0
+    for i, o, dx in linear_shapes(width):
+        flops += 2 * batch * i * o * (3 if dx else 2)
+        bytes_ += 4 * (i * o + o) * ((2 if dx else 1) + 6)
+    return flops, bytes_
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+@pytest.fixture(scope="session")
+def machine() -> dict[str, float]:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = 2 * 2048**3 / timed(lambda: a @ b, 10)
+    src = torch.randn(32 * 1024 * 1024)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), 10)
+    return {"gemm_flops": gemm, "copy_bytes": copy}
+
+
+@pytest.fixture(scope="session")
+def results(machine):
+    """Collects every measurement and prints the comparison at the end (run with -s)."""
+    table: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
+    yield table
+    print(f"\nmeasured in this run: GEMM {machine['gemm_flops'] / 1e9:.0f} GFLOP/s (2048^3 float32), "
+          f"copy {machine['copy_bytes'] / 1e9:.0f} GB/s")
+    print("| batch | width | impl | ms/step | samples/s | GFLOP/s | x eager | floor ms | of floor |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (batch, width), impls in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        eager = impls.get("eager", {}).get("ms")
+        for impl, r in impls.items():
+            ratio = f"{eager / r['ms']:.2f}" if eager else "-"
+            print(f"| {batch} | {width} | {impl} | {r['ms']:.1f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
+                  f"{ratio} | {r['floor_ms']:.1f} | {r['of_floor']:.0%} |")
+
+
+def build(impl: str, batch: int, width: int):
+    torch.manual_seed(0)
+    backend = "fused" if impl == "fused" else "reference"
+    model = al_ext.ALMLP(784, 10, hidden=(width, width), label_dim=width, backend=backend)
+    x = torch.rand(batch, 784)
+    y = torch.randint(0, 10, (batch,))
+    if impl == "fused":
+        opts = [FusedBlockAdam(block, 1e-4, 2e-4) for block in model.blocks]
+        t0 = model.label_targets(y)
+
+        def step():
+            s, t = x, t0
+            for opt in opts:
+                s, t, _, _ = opt.train_step(s, t)
+
+        return step
+    opts = []
+    for fb, gh in model.parameter_groups():
+        opts += [torch.optim.Adam(fb, lr=1e-4, fused=True), torch.optim.Adam(gh, lr=2e-4, fused=True)]
+
+    def total_loss(x, y):
+        return sum(b.loss_as + b.loss_ae for b in model.local_losses(x, y))
+
+    loss_fn = torch.compile(total_loss) if impl == "compiled" else total_loss
+
+    def step():
+        for opt in opts:
+            opt.zero_grad(set_to_none=False)
+        loss_fn(x, y).backward()
+        for opt in opts:
+            opt.step()
+
+    return step
+
+
+@pytest.mark.parametrize("point", POINTS, ids=lambda p: f"batch{p[0]}-width{p[1]}")
+@pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
+def test_mlp_training_step(benchmark, machine, results, point, impl):
+    if impl == "compiled" and point not in COMPILED_POINTS:
+        pytest.skip("torch.compile is measured at the NECO points only (each compile takes a minute here)")
+    batch, width = point
+    step = build(impl, batch, width)
+    for _ in range(3):  # warm-up; compiles on the first call
+        step()
+    benchmark.group = f"AL MLP step, batch {batch}, width {width}, float32"
+    rounds = max(5, min(30, int(2.0 / max(timed(step, 1), 1e-3))))
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.mean
+    flops, bytes_ = step_cost(batch, width)
+    floor = max(flops / machine["gemm_flops"], bytes_ / machine["copy_bytes"])
+    info = {"samples_per_s": batch / seconds, "gflops": flops / seconds / 1e9, "floor_ms": floor * 1e3,
+            "of_floor": floor / seconds, "ms": seconds * 1e3}
+    benchmark.extra_info.update({k: round(v, 3) for k, v in info.items()})
+    results.setdefault(point, {})[impl] = info

@@ -1,0 +1,334 @@
+// CPU kernels of al_ext::dense_block_step and al_ext::dense_block_adam_step_: one dense
+// AL block's forward pass, both local losses and every gradient, and optionally the Adam
+// update, in one call (see al_ext/reference.py: dense_block_step for the definition).
+//
+// GEMMs go through ATen (MKL), the bias inside the GEMM and the forward activation as
+// ATen's vectorised in-place kernel. Each loss, its gradient and the output activation's
+// derivative are one pass; each activation derivative is one pass, written through the
+// layer's output so that no pre-activation is kept.
+// The Adam form never materialises a weight gradient: each gradient is computed in
+// cache-sized tiles of rows, and each tile updates its rows of the weight, exp_avg and
+// exp_avg_sq at once, while it is still in cache. Every input gradient (dX = dZ W) is
+// computed before its weight is updated. All reductions run in a fixed order, so results
+// repeat bit for bit for a given number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/elu.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sum.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../ops/checks.h"
+#include "../ops/dense_block.h"
+#include "../ops/ops.h"
+#include "simd.h"
+
+namespace al_ext {
+namespace {
+
+// Weight-gradient tiles of about this many elements (256 KiB of float): small enough to
+// stay in L2 between the GEMM that writes them and the Adam update that reads them.
+constexpr int64_t kTileElements = 64 * 1024;
+
+// d act / d z, written through the output y = act(z), so no pre-activation is kept.
+template <typename T> inline __attribute__((always_inline)) T activation_slope(Activation a, T y) {
+  switch (a) {
+    case Activation::kElu: return y > T(0) ? T(1) : y + T(1);
+    case Activation::kRelu: return y > T(0) ? T(1) : T(0);
+    case Activation::kSigmoid: return y * (T(1) - y);
+    case Activation::kTanh: return T(1) - y * y;
+    case Activation::kIdentity: return T(1);
+  }
+  return T(1);
+}
+
+// Rows of an (N, O) matrix in parallel; each row is one task.
+template <typename F> void for_each_row(int64_t rows, F&& body) {
+  at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) body(r);
+  });
+}
+
+// act(x W^T + c): the bias rides in the GEMM (addmm), and the activation is ATen's own
+// in-place kernel, whose exp is vectorised (a scalar exp here cost more than the fusion saved).
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) {
+  at::Tensor z = at::addmm(c, x, w.t());
+  switch (act) {
+    case Activation::kElu: at::elu_(z); break;
+    case Activation::kRelu: at::relu_(z); break;
+    case Activation::kSigmoid: at::sigmoid_(z); break;
+    case Activation::kTanh: at::tanh_(z); break;
+    case Activation::kIdentity: break;
+  }
+  return z;
+}
+
+// g <- (g + addend) * act'(y) over n elements; the activation is a template parameter so
+// that each loop body is branch-free and vectorises.
+template <Activation A, typename T>
+inline __attribute__((always_inline)) void slope_loop(T* __restrict__ g, const T* __restrict__ y,
+                                                      const T* __restrict__ addend, int64_t n) {
+  if (addend != nullptr) {
+    for (int64_t i = 0; i < n; ++i) g[i] = (g[i] + addend[i]) * activation_slope(A, y[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) g[i] = g[i] * activation_slope(A, y[i]);
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void slope_range(T* g, const T* y, const T* addend, int64_t n, Activation a) {
+  switch (a) {
+    case Activation::kElu: return slope_loop<Activation::kElu>(g, y, addend, n);
+    case Activation::kRelu: return slope_loop<Activation::kRelu>(g, y, addend, n);
+    case Activation::kSigmoid: return slope_loop<Activation::kSigmoid>(g, y, addend, n);
+    case Activation::kTanh: return slope_loop<Activation::kTanh>(g, y, addend, n);
+    case Activation::kIdentity: return slope_loop<Activation::kIdentity>(g, y, addend, n);
+  }
+}
+
+AL_EXT_CLONE_FOR_WIDE_SIMD
+void activation_backward_range(float* g, const float* y, const float* addend, int64_t n, Activation a) {
+  slope_range(g, y, addend, n, a);
+}
+void activation_backward_range(double* g, const double* y, const double* addend, int64_t n, Activation a) {
+  slope_range(g, y, addend, n, a);
+}
+
+// grad <- (grad + addend) * act'(y), in place: from d/dy to d/dz.
+template <typename T> void activation_backward_(at::Tensor& grad, const at::Tensor& y, Activation act,
+                                                const at::Tensor& addend) {
+  T* gp = grad.mutable_data_ptr<T>();
+  const T* yp = y.const_data_ptr<T>();
+  const T* ap = addend.defined() ? addend.const_data_ptr<T>() : nullptr;
+  at::parallel_for(0, grad.numel(), 16384, [&](int64_t first, int64_t last) {
+    activation_backward_range(gp + first, yp + first, ap ? ap + first : nullptr, last - first, act);
+  });
+}
+
+double sum_in_order(const std::vector<double>& parts) {
+  double total = 0.0;
+  for (double p : parts) total += p;
+  return total;
+}
+
+// MSE(out, target) with out = act(z): returns the sum of squares and writes dL/dz;
+// `dtarget`, if defined, receives dL/dtarget (variant B's gradient into t).
+template <typename T> double mse_backward(const at::Tensor& out, const at::Tensor& target, Activation act,
+                                          at::Tensor& dz, at::Tensor& dtarget) {
+  const int64_t rows = out.size(0), cols = out.size(1);
+  const T scale = T(2) / static_cast<T>(rows * cols);
+  const T* op = out.const_data_ptr<T>();
+  const T* tp = target.const_data_ptr<T>();
+  T* dp = dz.mutable_data_ptr<T>();
+  T* dtp = dtarget.defined() ? dtarget.mutable_data_ptr<T>() : nullptr;
+  std::vector<double> row_sums(rows, 0.0);
+  for_each_row(rows, [&](int64_t r) {
+    double sum = 0.0;
+    for (int64_t j = r * cols; j < (r + 1) * cols; ++j) {
+      const T diff = op[j] - tp[j];
+      sum += static_cast<double>(diff) * static_cast<double>(diff);
+      dp[j] = diff * scale * activation_slope(act, op[j]);
+      if (dtp) dtp[j] = -diff * scale;
+    }
+    row_sums[r] = sum;
+  });
+  return sum_in_order(row_sums);
+}
+
+// Softmax cross-entropy of logits against target probabilities (one-hot rows): returns the
+// summed loss and writes dL/dlogits of the mean.
+template <typename T> double cross_entropy_backward(const at::Tensor& logits, const at::Tensor& target,
+                                                    at::Tensor& dz) {
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  const T* lp = logits.const_data_ptr<T>();
+  const T* tp = target.const_data_ptr<T>();
+  T* dp = dz.mutable_data_ptr<T>();
+  std::vector<double> row_sums(rows, 0.0);
+  for_each_row(rows, [&](int64_t r) {
+    const T* l = lp + r * cols;
+    const T* p = tp + r * cols;
+    T* d = dp + r * cols;
+    T top = l[0];
+    for (int64_t j = 1; j < cols; ++j) top = std::max(top, l[j]);
+    double denom = 0.0, mass = 0.0;
+    for (int64_t j = 0; j < cols; ++j) denom += std::exp(static_cast<double>(l[j] - top));
+    const double log_denom = std::log(denom);
+    double loss = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      loss -= static_cast<double>(p[j]) * (static_cast<double>(l[j] - top) - log_denom);
+      mass += p[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      const double softmax = std::exp(static_cast<double>(l[j] - top) - log_denom);
+      d[j] = static_cast<T>((softmax * mass - p[j]) / static_cast<double>(rows));
+    }
+    row_sums[r] = loss;
+  });
+  return sum_in_order(row_sums);
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void adam_update_body(T* __restrict__ p, const T* __restrict__ g,
+                                                            T* __restrict__ m, T* __restrict__ v, int64_t n,
+                                                            const AdamCoefficients& a) {
+  const T beta1 = a.beta1, beta2 = a.beta2, eps = a.eps;
+  const T step_size = a.step_size, inv_bc2_sqrt = a.inv_bias_correction2_sqrt;
+  for (int64_t i = 0; i < n; ++i) {
+    m[i] = beta1 * m[i] + (T(1) - beta1) * g[i];
+    v[i] = beta2 * v[i] + (T(1) - beta2) * g[i] * g[i];
+    p[i] -= step_size * m[i] / (std::sqrt(v[i]) * inv_bc2_sqrt + eps);
+  }
+}
+
+// Memory-bound, and called on tiles still in cache: worth the widest vectors.
+AL_EXT_CLONE_FOR_WIDE_SIMD
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamCoefficients& a) {
+  adam_update_body(p, g, m, v, n, a);
+}
+void adam_update(double* p, const double* g, double* m, double* v, int64_t n, const AdamCoefficients& a) {
+  adam_update_body(p, g, m, v, n, a);
+}
+
+// Where a Linear layer's gradient goes: into gradient tensors, or straight into Adam.
+template <typename T> struct GradientSink {
+  at::TensorList params;
+  std::vector<at::Tensor>* grads = nullptr;  // gradient form
+  at::TensorList exp_avg, exp_avg_sq;        // Adam form
+  AdamCoefficients adam_fb, adam_gh;
+
+  // dW = dz^T x and dc = sum of dz over rows, for the weight at params[w] and bias params[w + 1].
+  void linear(int w, const at::Tensor& dz, const at::Tensor& x) const {
+    if (grads != nullptr) {
+      at::mm_out((*grads)[w], dz.t(), x);
+      at::sum_out((*grads)[w + 1], dz, {0});
+      return;
+    }
+    const AdamCoefficients& a = w < kParamWg ? adam_fb : adam_gh;
+    const at::Tensor& weight = params[w];
+    const int64_t out = weight.size(0), in = weight.size(1);
+    const int64_t rows = std::max<int64_t>(1, kTileElements / in);
+    const int64_t tiles = (out + rows - 1) / rows;
+    at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
+      at::Tensor tile = at::empty({rows, in}, weight.options());
+      for (int64_t k = first; k < last; ++k) {
+        const int64_t r0 = k * rows, n = std::min(rows, out - r0);
+        at::Tensor g = tile.narrow(0, 0, n);
+        at::mm_out(g, dz.narrow(1, r0, n).t(), x);  // one thread: we are inside a parallel region
+        const int64_t offset = r0 * in;
+        adam_update(weight.mutable_data_ptr<T>() + offset, g.const_data_ptr<T>(),
+                    exp_avg[w].mutable_data_ptr<T>() + offset, exp_avg_sq[w].mutable_data_ptr<T>() + offset,
+                    n * in, a);
+      }
+    });
+    const at::Tensor bias_grad = dz.sum(0);
+    adam_update(params[w + 1].mutable_data_ptr<T>(), bias_grad.const_data_ptr<T>(),
+                exp_avg[w + 1].mutable_data_ptr<T>(), exp_avg_sq[w + 1].mutable_data_ptr<T>(), bias_grad.numel(),
+                a);
+  }
+};
+
+template <typename T>
+DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList P,
+                                  const DenseBlockConfig& cfg, const GradientSink<T>& sink) {
+  // Forward: label side first, since the associative loss needs t.
+  const at::Tensor t = linear_forward(t_prev, P[kParamWg], P[kParamWg + 1], Activation::kSigmoid);
+  const at::Tensor r = linear_forward(t, P[kParamWh], P[kParamWh + 1], cfg.h_activation);
+  const at::Tensor s = linear_forward(s_prev, P[kParamWf], P[kParamWf + 1], cfg.x_activation);
+  const at::Tensor u = linear_forward(s, P[kParamWb1], P[kParamWb1 + 1], Activation::kSigmoid);
+  const at::Tensor bhat = linear_forward(u, P[kParamWb2], P[kParamWb2 + 1], Activation::kSigmoid);
+
+  // Both losses and their gradients at the outputs, before any parameter changes.
+  at::Tensor dz2 = at::empty_like(bhat);
+  at::Tensor dt_from_as = cfg.variant_b ? at::empty_like(t) : at::Tensor();
+  const double sum_as = mse_backward<T>(bhat, t, Activation::kSigmoid, dz2, dt_from_as);
+  at::Tensor dzh = at::empty_like(r);
+  at::Tensor none;
+  const double sum_ae = cfg.cross_entropy ? cross_entropy_backward<T>(r, t_prev, dzh)
+                                          : mse_backward<T>(r, t_prev, cfg.h_activation, dzh, none);
+  const double loss_as = sum_as / static_cast<double>(bhat.numel());
+  const double loss_ae = cfg.cross_entropy ? sum_ae / static_cast<double>(r.size(0))
+                                           : sum_ae / static_cast<double>(r.numel());
+  TORCH_CHECK(std::isfinite(loss_as) && std::isfinite(loss_ae), "al_ext::dense_block_step: non-finite loss (L_as = ",
+              loss_as, ", L_ae = ", loss_ae, "): s_prev, t_prev or the parameters hold NaN or inf, or training "
+              "diverged; no parameter was changed");
+
+  // x side, top down.
+  at::Tensor du = at::mm(dz2, P[kParamWb2]);
+  sink.linear(kParamWb2, dz2, u);
+  activation_backward_<T>(du, u, Activation::kSigmoid, at::Tensor());
+  at::Tensor ds = at::mm(du, P[kParamWb1]);
+  sink.linear(kParamWb1, du, s);
+  activation_backward_<T>(ds, s, cfg.x_activation, at::Tensor());
+  sink.linear(kParamWf, ds, s_prev);
+
+  // Label side: h, then g (which in variant B also receives L_as's gradient through t).
+  at::Tensor dt = at::mm(dzh, P[kParamWh]);
+  sink.linear(kParamWh, dzh, t);
+  activation_backward_<T>(dt, t, Activation::kSigmoid, dt_from_as);
+  sink.linear(kParamWg, dt, t_prev);
+
+  return {s, t, at::scalar_tensor(loss_as, s.options()), at::scalar_tensor(loss_ae, s.options())};
+}
+
+void check_cpu(const char* op, const at::Tensor& s_prev) {
+  TORCH_CHECK(s_prev.device().is_cpu(), op, ": CPU kernel got s_prev on ", s_prev.device());
+  TORCH_CHECK(s_prev.scalar_type() == at::kFloat || s_prev.scalar_type() == at::kDouble, op,
+              ": the CPU kernel takes float32 or float64, got ", s_prev.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dense_block_step_cpu(
+    const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg, at::TensorList params,
+    c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss) {
+  constexpr const char* op = "al_ext::dense_block_step";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not to be recorded
+  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  check_dense_block_inputs(op, s_prev_arg, t_prev_arg, params);
+  check_cpu(op, s_prev_arg);
+  const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& p : params) grads.push_back(at::empty_like(p));
+  DenseBlockOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(s_prev.scalar_type(), "dense_block_step_cpu", [&] {
+    GradientSink<scalar_t> sink{params, &grads};
+    out = run_dense_block<scalar_t>(s_prev, t_prev, params, cfg, sink);
+  });
+  return {out.s, out.t, out.loss_as, out.loss_ae, grads};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cpu(
+    const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
+    c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss) {
+  constexpr const char* op = "al_ext::dense_block_adam_step_";
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  check_dense_block_inputs(op, s_prev_arg, t_prev_arg, params);
+  check_cpu(op, s_prev_arg);
+  check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
+  const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
+  DenseBlockOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(s_prev.scalar_type(), "dense_block_adam_step_cpu", [&] {
+    GradientSink<scalar_t> sink{params, nullptr, exp_avg, exp_avg_sq,
+                                adam_coefficients(step, lr_fb, beta1, beta2, eps),
+                                adam_coefficients(step, lr_gh, beta1, beta2, eps)};
+    out = run_dense_block<scalar_t>(s_prev, t_prev, params, cfg, sink);
+  });
+  return {out.s, out.t, out.loss_as, out.loss_ae};
+}
+
+}  // namespace al_ext

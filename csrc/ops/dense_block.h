@@ -1,0 +1,141 @@
+// What the CPU and CUDA kernels of the dense block ops share: the parameter layout, the
+// parsed configuration, the Adam coefficients, and the argument checks (so that both
+// devices reject bad input with the same words).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <string>
+
+namespace al_ext {
+
+// Index of each weight in the params list; its bias follows it.
+// W_f (H, d_x), W_b1 (B, H), W_b2 (D, B), W_g (D, d_y), W_h (d_y, D).
+constexpr int kParamWf = 0, kParamWb1 = 2, kParamWb2 = 4, kParamWg = 6, kParamWh = 8, kDenseParams = 10;
+inline const char* dense_param_name(int i) {
+  static const char* names[] = {"W_f", "c_f", "W_b1", "c_b1", "W_b2", "c_b2", "W_g", "c_g", "W_h", "c_h"};
+  return names[i];
+}
+
+enum class Activation { kElu, kRelu, kSigmoid, kTanh, kIdentity };
+
+struct DenseBlockConfig {
+  Activation x_activation = Activation::kElu;
+  Activation h_activation = Activation::kSigmoid;
+  bool variant_b = false;
+  bool cross_entropy = false;
+};
+
+struct DenseBlockOutputs {
+  at::Tensor s, t, loss_as, loss_ae;
+};
+
+inline DenseBlockConfig parse_dense_block_config(const char* op, c10::string_view x_activation,
+                                                 c10::string_view h_activation, c10::string_view variant,
+                                                 c10::string_view ae_loss) {
+  DenseBlockConfig cfg;
+  if (x_activation == "elu") cfg.x_activation = Activation::kElu;
+  else if (x_activation == "relu") cfg.x_activation = Activation::kRelu;
+  else if (x_activation == "sigmoid") cfg.x_activation = Activation::kSigmoid;
+  else if (x_activation == "tanh") cfg.x_activation = Activation::kTanh;
+  else TORCH_CHECK(false, op, ": x_activation must be 'elu', 'relu', 'sigmoid' or 'tanh', got '", x_activation, "'");
+  if (h_activation == "sigmoid") cfg.h_activation = Activation::kSigmoid;
+  else if (h_activation == "identity") cfg.h_activation = Activation::kIdentity;
+  else TORCH_CHECK(false, op, ": h_activation must be 'sigmoid' or 'identity', got '", h_activation, "'");
+  TORCH_CHECK(variant == "A" || variant == "B", op, ": variant must be 'A' or 'B', got '", variant, "'");
+  cfg.variant_b = variant == "B";
+  TORCH_CHECK(ae_loss == "mse" || ae_loss == "cross_entropy", op,
+              ": ae_loss must be 'mse' or 'cross_entropy', got '", ae_loss, "'");
+  cfg.cross_entropy = ae_loss == "cross_entropy";
+  TORCH_CHECK(!cfg.cross_entropy || cfg.h_activation == Activation::kIdentity, op,
+              ": ae_loss='cross_entropy' needs h_activation='identity' (h must emit logits)");
+  return cfg;
+}
+
+inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef expected,
+                        const char* why) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, " (", why, "), got ", t.sizes());
+}
+
+inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, const at::Tensor& t_prev,
+                                     at::TensorList params) {
+  TORCH_CHECK(params.size() == kDenseParams, op, ": params must hold the 10 tensors W_f, c_f, W_b1, c_b1, W_b2, "
+              "c_b2, W_g, c_g, W_h, c_h; got ", params.size());
+  TORCH_CHECK(s_prev.dim() == 2 && s_prev.size(0) > 0, op, ": s_prev must be a non-empty 2-D batch (N, d_x), got shape ",
+              s_prev.sizes());
+  TORCH_CHECK(t_prev.dim() == 2 && t_prev.size(0) == s_prev.size(0), op, ": t_prev must be 2-D with s_prev's ",
+              s_prev.size(0), " rows, got shape ", t_prev.sizes());
+  TORCH_CHECK(is_supported_float_type(s_prev.scalar_type()), op, ": s_prev must be floating point, got ",
+              s_prev.scalar_type());
+  for (const auto& [tensor, name] : {std::pair{&t_prev, "t_prev"}}) {
+    TORCH_CHECK(tensor->scalar_type() == s_prev.scalar_type(), op, ": ", name, " must have s_prev's dtype ",
+                s_prev.scalar_type(), ", got ", tensor->scalar_type());
+    TORCH_CHECK(tensor->device() == s_prev.device(), op, ": ", name, " must be on s_prev's device ", s_prev.device(),
+                ", got ", tensor->device());
+  }
+  for (int i = 0; i < kDenseParams; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] (", dense_param_name(i), ") is undefined");
+    TORCH_CHECK(p.scalar_type() == s_prev.scalar_type(), op, ": params[", i, "] (", dense_param_name(i),
+                ") must have s_prev's dtype ", s_prev.scalar_type(), ", got ", p.scalar_type());
+    TORCH_CHECK(p.device() == s_prev.device(), op, ": params[", i, "] (", dense_param_name(i),
+                ") must be on s_prev's device ", s_prev.device(), ", got ", p.device());
+    TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] (", dense_param_name(i), ") must be contiguous");
+  }
+  const int64_t dx = s_prev.size(1), dy = t_prev.size(1);
+  TORCH_CHECK(params[kParamWf].dim() == 2 && params[kParamWb1].dim() == 2 && params[kParamWb2].dim() == 2 &&
+              params[kParamWg].dim() == 2 && params[kParamWh].dim() == 2, op, ": every weight must be 2-D (out, in)");
+  const int64_t H = params[kParamWf].size(0), B = params[kParamWb1].size(0), D = params[kParamWg].size(0);
+  check_shape(op, params[kParamWf], "W_f", {H, dx}, "H x d_x, d_x = s_prev's width");
+  check_shape(op, params[kParamWf + 1], "c_f", {H}, "H = W_f's rows");
+  check_shape(op, params[kParamWb1], "W_b1", {B, H}, "B x H, H = W_f's rows");
+  check_shape(op, params[kParamWb1 + 1], "c_b1", {B}, "B = W_b1's rows");
+  check_shape(op, params[kParamWb2], "W_b2", {D, B}, "D x B, D = W_g's rows, B = W_b1's rows");
+  check_shape(op, params[kParamWb2 + 1], "c_b2", {D}, "D = W_g's rows");
+  check_shape(op, params[kParamWg], "W_g", {D, dy}, "D x d_y, d_y = t_prev's width");
+  check_shape(op, params[kParamWg + 1], "c_g", {D}, "D = W_g's rows");
+  check_shape(op, params[kParamWh], "W_h", {dy, D}, "d_y x D: h reconstructs t_prev");
+  check_shape(op, params[kParamWh + 1], "c_h", {dy}, "d_y = t_prev's width");
+}
+
+// Adam as torch.optim.Adam computes it (no weight decay, no amsgrad), for one step number.
+struct AdamCoefficients {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double step_size = 0.0;                  // lr / (1 - beta1^step)
+  double inv_bias_correction2_sqrt = 1.0;  // 1 / sqrt(1 - beta2^step)
+};
+
+inline AdamCoefficients adam_coefficients(double step, double lr, double beta1, double beta2, double eps) {
+  AdamCoefficients a;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.step_size = lr / (1.0 - std::pow(beta1, step));
+  a.inv_bias_correction2_sqrt = 1.0 / std::sqrt(1.0 - std::pow(beta2, step));
+  return a;
+}
+
+inline void check_adam_state(const char* op, at::TensorList params, at::TensorList exp_avg,
+                             at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1,
+                             double beta2, double eps) {
+  TORCH_CHECK(step >= 1 && std::floor(step) == step, op, ": step must be the step number after this update (1, 2, ...), got ", step);
+  TORCH_CHECK(std::isfinite(lr_fb) && lr_fb > 0, op, ": lr_fb must be a positive finite number, got ", lr_fb);
+  TORCH_CHECK(std::isfinite(lr_gh) && lr_gh > 0, op, ": lr_gh must be a positive finite number, got ", lr_gh);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, op, ": beta1 must lie in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, op, ": beta2 must lie in [0, 1), got ", beta2);
+  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+  for (const auto& [state, name] : {std::pair{exp_avg, "exp_avg"}, std::pair{exp_avg_sq, "exp_avg_sq"}}) {
+    TORCH_CHECK(state.size() == kDenseParams, op, ": ", name, " must hold one tensor per parameter (10), got ",
+                state.size());
+    for (int i = 0; i < kDenseParams; ++i) {
+      TORCH_CHECK(state[i].sizes() == params[i].sizes() && state[i].scalar_type() == params[i].scalar_type() &&
+                  state[i].device() == params[i].device() && state[i].is_contiguous(), op, ": ", name, "[", i,
+                  "] must be a contiguous tensor like params[", i, "] (", dense_param_name(i), ")");
+    }
+  }
+}
+
+}  // namespace al_ext

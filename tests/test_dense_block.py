@@ -1,0 +1,238 @@
+"""al_ext::dense_block_step and dense_block_adam_step_ against al_ext.reference."""
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import al_ext
+from al_ext import fused, reference
+
+from conftest import DEVICES, small_mlp
+
+
+def make_block(n, dx, h, b, d, dy, dtype=torch.float64, device="cpu", seed=0):
+    """Random block parameters (W_f, c_f, W_b1, c_b1, W_b2, c_b2, W_g, c_g, W_h, c_h) and inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(h, dx), (h,), (b, h), (b,), (d, b), (d,), (d, dy), (d,), (dy, d), (dy,)]
+    params = [(torch.randn(s, generator=gen, dtype=torch.float64) / (s[-1] ** 0.5)).to(device, dtype) for s in shapes]
+    s_prev = torch.randn(n, dx, generator=gen, dtype=torch.float64).to(device, dtype)
+    labels = torch.randint(0, dy, (n,), generator=gen)
+    t_prev = torch.nn.functional.one_hot(labels, dy).to(device, dtype)
+    return s_prev, t_prev, params
+
+
+def assert_matches_reference(s_prev, t_prev, params, tol, **config):
+    got = fused.dense_block_step(s_prev, t_prev, params, **config)
+    want = reference.dense_block_step(s_prev, t_prev, params, **config)
+    for name, a, b in [("s", got.s, want.s), ("t", got.t, want.t), ("loss_as", got.loss_as, want.loss_as),
+                       ("loss_ae", got.loss_ae, want.loss_ae)] + [
+                          (n, a, b) for n, a, b in zip(reference.DENSE_PARAMETER_NAMES, got.grads, want.grads)]:
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * 1e-2, msg=lambda m: f"{name}: {m}")
+
+
+SHAPES = [(1, 3, 5, 7, 4, 2), (17, 20, 33, 65, 9, 5), (64, 50, 31, 100, 13, 13), (5, 784, 64, 320, 64, 10)]
+CONFIGS = [
+    dict(variant="A"),
+    dict(variant="B"),
+    dict(variant="A", x_activation="relu"),
+    dict(variant="B", x_activation="tanh"),
+    dict(variant="A", x_activation="sigmoid", h_activation="identity", ae_loss="cross_entropy"),
+    dict(variant="B", h_activation="identity", ae_loss="cross_entropy"),
+    dict(variant="A", h_activation="identity"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c.values()))
+def test_float64_matches_reference(device, shape, config):
+    assert_matches_reference(*make_block(*shape, device=device), tol=1e-10, **config)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[4:5], ids=lambda c: "-".join(c.values()))
+def test_float32_matches_reference(device, shape, config):
+    assert_matches_reference(*make_block(*shape, dtype=torch.float32, device=device), tol=2e-4, **config)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40), dx=st.integers(1, 40), h=st.integers(1, 40), b=st.integers(1, 80), d=st.integers(1, 20),
+    dy=st.integers(2, 12), config=st.sampled_from(CONFIGS), seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_matches_reference(n, dx, h, b, d, dy, config, seed):
+    assert_matches_reference(*make_block(n, dx, h, b, d, dy, seed=seed), tol=1e-9, **config)
+
+
+def test_non_contiguous_inputs():
+    s_prev, t_prev, params = make_block(9, 12, 8, 16, 6, 4)
+    wide_s = torch.randn(12, 18, dtype=torch.float64)
+    s_view = wide_s[:, ::2].t()  # (9, 12), neither row- nor column-contiguous
+    t_view = t_prev.t().contiguous().t()  # column-major
+    assert not s_view.is_contiguous() and not t_view.is_contiguous()
+    assert_matches_reference(s_view, t_view, params, tol=1e-10)
+
+
+def test_results_repeat_bit_for_bit():
+    s_prev, t_prev, params = make_block(33, 40, 64, 300, 32, 10, dtype=torch.float32)
+    first, second = (fused.dense_block_step(s_prev, t_prev, params, variant="B") for _ in range(2))
+    for a, b in zip([first.s, first.t, first.loss_as, *first.grads], [second.s, second.t, second.loss_as, *second.grads]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    s_prev, t_prev, params = make_block(6, 5, 7, 9, 4, 3, dtype=torch.float32, device=device)
+    args = (s_prev, t_prev, params, "elu", "sigmoid", "B", "mse")
+    torch.library.opcheck(torch.ops.al_ext.dense_block_step.default, args)
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    adam_args = (s_prev, t_prev, params, *state, 1.0, 1e-3, 2e-3, 0.9, 0.999, 1e-8, "elu", "sigmoid", "A", "mse")
+    torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.default, adam_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+@pytest.mark.parametrize("ae_loss", ["mse", "cross_entropy"])
+def test_adam_form_equals_torch_adam_on_reference_gradients(variant, ae_loss):
+    h_act = "identity" if ae_loss == "cross_entropy" else "sigmoid"
+    config = dict(variant=variant, ae_loss=ae_loss, h_activation=h_act)
+    _, _, params = make_block(8, 10, 12, 24, 6, 4)
+    ours = [p.clone() for p in params]
+    theirs = [p.clone().requires_grad_(True) for p in params]
+    exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
+    adam_fb = torch.optim.Adam(theirs[:6], lr=3e-3, betas=(0.8, 0.99), eps=1e-7)
+    adam_gh = torch.optim.Adam(theirs[6:], lr=7e-3, betas=(0.8, 0.99), eps=1e-7)
+    for step in range(1, 5):
+        s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, seed=step)
+        out = fused.dense_block_adam_step_(s_prev, t_prev, ours, exp_avg, exp_avg_sq, step, 3e-3, 7e-3,
+                                           betas=(0.8, 0.99), eps=1e-7, **config)
+        want = reference.dense_block_step(s_prev, t_prev, theirs, **config)
+        torch.testing.assert_close(out[2], want.loss_as)
+        torch.testing.assert_close(out[3], want.loss_ae)
+        for p, g in zip(theirs, want.grads):
+            p.grad = g
+        adam_fb.step()
+        adam_gh.step()
+        for name, a, b in zip(reference.DENSE_PARAMETER_NAMES, ours, theirs):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"step {step} {name}: {m}")
+
+
+def test_alml_blocks_expose_their_dense_layout():
+    model = small_mlp(first_ae_loss="cross_entropy")
+    params, x_act, h_act = fused.dense_block_layout(model.blocks[0])
+    assert (x_act, h_act) == ("elu", "identity") and params[0] is model.blocks[0].f[1].weight
+    assert fused.dense_block_layout(model.blocks[1])[2] == "sigmoid"
+    conv = al_ext.ALBlock(torch.nn.Conv2d(1, 2, 3), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="f must be Sequential"):
+        fused.dense_block_layout(conv)
+    model.blocks[1].f[1] = torch.nn.GELU()
+    with pytest.raises(ValueError, match="f's activation must be one of"):
+        fused.dense_block_layout(model.blocks[1])
+
+
+def test_backend_choice():
+    assert small_mlp().uses_fused_step() and not small_mlp(backend="reference").uses_fused_step()
+    model = small_mlp(backend="fused").half()
+    with pytest.raises(ValueError, match="backend='fused' cannot train this model: .*float32 or float64"):
+        model.uses_fused_step()
+    assert not small_mlp().half().uses_fused_step(), "auto falls back where the fused op does not fit"
+
+
+def test_fused_and_reference_training_agree_in_float64():
+    fused_model, ref_model = small_mlp().double(), small_mlp(backend="reference").double()
+    x = torch.randn(64, 20, dtype=torch.float64)
+    y = torch.randint(0, 5, (64,))
+    histories = []
+    for model in (fused_model, ref_model):
+        trainer = al_ext.Trainer(model, lr=1e-2, batch_size=16, progress=False)
+        assert trainer.fused == (model is fused_model)
+        histories.append(trainer.fit((x, y), epochs=3))
+    for a, b in zip(fused_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for ra, rb in zip(*histories):
+        assert ra["loss_as"] == pytest.approx(rb["loss_as"], rel=1e-9)
+
+
+def test_op_releases_the_gil():
+    s_prev, t_prev, params = make_block(256, 1024, 1024, 4096, 1024, 10, dtype=torch.float32)
+    fused.dense_block_step(s_prev, t_prev, params)
+    start = time.perf_counter()
+    fused.dense_block_step(s_prev, t_prev, params)
+    one_call = time.perf_counter() - start
+    ticks = []
+    worker = threading.Thread(target=lambda: [fused.dense_block_step(s_prev, t_prev, params) for _ in range(3)])
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+        time.sleep(0.001)
+    worker.join()
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    # With the GIL held for a whole call, this thread would stall for about one call's time.
+    assert one_call > 0.04, "calls must be long enough for a held GIL to show"
+    assert max(gaps, default=0) < 0.5 * one_call, (max(gaps), one_call)
+
+
+BAD = [
+    (lambda s, t, p: (s, t, p[:9]), "params must hold the 10 tensors"),
+    (lambda s, t, p: (s, t[:-1], p), "t_prev must be 2-D with s_prev's"),
+    (lambda s, t, p: (s[:, :-1], t, p), r"W_f must have shape .* d_x = s_prev's width"),
+    (lambda s, t, p: (s, t, p[:2] + [p[2][:, :-1].contiguous()] + p[3:]), "W_b1 must have shape"),
+    (lambda s, t, p: (s, t, p[:9] + [p[9][:-1]]), "c_h must have shape"),
+    (lambda s, t, p: (s, t, p[:4] + [p[4].float()] + p[5:]), r"params\[4\] \(W_b2\) must have s_prev's dtype"),
+    (lambda s, t, p: (s, t.float(), p), "t_prev must have s_prev's dtype"),
+    (lambda s, t, p: (s, t, p[:2] + [p[2].t().contiguous().t()] + p[3:]), r"params\[2\] \(W_b1\) must be contiguous"),
+    (lambda s, t, p: (s, t, p[:1] + [p[1].to("meta")] + p[2:]), "c_f must be on s_prev.s device"),
+    (lambda s, t, p: (s.clone().index_fill_(0, torch.tensor([1]), float("nan")), t, p), "non-finite loss"),
+]
+
+
+@pytest.mark.parametrize("mangle,message", BAD)
+def test_bad_input_is_refused_from_cpp(mangle, message):
+    args = mangle(*make_block(4, 6, 5, 7, 3, 2))
+    with pytest.raises(RuntimeError, match=message):
+        fused.dense_block_step(*args)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (dict(variant="C"), "variant must be 'A' or 'B'"),
+        (dict(x_activation="gelu"), "x_activation must be"),
+        (dict(ae_loss="cross_entropy"), "needs h_activation='identity'"),
+        (dict(ae_loss="l1"), "ae_loss must be"),
+    ],
+)
+def test_bad_configuration(config, message):
+    with pytest.raises(RuntimeError, match=message):
+        fused.dense_block_step(*make_block(4, 6, 5, 7, 3, 2), **config)
+
+
+def test_refused_adam_step_changes_nothing():
+    s_prev, t_prev, params = make_block(4, 6, 5, 7, 3, 2)
+    before = [p.clone() for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    s_prev[2, 3] = float("inf")
+    with pytest.raises(RuntimeError, match="non-finite loss .* no parameter was changed"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 1, 1e-3, 2e-3)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(s.abs().sum() == 0 for s in state[0] + state[1])
+    with pytest.raises(RuntimeError, match="step must be the step number"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 0, 1e-3, 2e-3)
+    with pytest.raises(RuntimeError, match="lr_gh must be a positive finite number"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 1, 1e-3, -2e-3)
+    with pytest.raises(RuntimeError, match=r"exp_avg\[3\] must be a contiguous tensor like params\[3\]"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, state[0][:3] + [state[0][4]] + state[0][4:], state[1],
+                                     1, 1e-3, 2e-3)
+
+
+def test_trainer_reports_a_non_finite_fused_step_with_its_block():
+    model = small_mlp()
+    trainer = al_ext.Trainer(model, progress=False)
+    with torch.no_grad():
+        model.blocks[1].b[0].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss in block 2 .*blocks 1-1 were updated"):
+        trainer.step(torch.randn(4, 20), torch.tensor([0, 1, 2, 3]))
