@@ -40,6 +40,8 @@ namespace {
 // Weight-gradient tiles of about this many elements (256 KiB of float): small enough to
 // stay in L2 between the GEMM that writes them and the Adam update that reads them.
 constexpr int64_t kTileElements = 64 * 1024;
+// ...but never thinner than this: MKL's kernel is slow on a GEMM of a few rows.
+constexpr int64_t kMinTileRows = 32;
 
 // d act / d z, written through the output y = act(z), so no pre-activation is kept.
 template <typename T> inline __attribute__((always_inline)) T activation_slope(Activation a, T y) {
@@ -217,7 +219,7 @@ template <typename T> struct GradientSink {
     const AdamCoefficients& a = w < kParamWg ? adam_fb : adam_gh;
     const at::Tensor& weight = params[w];
     const int64_t out = weight.size(0), in = weight.size(1);
-    const int64_t rows = std::max<int64_t>(1, kTileElements / in);
+    const int64_t rows = std::min(out, std::max(kMinTileRows, kTileElements / in));
     const int64_t tiles = (out + rows - 1) / rows;
     at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
       at::Tensor tile = at::empty({rows, in}, weight.options());
