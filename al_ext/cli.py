@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of (f, b) and of the BP baseline")
     train.add_argument("--ae-lr", type=float, default=None, help="learning rate of (g, h); default 2 x lr")
     train.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    train.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimiser of every parameter group")
+    train.add_argument("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
     train.add_argument("--schedule", default="none", choices=["none", "neco", "plateau"],
                        help="learning-rate schedule: neco steps x0.1 at 40/60/80%% and x0.5 at 90%% of the run; "
                        "plateau cuts x0.1 when validation accuracy stalls")
@@ -109,7 +111,8 @@ def _format_epoch(name: str, record: dict[str, Any], epochs: int) -> str:
 def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
     trainer = Trainer(model, lr=args.lr, ae_lr=args.ae_lr, batch_size=args.batch_size, device=args.device,
                       seed=args.seed, schedule=None if args.schedule == "none" else args.schedule,
-                      progress=False if args.no_progress else None)
+                      progress=False if args.no_progress else None, optimizer=args.optimizer,
+                      momentum=args.momentum)
     history = trainer.fit(splits.train, splits.val, epochs=args.epochs,
                           on_epoch=lambda r: print(_format_epoch(name, r, args.epochs), flush=True))
     train_time = sum(r["train_time_s"] for r in history)

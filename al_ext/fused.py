@@ -1,6 +1,6 @@
-"""The fused dense block: Python wrappers of al_ext::dense_block_step and
-al_ext::dense_block_adam_step_, their fake kernels, and FusedBlockAdam, the optimiser
-that trains one ALMLP block with one op call per step."""
+"""The fused dense block: Python wrappers of al_ext::dense_block_step,
+dense_block_adam_step_ and dense_block_sgd_step_, their fake kernels, and FusedBlockAdam
+and FusedBlockSGD, the optimisers that train one ALMLP block with one op call per step."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -58,6 +58,27 @@ def dense_block_adam_step_(
     )
 
 
+def dense_block_sgd_step_(
+    s_prev: Tensor,
+    t_prev: Tensor,
+    params: Sequence[Tensor],
+    momentum_buffer: Sequence[Tensor],
+    lr_fb: float,
+    lr_gh: float,
+    momentum: float = 0.9,
+    x_activation: str = "elu",
+    h_activation: str = "sigmoid",
+    variant: str = "A",
+    ae_loss: str = "mse",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A whole training step of one dense block with torch.optim.SGD's momentum update (no
+    dampening; zero buffers make the first step use the plain gradient, as torch does)."""
+    return torch.ops.al_ext.dense_block_sgd_step_.default(
+        s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [b.detach() for b in momentum_buffer],
+        float(lr_fb), float(lr_gh), float(momentum), x_activation, h_activation, variant, ae_loss,
+    )
+
+
 def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     torch._check(len(params) == len(DENSE_PARAMETER_NAMES), lambda: "params must hold the 10 tensors W_f ... c_h")
     for name, p in [("t_prev", t_prev), *zip(DENSE_PARAMETER_NAMES, params)]:
@@ -76,6 +97,12 @@ def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, v
 @torch.library.register_fake("al_ext::dense_block_adam_step_")
 def _dense_block_adam_step_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2,
                                 eps, x_activation, h_activation, variant, ae_loss):
+    return _outputs_like(s_prev, t_prev, params)
+
+
+@torch.library.register_fake("al_ext::dense_block_sgd_step_")
+def _dense_block_sgd_step_fake(s_prev, t_prev, params, momentum_buffer, lr_fb, lr_gh, momentum, x_activation,
+                               h_activation, variant, ae_loss):
     return _outputs_like(s_prev, t_prev, params)
 
 
@@ -109,42 +136,70 @@ def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     return params, x_act, h_act
 
 
-class FusedBlockAdam(torch.optim.Optimizer):
-    """Adam for one dense ALMLP block, with the whole step (forward, local losses, gradients
-    and update) done by one al_ext::dense_block_adam_step_ call: ``train_step(s_prev, t_prev)``.
+class _FusedBlockOptimizer(torch.optim.Optimizer):
+    """An optimiser for one dense ALMLP block whose whole step (forward, local losses,
+    gradients and update) is one op call: ``train_step(s_prev, t_prev)``. Two parameter
+    groups, (f, b) with ``lr`` and (g, h) with ``ae_lr``; the per-parameter state is that of
+    the torch optimiser it matches, so state_dict, checkpoints and schedulers work as usual."""
 
-    Two parameter groups, (f, b) with ``lr`` and (g, h) with ``ae_lr``; the state per
-    parameter is torch.optim.Adam's (step, exp_avg, exp_avg_sq), so state_dict, checkpoints
-    and learning-rate schedulers work as with any optimiser.
-    """
+    def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str, ae_loss: str,
+                 defaults: dict[str, Any]) -> None:
+        params, self.x_activation, self.h_activation = dense_block_layout(block)
+        self.variant, self.ae_loss = variant, ae_loss
+        super().__init__([{"params": params[:6], "lr": lr}, {"params": params[6:], "lr": ae_lr}], defaults)
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _config(self) -> tuple[str, str, str, str]:
+        return self.x_activation, self.h_activation, self.variant, self.ae_loss
+
+    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One training step of the block on a batch: returns (s, t, L_as, L_ae)."""
+        raise NotImplementedError
+
+    def step(self, closure: Any = None) -> None:
+        raise RuntimeError(f"{type(self).__name__} computes its own gradients: call train_step(s_prev, t_prev)")
+
+
+class FusedBlockAdam(_FusedBlockOptimizer):
+    """torch.optim.Adam (state: step, exp_avg, exp_avg_sq) for one dense block, fused."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        params, self.x_activation, self.h_activation = dense_block_layout(block)
-        self.variant, self.ae_loss = variant, ae_loss
-        super().__init__([{"params": params[:6], "lr": lr}, {"params": params[6:], "lr": ae_lr}],
-                         {"betas": betas, "eps": eps})
+        super().__init__(block, lr, ae_lr, variant, ae_loss, {"betas": betas, "eps": eps})
 
-    def _state(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor]:
-        params = [p for group in self.param_groups for p in group["params"]]
+    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        params = self._params()
         for p in params:
             if not self.state[p]:
                 self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                  "exp_avg_sq": torch.zeros_like(p)}
         states = [self.state[p] for p in params]
-        return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], states[0]["step"]
-
-    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One training step of the block on a batch: returns (s, t, L_as, L_ae)."""
-        params, exp_avg, exp_avg_sq, step = self._state()
         fb, gh = self.param_groups
         out = dense_block_adam_step_(
-            s_prev, t_prev, params, exp_avg, exp_avg_sq, int(step.item()) + 1, fb["lr"], gh["lr"], fb["betas"],
-            fb["eps"], self.x_activation, self.h_activation, self.variant, self.ae_loss,
+            s_prev, t_prev, params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            int(states[0]["step"].item()) + 1, fb["lr"], gh["lr"], fb["betas"], fb["eps"], *self._config(),
         )
-        for p in params:  # only after the op succeeded: a refused step leaves the state as it was
-            self.state[p]["step"] += 1
+        for state in states:  # only after the op succeeded: a refused step leaves the state as it was
+            state["step"] += 1
         return out
 
-    def step(self, closure: Any = None) -> None:
-        raise RuntimeError("FusedBlockAdam computes its own gradients: call train_step(s_prev, t_prev)")
+
+class FusedBlockSGD(_FusedBlockOptimizer):
+    """torch.optim.SGD with momentum (state: momentum_buffer) for one dense block, fused."""
+
+    def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
+                 momentum: float = 0.9) -> None:
+        super().__init__(block, lr, ae_lr, variant, ae_loss, {"momentum": momentum})
+
+    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        params = self._params()
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+        fb, gh = self.param_groups
+        return dense_block_sgd_step_(
+            s_prev, t_prev, params, [self.state[p]["momentum_buffer"] for p in params], fb["lr"], gh["lr"],
+            fb["momentum"], *self._config(),
+        )

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .fused import FusedBlockAdam
+from .fused import FusedBlockAdam, FusedBlockSGD
 from .nn import AssociatedLearning
 from .validation import (
     check_choice,
@@ -28,6 +28,8 @@ from .validation import (
 Data = Union[tuple[Tensor, Tensor], DataLoader]
 Schedule = Literal["neco", "plateau"]
 SCHEDULES: tuple[str, ...] = ("neco", "plateau")
+OptimizerName = Literal["adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 CHECKPOINT_FORMAT = "al_ext.checkpoint/1"
 
 
@@ -55,9 +57,10 @@ class Trainer:
     """Trains an ``AssociatedLearning`` model with its local losses, or any classifier
     ``nn.Module`` end to end with cross-entropy.
 
-    AL: per block one Adam over (f, b) with ``lr`` and one over (g, h) with ``ae_lr``
-    (2 x lr by default), both stepped from the same forward pass. BP: one Adam over all
-    parameters with ``lr``. ``schedule`` is None, ``"neco"`` (step decay at 40/60/80/90 %
+    AL: per block one optimiser over (f, b) with ``lr`` and one over (g, h) with ``ae_lr``
+    (2 x lr by default), both stepped from the same forward pass; for dense blocks on the
+    CPU the model's backend may fuse a block's whole step into one op. BP: one optimiser
+    over all parameters with ``lr``. ``optimizer`` is "adam" or "sgd" (with ``momentum``). ``schedule`` is None, ``"neco"`` (step decay at 40/60/80/90 %
     of the run) or ``"plateau"`` (x0.1 when validation accuracy stalls for 5 epochs).
     ``seed`` fixes the order of the batches.
     """
@@ -73,6 +76,8 @@ class Trainer:
         schedule: Schedule | None = None,
         progress: bool | None = None,
         eval_batch_size: int = 1024,
+        optimizer: OptimizerName = "adam",
+        momentum: float = 0.9,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -81,6 +86,10 @@ class Trainer:
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.eval_batch_size = check_positive_int(eval_batch_size, "eval_batch_size")
         self.schedule = None if schedule is None else check_choice(schedule, "schedule", SCHEDULES)
+        self.optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
         self.device = _resolve_device(device)
         self.progress = progress
         self.model = model.to(self.device)
@@ -92,15 +101,19 @@ class Trainer:
         self.fused = self.is_al and model.uses_fused_step()
         self.optimizers: list[torch.optim.Optimizer] = []
         if self.fused:
-            # One op per block does forward, local losses, gradients and the Adam update.
+            # One op per block does forward, local losses, gradients and the update.
             for i, block in enumerate(model.blocks):
                 ae_loss = model.first_ae_loss if i == 0 else "mse"
-                self.optimizers.append(FusedBlockAdam(block, self.lr, self.ae_lr, model.variant, ae_loss))
+                if self.optimizer == "adam":
+                    opt = FusedBlockAdam(block, self.lr, self.ae_lr, model.variant, ae_loss)
+                else:
+                    opt = FusedBlockSGD(block, self.lr, self.ae_lr, model.variant, ae_loss, self.momentum)
+                self.optimizers.append(opt)
         elif self.is_al:
             for fb_params, gh_params in model.parameter_groups():
-                self.optimizers += [torch.optim.Adam(fb_params, lr=self.lr), torch.optim.Adam(gh_params, lr=self.ae_lr)]
+                self.optimizers += [self._torch_optimizer(fb_params, self.lr), self._torch_optimizer(gh_params, self.ae_lr)]
         else:
-            self.optimizers.append(torch.optim.Adam(model.parameters(), lr=self.lr))
+            self.optimizers.append(self._torch_optimizer(model.parameters(), self.lr))
         # Each parameter group's own starting lr, which the NECO schedule scales.
         self._base_lrs: list[list[float]] = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self._plateaus = (
@@ -113,6 +126,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # {"epoch", "val_accuracy"} of the best epoch on validation
         self._best_state: dict[str, Tensor] | None = None
+
+    def _torch_optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=self.momentum)
+        return torch.optim.Adam(params, lr=lr)
 
     # ---- data -------------------------------------------------------------------------
 

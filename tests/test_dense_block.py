@@ -91,8 +91,9 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.al_ext.dense_block_step.default, args)
     state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
     adam_args = (s_prev, t_prev, params, *state, 1.0, 1e-3, 2e-3, 0.9, 0.999, 1e-8, "elu", "sigmoid", "A", "mse")
-    torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.default, adam_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.default, adam_args)
+    sgd_args = (s_prev, t_prev, params, state[0], 1e-3, 2e-3, 0.9, "elu", "sigmoid", "B", "mse")
+    torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default, sgd_args)
 
 
 @pytest.mark.parametrize("variant", ["A", "B"])
@@ -236,3 +237,39 @@ def test_trainer_reports_a_non_finite_fused_step_with_its_block():
         model.blocks[1].b[0].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite loss in block 2 .*blocks 1-1 were updated"):
         trainer.step(torch.randn(4, 20), torch.tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(variant):
+    _, _, params = make_block(8, 10, 12, 24, 6, 4)
+    ours = [p.clone() for p in params]
+    theirs = [p.clone().requires_grad_(True) for p in params]
+    buffers = [torch.zeros_like(p) for p in ours]
+    sgd_fb = torch.optim.SGD(theirs[:6], lr=0.05, momentum=0.8)
+    sgd_gh = torch.optim.SGD(theirs[6:], lr=0.2, momentum=0.8)
+    for step in range(1, 5):
+        s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, seed=step)
+        out = fused.dense_block_sgd_step_(s_prev, t_prev, ours, buffers, 0.05, 0.2, 0.8, variant=variant)
+        want = reference.dense_block_step(s_prev, t_prev, theirs, variant=variant)
+        torch.testing.assert_close(out[2], want.loss_as)
+        for p, g in zip(theirs, want.grads):
+            p.grad = g
+        sgd_fb.step()
+        sgd_gh.step()
+        for name, a, b in zip(reference.DENSE_PARAMETER_NAMES, ours, theirs):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"step {step} {name}: {m}")
+    with pytest.raises(RuntimeError, match=r"momentum must lie in \[0, 1\)"):
+        fused.dense_block_sgd_step_(s_prev, t_prev, ours, buffers, 0.05, 0.2, 1.5)
+    with pytest.raises(RuntimeError, match="momentum_buffer must hold one tensor per parameter"):
+        fused.dense_block_sgd_step_(s_prev, t_prev, ours, buffers[:4], 0.05, 0.2)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_trainer_fused_and_reference_agree_for_each_optimizer(optimizer):
+    x = torch.randn(48, 20, dtype=torch.float64)
+    y = torch.randint(0, 5, (48,))
+    models = [small_mlp(backend=b).double() for b in ("fused", "reference")]
+    for model in models:
+        al_ext.Trainer(model, lr=0.05, batch_size=16, optimizer=optimizer, momentum=0.5, progress=False).fit((x, y), epochs=2)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

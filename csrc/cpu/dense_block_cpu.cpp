@@ -1,14 +1,14 @@
-// CPU kernels of al_ext::dense_block_step and al_ext::dense_block_adam_step_: one dense
-// AL block's forward pass, both local losses and every gradient, and optionally the Adam
-// update, in one call (see al_ext/reference.py: dense_block_step for the definition).
+// CPU kernels of al_ext::dense_block_step, dense_block_adam_step_ and dense_block_sgd_step_:
+// one dense AL block's forward pass, both local losses and every gradient, and optionally
+// the optimiser's update, in one call (see al_ext/reference.py: dense_block_step for the definition).
 //
 // GEMMs go through ATen (MKL), the bias inside the GEMM and the forward activation as
 // ATen's vectorised in-place kernel. Each loss, its gradient and the output activation's
 // derivative are one pass; each activation derivative is one pass, written through the
 // layer's output so that no pre-activation is kept.
-// The Adam form never materialises a weight gradient: each gradient is computed in
-// cache-sized tiles of rows, and each tile updates its rows of the weight, exp_avg and
-// exp_avg_sq at once, while it is still in cache. Every input gradient (dX = dZ W) is
+// The update forms never materialise a weight gradient: each gradient is computed in
+// cache-sized tiles of rows, and each tile updates its rows of the weight and of the
+// optimiser's state at once, while it is still in cache. Every input gradient (dX = dZ W) is
 // computed before its weight is updated. All reductions run in a fixed order, so results
 // repeat bit for bit for a given number of threads.
 #include <ATen/Dispatch.h>
@@ -183,9 +183,9 @@ template <typename T> double cross_entropy_backward(const at::Tensor& logits, co
 template <typename T>
 inline __attribute__((always_inline)) void adam_update_body(T* __restrict__ p, const T* __restrict__ g,
                                                             T* __restrict__ m, T* __restrict__ v, int64_t n,
-                                                            const AdamCoefficients& a) {
-  const T beta1 = a.beta1, beta2 = a.beta2, eps = a.eps;
-  const T step_size = a.step_size, inv_bc2_sqrt = a.inv_bias_correction2_sqrt;
+                                                            const OptimizerUpdate& u) {
+  const T beta1 = u.beta1, beta2 = u.beta2, eps = u.eps;
+  const T step_size = u.step_size, inv_bc2_sqrt = u.inv_bias_correction2_sqrt;
   for (int64_t i = 0; i < n; ++i) {
     m[i] = beta1 * m[i] + (T(1) - beta1) * g[i];
     v[i] = beta2 * v[i] + (T(1) - beta2) * g[i] * g[i];
@@ -193,21 +193,39 @@ inline __attribute__((always_inline)) void adam_update_body(T* __restrict__ p, c
   }
 }
 
-// Memory-bound, and called on tiles still in cache: worth the widest vectors.
-AL_EXT_CLONE_FOR_WIDE_SIMD
-void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamCoefficients& a) {
-  adam_update_body(p, g, m, v, n, a);
-}
-void adam_update(double* p, const double* g, double* m, double* v, int64_t n, const AdamCoefficients& a) {
-  adam_update_body(p, g, m, v, n, a);
+// torch.optim.SGD with momentum and no dampening: buf = momentum * buf + g; p -= lr * buf
+// (a zero buffer makes the first step buf = g, as torch's does).
+template <typename T>
+inline __attribute__((always_inline)) void sgd_update_body(T* __restrict__ p, const T* __restrict__ g,
+                                                           T* __restrict__ buf, int64_t n, const OptimizerUpdate& u) {
+  const T lr = u.lr, momentum = u.momentum;
+  for (int64_t i = 0; i < n; ++i) {
+    buf[i] = momentum * buf[i] + g[i];
+    p[i] -= lr * buf[i];
+  }
 }
 
-// Where a Linear layer's gradient goes: into gradient tensors, or straight into Adam.
+// Memory-bound, and called on tiles still in cache: worth the widest vectors.
+AL_EXT_CLONE_FOR_WIDE_SIMD
+void apply_update(const OptimizerUpdate& u, float* p, const float* g, float* s1, float* s2, int64_t n) {
+  if (u.kind == OptimizerKind::kAdam) adam_update_body(p, g, s1, s2, n, u);
+  else sgd_update_body(p, g, s1, n, u);
+}
+void apply_update(const OptimizerUpdate& u, double* p, const double* g, double* s1, double* s2, int64_t n) {
+  if (u.kind == OptimizerKind::kAdam) adam_update_body(p, g, s1, s2, n, u);
+  else sgd_update_body(p, g, s1, n, u);
+}
+
+// Where a Linear layer's gradient goes: into gradient tensors, or straight into the optimiser.
 template <typename T> struct GradientSink {
   at::TensorList params;
   std::vector<at::Tensor>* grads = nullptr;  // gradient form
-  at::TensorList exp_avg, exp_avg_sq;        // Adam form
-  AdamCoefficients adam_fb, adam_gh;
+  at::TensorList state1, state2;             // update form: exp_avg and exp_avg_sq, or the momentum buffer
+  OptimizerUpdate update_fb, update_gh;
+
+  T* state(at::TensorList list, int i, int64_t offset) const {
+    return list.empty() ? nullptr : list[i].mutable_data_ptr<T>() + offset;
+  }
 
   // dW = dz^T x and dc = sum of dz over rows, for the weight at params[w] and bias params[w + 1].
   void linear(int w, const at::Tensor& dz, const at::Tensor& x) const {
@@ -216,7 +234,7 @@ template <typename T> struct GradientSink {
       at::sum_out((*grads)[w + 1], dz, {0});
       return;
     }
-    const AdamCoefficients& a = w < kParamWg ? adam_fb : adam_gh;
+    const OptimizerUpdate& u = w < kParamWg ? update_fb : update_gh;
     const at::Tensor& weight = params[w];
     const int64_t out = weight.size(0), in = weight.size(1);
     const int64_t rows = std::min(out, std::max(kMinTileRows, kTileElements / in));
@@ -228,15 +246,13 @@ template <typename T> struct GradientSink {
         at::Tensor g = tile.narrow(0, 0, n);
         at::mm_out(g, dz.narrow(1, r0, n).t(), x);  // one thread: we are inside a parallel region
         const int64_t offset = r0 * in;
-        adam_update(weight.mutable_data_ptr<T>() + offset, g.const_data_ptr<T>(),
-                    exp_avg[w].mutable_data_ptr<T>() + offset, exp_avg_sq[w].mutable_data_ptr<T>() + offset,
-                    n * in, a);
+        apply_update(u, weight.mutable_data_ptr<T>() + offset, g.const_data_ptr<T>(), state(state1, w, offset),
+                     state(state2, w, offset), n * in);
       }
     });
     const at::Tensor bias_grad = dz.sum(0);
-    adam_update(params[w + 1].mutable_data_ptr<T>(), bias_grad.const_data_ptr<T>(),
-                exp_avg[w + 1].mutable_data_ptr<T>(), exp_avg_sq[w + 1].mutable_data_ptr<T>(), bias_grad.numel(),
-                a);
+    apply_update(u, params[w + 1].mutable_data_ptr<T>(), bias_grad.const_data_ptr<T>(), state(state1, w + 1, 0),
+                 state(state2, w + 1, 0), bias_grad.numel());
   }
 };
 
@@ -311,26 +327,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   return {out.s, out.t, out.loss_as, out.loss_ae, grads};
 }
 
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_update_step(
+    const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg, at::TensorList params,
+    at::TensorList state1, at::TensorList state2, const OptimizerUpdate& update_fb,
+    const OptimizerUpdate& update_gh, const DenseBlockConfig& cfg) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not to be recorded
+  const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
+  DenseBlockOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(s_prev.scalar_type(), "dense_block_update_step_cpu", [&] {
+    GradientSink<scalar_t> sink{params, nullptr, state1, state2, update_fb, update_gh};
+    out = run_dense_block<scalar_t>(s_prev, t_prev, params, cfg, sink);
+  });
+  return {out.s, out.t, out.loss_as, out.loss_ae};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cpu(
-    const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg, at::TensorList params, at::TensorList exp_avg,
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
     c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_adam_step_";
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev_arg, t_prev_arg, params);
-  check_cpu(op, s_prev_arg);
+  check_dense_block_inputs(op, s_prev, t_prev, params);
+  check_cpu(op, s_prev);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
-  const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
-  DenseBlockOutputs out;
-  AT_DISPATCH_FLOATING_TYPES(s_prev.scalar_type(), "dense_block_adam_step_cpu", [&] {
-    GradientSink<scalar_t> sink{params, nullptr, exp_avg, exp_avg_sq,
-                                adam_coefficients(step, lr_fb, beta1, beta2, eps),
-                                adam_coefficients(step, lr_gh, beta1, beta2, eps)};
-    out = run_dense_block<scalar_t>(s_prev, t_prev, params, cfg, sink);
-  });
-  return {out.s, out.t, out.loss_as, out.loss_ae};
+  return dense_block_update_step(s_prev, t_prev, params, exp_avg, exp_avg_sq,
+                                 adam_update(step, lr_fb, beta1, beta2, eps),
+                                 adam_update(step, lr_gh, beta1, beta2, eps), cfg);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cpu(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
+    double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
+    c10::string_view variant, c10::string_view ae_loss) {
+  constexpr const char* op = "al_ext::dense_block_sgd_step_";
+  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  check_dense_block_inputs(op, s_prev, t_prev, params);
+  check_cpu(op, s_prev);
+  check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
+  return dense_block_update_step(s_prev, t_prev, params, momentum_buffer, {},
+                                 sgd_update(lr_fb, momentum), sgd_update(lr_gh, momentum), cfg);
 }
 
 }  // namespace al_ext

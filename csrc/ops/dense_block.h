@@ -101,41 +101,67 @@ inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, c
   check_shape(op, params[kParamWh + 1], "c_h", {dy}, "d_y = t_prev's width");
 }
 
-// Adam as torch.optim.Adam computes it (no weight decay, no amsgrad), for one step number.
-struct AdamCoefficients {
+// The optimiser step applied to a parameter group: torch.optim.Adam's (no weight decay, no
+// amsgrad) for one step number, or torch.optim.SGD's with momentum (no dampening).
+enum class OptimizerKind { kAdam, kSgd };
+struct OptimizerUpdate {
+  OptimizerKind kind = OptimizerKind::kAdam;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  double step_size = 0.0;                  // lr / (1 - beta1^step)
-  double inv_bias_correction2_sqrt = 1.0;  // 1 / sqrt(1 - beta2^step)
+  double step_size = 0.0;                  // Adam: lr / (1 - beta1^step)
+  double inv_bias_correction2_sqrt = 1.0;  // Adam: 1 / sqrt(1 - beta2^step)
+  double lr = 0.0, momentum = 0.0;         // SGD
 };
 
-inline AdamCoefficients adam_coefficients(double step, double lr, double beta1, double beta2, double eps) {
-  AdamCoefficients a;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.eps = eps;
-  a.step_size = lr / (1.0 - std::pow(beta1, step));
-  a.inv_bias_correction2_sqrt = 1.0 / std::sqrt(1.0 - std::pow(beta2, step));
-  return a;
+inline OptimizerUpdate adam_update(double step, double lr, double beta1, double beta2, double eps) {
+  OptimizerUpdate u;
+  u.beta1 = beta1;
+  u.beta2 = beta2;
+  u.eps = eps;
+  u.step_size = lr / (1.0 - std::pow(beta1, step));
+  u.inv_bias_correction2_sqrt = 1.0 / std::sqrt(1.0 - std::pow(beta2, step));
+  return u;
+}
+
+inline OptimizerUpdate sgd_update(double lr, double momentum) {
+  OptimizerUpdate u;
+  u.kind = OptimizerKind::kSgd;
+  u.lr = lr;
+  u.momentum = momentum;
+  return u;
+}
+
+inline void check_state_like_params(const char* op, at::TensorList params, at::TensorList state, const char* name) {
+  TORCH_CHECK(state.size() == kDenseParams, op, ": ", name, " must hold one tensor per parameter (10), got ",
+              state.size());
+  for (int i = 0; i < kDenseParams; ++i) {
+    TORCH_CHECK(state[i].sizes() == params[i].sizes() && state[i].scalar_type() == params[i].scalar_type() &&
+                state[i].device() == params[i].device() && state[i].is_contiguous(), op, ": ", name, "[", i,
+                "] must be a contiguous tensor like params[", i, "] (", dense_param_name(i), ")");
+  }
+}
+
+inline void check_learning_rates(const char* op, double lr_fb, double lr_gh) {
+  TORCH_CHECK(std::isfinite(lr_fb) && lr_fb > 0, op, ": lr_fb must be a positive finite number, got ", lr_fb);
+  TORCH_CHECK(std::isfinite(lr_gh) && lr_gh > 0, op, ": lr_gh must be a positive finite number, got ", lr_gh);
+}
+
+inline void check_sgd_state(const char* op, at::TensorList params, at::TensorList momentum_buffer, double lr_fb,
+                            double lr_gh, double momentum) {
+  check_learning_rates(op, lr_fb, lr_gh);
+  TORCH_CHECK(momentum >= 0 && momentum < 1, op, ": momentum must lie in [0, 1), got ", momentum);
+  check_state_like_params(op, params, momentum_buffer, "momentum_buffer");
 }
 
 inline void check_adam_state(const char* op, at::TensorList params, at::TensorList exp_avg,
                              at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1,
                              double beta2, double eps) {
   TORCH_CHECK(step >= 1 && std::floor(step) == step, op, ": step must be the step number after this update (1, 2, ...), got ", step);
-  TORCH_CHECK(std::isfinite(lr_fb) && lr_fb > 0, op, ": lr_fb must be a positive finite number, got ", lr_fb);
-  TORCH_CHECK(std::isfinite(lr_gh) && lr_gh > 0, op, ": lr_gh must be a positive finite number, got ", lr_gh);
+  check_learning_rates(op, lr_fb, lr_gh);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1, op, ": beta1 must lie in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0 && beta2 < 1, op, ": beta2 must lie in [0, 1), got ", beta2);
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  for (const auto& [state, name] : {std::pair{exp_avg, "exp_avg"}, std::pair{exp_avg_sq, "exp_avg_sq"}}) {
-    TORCH_CHECK(state.size() == kDenseParams, op, ": ", name, " must hold one tensor per parameter (10), got ",
-                state.size());
-    for (int i = 0; i < kDenseParams; ++i) {
-      TORCH_CHECK(state[i].sizes() == params[i].sizes() && state[i].scalar_type() == params[i].scalar_type() &&
-                  state[i].device() == params[i].device() && state[i].is_contiguous(), op, ": ", name, "[", i,
-                  "] must be a contiguous tensor like params[", i, "] (", dense_param_name(i), ")");
-    }
-  }
+  check_state_like_params(op, params, exp_avg, "exp_avg");
+  check_state_like_params(op, params, exp_avg_sq, "exp_avg_sq");
 }
 
 }  // namespace al_ext

@@ -27,6 +27,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
     c10::string_view ae_loss);
 
+// The same, with torch.optim.SGD's momentum update applied in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cpu(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
+    double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
+    c10::string_view variant, c10::string_view ae_loss);
+
 #ifdef AL_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& input,
                                                           const at::Tensor& target);

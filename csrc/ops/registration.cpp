@@ -15,12 +15,17 @@ TORCH_LIBRARY(al_ext, m) {
       "Tensor(c!)[] exp_avg_sq, float step, float lr_fb, float lr_gh, float beta1, float beta2, float eps, "
       "str x_activation, str h_activation, str variant, str ae_loss) -> (Tensor s, Tensor t, Tensor loss_as, "
       "Tensor loss_ae)");
+  m.def(
+      "dense_block_sgd_step_(Tensor s_prev, Tensor t_prev, Tensor(a!)[] params, Tensor(b!)[] momentum_buffer, "
+      "float lr_fb, float lr_gh, float momentum, str x_activation, str h_activation, str variant, str ae_loss) -> "
+      "(Tensor s, Tensor t, Tensor loss_as, Tensor loss_ae)");
 }
 
 TORCH_LIBRARY_IMPL(al_ext, CPU, m) {
   m.impl("mse_loss_and_grad", &al_ext::mse_loss_and_grad_cpu);
   m.impl("dense_block_step", &al_ext::dense_block_step_cpu);
   m.impl("dense_block_adam_step_", &al_ext::dense_block_adam_step_cpu);
+  m.impl("dense_block_sgd_step_", &al_ext::dense_block_sgd_step_cpu);
 }
 
 #ifdef AL_EXT_WITH_CUDA
