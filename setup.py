@@ -47,7 +47,8 @@ def write_build_info(with_cuda: bool) -> None:
 def extension():
     with_cuda = build_with_cuda()
     write_build_info(with_cuda)
-    sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/python/*.cpp"))
+    sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/scheduler/*.cpp")
+                     + glob.glob("csrc/python/*.cpp"))
     # torch's headers need C++20 from 2.13 on; -O3 lets the elementwise loops vectorise;
     # at::parallel_for is an OpenMP pragma in a header, so without -fopenmp it runs serially;
     # -fno-math-errno lets sqrt vectorise (nothing here reads errno).

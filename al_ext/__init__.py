@@ -6,6 +6,7 @@ torch.ops.al_ext.
 from ._extension import build_info
 from . import data, ops, reference
 from .nn import ALBlock, ALMLP, AssociatedLearning, BPNetwork, bp_baseline
+from .pipeline import Pipeline, PipelineError
 from .train import Trainer
 
 __version__ = "0.1.0"
@@ -15,6 +16,8 @@ __all__ = [
     "ALMLP",
     "AssociatedLearning",
     "BPNetwork",
+    "Pipeline",
+    "PipelineError",
     "Trainer",
     "bp_baseline",
     "build_info",

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _extension  # noqa: F401  (loading the extension registers the ops)
+from ._extension import _C  # loading the extension registers the ops
 from .reference import DENSE_PARAMETER_NAMES, DenseBlockStep
 
 
@@ -158,6 +158,11 @@ class _FusedBlockOptimizer(torch.optim.Optimizer):
         """One training step of the block on a batch: returns (s, t, L_as, L_ae)."""
         raise NotImplementedError
 
+    def scheduler_step(self) -> Any:
+        """This block's step for the C++ scheduler (al_ext.Pipeline), which runs it with no
+        Python in the loop; the learning rates are those of the param groups now."""
+        raise NotImplementedError
+
     def step(self, closure: Any = None) -> None:
         raise RuntimeError(f"{type(self).__name__} computes its own gradients: call train_step(s_prev, t_prev)")
 
@@ -169,21 +174,29 @@ class FusedBlockAdam(_FusedBlockOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         super().__init__(block, lr, ae_lr, variant, ae_loss, {"betas": betas, "eps": eps})
 
-    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _state_lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         params = self._params()
         for p in params:
             if not self.state[p]:
                 self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                  "exp_avg_sq": torch.zeros_like(p)}
         states = [self.state[p] for p in params]
+        return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states]
+
+    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        params, exp_avg, exp_avg_sq, steps = self._state_lists()
         fb, gh = self.param_groups
-        out = dense_block_adam_step_(
-            s_prev, t_prev, params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            int(states[0]["step"].item()) + 1, fb["lr"], gh["lr"], fb["betas"], fb["eps"], *self._config(),
-        )
-        for state in states:  # only after the op succeeded: a refused step leaves the state as it was
-            state["step"] += 1
+        out = dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq, int(steps[0].item()) + 1,
+                                     fb["lr"], gh["lr"], fb["betas"], fb["eps"], *self._config())
+        for step in steps:  # only after the op succeeded: a refused step leaves the state as it was
+            step += 1
         return out
+
+    def scheduler_step(self) -> Any:
+        params, exp_avg, exp_avg_sq, steps = self._state_lists()
+        fb, gh = self.param_groups
+        return _C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, steps, fb["lr"], gh["lr"],
+                                   fb["betas"][0], fb["betas"][1], fb["eps"], *self._config())
 
 
 class FusedBlockSGD(_FusedBlockOptimizer):
@@ -193,13 +206,21 @@ class FusedBlockSGD(_FusedBlockOptimizer):
                  momentum: float = 0.9) -> None:
         super().__init__(block, lr, ae_lr, variant, ae_loss, {"momentum": momentum})
 
-    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _state_lists(self) -> tuple[list[Tensor], list[Tensor]]:
         params = self._params()
         for p in params:
             if not self.state[p]:
                 self.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+        return params, [self.state[p]["momentum_buffer"] for p in params]
+
+    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        params, buffers = self._state_lists()
         fb, gh = self.param_groups
-        return dense_block_sgd_step_(
-            s_prev, t_prev, params, [self.state[p]["momentum_buffer"] for p in params], fb["lr"], gh["lr"],
-            fb["momentum"], *self._config(),
-        )
+        return dense_block_sgd_step_(s_prev, t_prev, params, buffers, fb["lr"], gh["lr"], fb["momentum"],
+                                     *self._config())
+
+    def scheduler_step(self) -> Any:
+        params, buffers = self._state_lists()
+        fb, gh = self.param_groups
+        return _C.fused_sgd_block_step([p.detach() for p in params], buffers, fb["lr"], gh["lr"], fb["momentum"],
+                                  *self._config())

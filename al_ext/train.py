@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .fused import FusedBlockAdam, FusedBlockSGD
 from .nn import AssociatedLearning
+from .pipeline import Pipeline, PipelineError
 from .validation import (
     check_choice,
     check_finite,
@@ -60,7 +61,10 @@ class Trainer:
     AL: per block one optimiser over (f, b) with ``lr`` and one over (g, h) with ``ae_lr``
     (2 x lr by default), both stepped from the same forward pass; for dense blocks on the
     CPU the model's backend may fuse a block's whole step into one op. BP: one optimiser
-    over all parameters with ``lr``. ``optimizer`` is "adam" or "sgd" (with ``momentum``). ``schedule`` is None, ``"neco"`` (step decay at 40/60/80/90 %
+    over all parameters with ``lr``. ``optimizer`` is "adam" or "sgd" (with ``momentum``).
+    ``pipeline=True`` (AL only) trains all blocks at the same time on consecutive batches
+    (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage`` and ``pipeline_stages``);
+    the parameters are those of the sequential loop. ``schedule`` is None, ``"neco"`` (step decay at 40/60/80/90 %
     of the run) or ``"plateau"`` (x0.1 when validation accuracy stalls for 5 epochs).
     ``seed`` fixes the order of the batches.
     """
@@ -78,6 +82,10 @@ class Trainer:
         eval_batch_size: int = 1024,
         optimizer: OptimizerName = "adam",
         momentum: float = 0.9,
+        pipeline: bool = False,
+        max_in_flight: int = 2,
+        threads_per_stage: int | None = None,
+        pipeline_stages: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -114,6 +122,10 @@ class Trainer:
                 self.optimizers += [self._torch_optimizer(fb_params, self.lr), self._torch_optimizer(gh_params, self.ae_lr)]
         else:
             self.optimizers.append(self._torch_optimizer(model.parameters(), self.lr))
+        if pipeline and not self.is_al:
+            raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
+        self.pipeline = (Pipeline(model, self.optimizers, max_in_flight, threads_per_stage, stages=pipeline_stages)
+                         if pipeline else None)
         # Each parameter group's own starting lr, which the NECO schedule scales.
         self._base_lrs: list[list[float]] = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self._plateaus = (
@@ -272,6 +284,8 @@ class Trainer:
         return self.history
 
     def _train_epoch(self, train: Data, total_epochs: int) -> dict[str, Any]:
+        if self.pipeline is not None:
+            return self._train_epoch_pipelined(train)
         total: Tensor | None = None
         samples = 0
         # progress None: a bar only when writing to a terminal (tqdm's disable=None).
@@ -290,6 +304,27 @@ class Trainer:
         record: dict[str, Any] = {"epoch": self.epoch + 1}
         record.update(self._loss_record(total / samples))
         record.update(samples_per_s=samples / elapsed, train_time_s=elapsed, lr=self.optimizers[0].param_groups[0]["lr"])
+        return record
+
+    def _train_epoch_pipelined(self, train: Data) -> dict[str, Any]:
+        batches = list(self._batches(train, "train", self.batch_size, shuffle=True))
+        if not batches:
+            raise ValueError("train holds no samples")
+        start = time.perf_counter()
+        try:
+            run = self.pipeline.run(batches)
+        except PipelineError as exc:
+            if "non-finite loss" in str(exc):
+                raise FloatingPointError(f"{exc} (epoch {self.epoch + 1}; earlier batches were trained)") from exc
+            raise
+        elapsed = time.perf_counter() - start
+        sizes = torch.tensor([float(x.shape[0]) for x, _ in batches], dtype=torch.float64)
+        mean = (run.losses * sizes[:, None, None]).sum(0) / sizes.sum()
+        record: dict[str, Any] = {"epoch": self.epoch + 1}
+        record.update(self._loss_record(mean))
+        record.update(samples_per_s=float(sizes.sum()) / elapsed, train_time_s=elapsed,
+                      lr=self.optimizers[0].param_groups[0]["lr"],
+                      stage_idle_fraction=[s["idle_fraction"] for s in run.stages])
         return record
 
     def _validate(self, val: Data, record: dict[str, Any]) -> None:

@@ -1,15 +1,105 @@
 // The al_ext._C Python module. Loading it registers the ops (static initialisers in
-// registration.cpp); the module itself only reports how it was built.
+// registration.cpp). The module itself holds the build information and the scheduler:
+// the plans, the stages and the executor that runs them.
 #include <torch/extension.h>
+
+#include "../scheduler/executor.h"
+#include "../scheduler/plan.h"
+#include "../scheduler/block_steps.h"
 
 #ifndef AL_EXT_TORCH_VERSION
 #error "AL_EXT_TORCH_VERSION must be set by the build (the torch version compiled against)"
 #endif
 
+namespace py = pybind11;
+using namespace al_ext::scheduler;
+
+namespace {
+
+// A block's training step, as Python holds it.
+struct PyBlockStep {
+  BlockStep step;
+};
+
+py::list plan_to_python(const Plan& plan) {
+  py::list ticks;
+  for (const auto& tick : plan) {
+    py::list tasks;
+    for (const Task& t : tick) tasks.append(py::make_tuple(t.block, t.batch));
+    ticks.append(tasks);
+  }
+  return ticks;
+}
+
+// Any Python callable (s_prev, t_prev) -> (s, t, loss_as, loss_ae); it runs with the GIL,
+// which the executor's workers otherwise do not hold.
+PyBlockStep python_block_step(py::function fn) {
+  auto shared = std::make_shared<py::function>(std::move(fn));
+  return {[shared](const at::Tensor& s_prev, const at::Tensor& t_prev) {
+    py::gil_scoped_acquire gil;
+    try {
+      py::tuple out = (*shared)(s_prev, t_prev);
+      if (out.size() != 4) throw std::runtime_error("a block step must return (s, t, loss_as, loss_ae)");
+      return StepResult{out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>(), out[2].cast<at::Tensor>(),
+                        out[3].cast<at::Tensor>()};
+    } catch (py::error_already_set& e) {
+      throw std::runtime_error(e.what());  // the message, taken while the GIL is held
+    }
+  }};
+}
+
+py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
+                    bool pipelined, std::vector<int> stage_starts, int max_in_flight, int threads_per_stage) {
+  std::vector<BlockStep> steps;
+  for (const PyBlockStep& b : block_steps) steps.push_back(b.step);
+  RunOptions options;
+  options.pipelined = pipelined;
+  options.stage_starts = std::move(stage_starts);
+  options.max_in_flight = max_in_flight;
+  options.threads_per_stage = threads_per_stage;
+  options.interrupted = [] {
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;  // leaves KeyboardInterrupt set for the caller
+  };
+  py::dict result;
+  try {
+    RunResult run_result;
+    {
+      py::gil_scoped_release release;
+      run_result = run(steps, batches, options);
+    }
+    py::list blocks, workers;
+    for (const BlockStats& b : run_result.blocks) {
+      py::dict d;
+      d["busy_s"] = b.busy_s;
+      d["batches"] = b.batches;
+      blocks.append(d);
+    }
+    for (const WorkerStats& w : run_result.workers) {
+      py::dict d;
+      d["blocks"] = py::make_tuple(w.first_block, w.end_block);
+      d["wait_s"] = w.wait_s;
+      d["peak_queued_bytes"] = w.peak_queued_bytes;
+      workers.append(d);
+    }
+    result["losses"] = run_result.losses;
+    result["blocks"] = blocks;
+    result["stages"] = workers;
+    result["wall_s"] = run_result.wall_s;
+  } catch (const Interrupted&) {
+    throw py::error_already_set();
+  } catch (const BlockError& e) {
+    result["error"] = py::make_tuple(e.stage, e.batch, e.what());
+  }
+  return result;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "al_ext compiled core: op kernels registered under torch.ops.al_ext";
+  m.doc() = "al_ext compiled core: op kernels registered under torch.ops.al_ext, and the block scheduler";
   m.def("build_info", [] {
-    pybind11::dict info;
+    py::dict info;
     info["torch_version"] = AL_EXT_TORCH_VERSION;
 #ifdef AL_EXT_WITH_CUDA
     info["cuda"] = true;
@@ -18,4 +108,34 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   }, "How this extension was built: the torch version it was compiled against and whether it has CUDA kernels.");
+
+  m.def("pipeline_plan", [](int blocks, int batches) { return plan_to_python(pipeline_plan(blocks, batches)); },
+        "Per tick, the (block, batch) pairs that run when every block works at once.");
+  m.def("sequential_plan", [](int blocks, int batches) { return plan_to_python(sequential_plan(blocks, batches)); },
+        "Per tick, the (block, batch) pair of the batch-by-batch, block-by-block loop.");
+
+  py::class_<PyBlockStep>(m, "BlockStep", "One block's training step, runnable by the executor.");
+  m.def("python_block_step", &python_block_step, py::arg("step"));
+  m.def("fused_adam_block_step",
+        [](std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avg, std::vector<at::Tensor> exp_avg_sq,
+           std::vector<at::Tensor> steps, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
+           std::string x_activation, std::string h_activation, std::string variant, std::string ae_loss) {
+          DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh};
+          return PyBlockStep{fused_adam_block_step(std::move(spec), std::move(exp_avg), std::move(exp_avg_sq), std::move(steps),
+                                        beta1, beta2, eps)};
+        });
+  m.def("fused_sgd_block_step",
+        [](std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffer, double lr_fb, double lr_gh,
+           double momentum, std::string x_activation, std::string h_activation, std::string variant,
+           std::string ae_loss) {
+          DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh};
+          return PyBlockStep{fused_sgd_block_step(std::move(spec), std::move(momentum_buffer), momentum)};
+        });
+  m.def("balanced_groups", &balanced_groups, py::arg("costs"), py::arg("workers"),
+        "First block of each group of consecutive blocks, balanced so that the costliest group is cheapest.");
+  m.def("run_blocks", &run_blocks, py::arg("blocks"), py::arg("batches"), py::arg("pipelined"),
+        py::arg("stage_starts"), py::arg("max_in_flight"), py::arg("threads_per_stage"),
+        "Trains every block on every batch, pipelined (stages of consecutive blocks, each on its own thread) or "
+        "sequentially. Returns {'losses', 'blocks', 'stages', 'wall_s'}, or {'error': (block, batch, message)} "
+        "if a block failed.");
 }

@@ -1,0 +1,132 @@
+"""Pipelined training: every block of an AL network trains at the same time, block i on
+batch j while block i+1 trains on batch j-1, in the C++ scheduler (csrc/scheduler/).
+
+A block needs only the (s, t) that the block below produced for the same batch, with the
+parameters that block had before its own update on that batch; so a pipelined pass gives
+the same parameters as the sequential loop (bit for bit on the CPU with the same intra-op
+thread count), in n + L - 1 steps of time instead of n * L.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._extension import _C
+from .fused import _FusedBlockOptimizer
+from .nn import AssociatedLearning
+from .validation import check_positive_int
+
+Batch = tuple[Tensor, Tensor]
+
+
+class PipelineError(RuntimeError):
+    """A block failed during a run; ``block`` (from 1) and ``batch`` (from 0) say where."""
+
+    def __init__(self, block: int, batch: int, message: str) -> None:
+        super().__init__(message)
+        self.block, self.batch = block, batch
+
+
+@dataclass
+class PipelineRun:
+    """What a run did: each block's losses on each batch, per-block busy times, and per
+    stage (a worker running consecutive blocks) its blocks, waits, bubble and queue use."""
+
+    losses: Tensor  # (batches, blocks, 2) float64: (L_as, L_ae)
+    blocks: list[dict[str, float]]  # busy_s, batches
+    stages: list[dict[str, Any]]  # blocks (first, end), wait_s, idle_fraction, peak_queued_bytes
+    wall_s: float
+
+
+class Pipeline:
+    """Runs the training steps of ``model``'s blocks over a list of batches.
+
+    ``optimizers`` is the Trainer's list: one fused optimiser per block (the block's step
+    runs in C++ with no Python and the GIL released), or a pair (f, b) and (g, h) of torch
+    optimisers per block (the step calls back into Python). ``pipelined=False`` runs the
+    same steps batch by batch, block by block (the C++ sequential mode).
+
+    A pipeline stage is a worker thread that runs a group of consecutive blocks on each
+    batch. ``stages`` (default: one per core, at most one per block) groups are balanced by
+    cost: each block's measured busy time in the previous run, its parameter count before
+    the first. ``max_in_flight`` bounds the batches queued between two stages;
+    ``threads_per_stage`` is each stage's intra-op thread count (default: the cores shared
+    out among the stages; all of them in sequential mode).
+    """
+
+    def __init__(self, model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer],
+                 max_in_flight: int = 2, threads_per_stage: int | None = None, pipelined: bool = True,
+                 stages: int | None = None) -> None:
+        if not isinstance(model, AssociatedLearning):
+            raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
+        if next(model.parameters()).device.type != "cpu":
+            raise ValueError("the pipeline runs on the CPU for now; its GPU executor (streams and events) is not built yet")
+        self.model = model
+        self.max_in_flight = check_positive_int(max_in_flight, "max_in_flight")
+        self.pipelined = bool(pipelined)
+        cores = torch.get_num_threads()
+        self.stages = check_positive_int(stages or min(model.depth, cores), "stages")
+        default_threads = max(1, cores // self.stages) if pipelined else cores
+        self.threads_per_stage = check_positive_int(threads_per_stage or default_threads, "threads_per_stage")
+        self.block_costs = [float(sum(p.numel() for p in block.parameters())) for block in model.blocks]
+        optimizers = list(optimizers)
+        if all(isinstance(o, _FusedBlockOptimizer) for o in optimizers) and len(optimizers) == model.depth:
+            self._steps = [None] * model.depth
+            self._fused = optimizers
+        elif len(optimizers) == 2 * model.depth:
+            self._fused = None
+            self._steps = [self._python_step(i, optimizers[2 * i : 2 * i + 2]) for i in range(model.depth)]
+        else:
+            raise ValueError(f"optimizers must hold one fused optimiser per block ({model.depth}) or a pair per "
+                             f"block ({2 * model.depth}), got {len(optimizers)}")
+
+    def _python_step(self, index: int, pair: Sequence[torch.optim.Optimizer]) -> Any:
+        model, block = self.model, self.model.blocks[index]
+        ae_loss = model.first_ae_loss if index == 0 else "mse"
+
+        def step(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            for opt in pair:
+                opt.zero_grad(set_to_none=True)
+            out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss, model._mse(s_prev.device))
+            (out.loss_as + out.loss_ae).backward()
+            if not bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):
+                raise FloatingPointError(f"non-finite loss (L_as = {out.loss_as.item()}, L_ae = {out.loss_ae.item()}); "
+                                         "this block was not updated")
+            for opt in pair:
+                opt.step()
+            return out.s.detach(), out.t.detach(), out.loss_as.detach(), out.loss_ae.detach()
+
+        return step
+
+    def _block_steps(self) -> list[Any]:
+        # Built for each run, so that the learning rates are the param groups' current ones.
+        if self._fused is not None:
+            return [opt.scheduler_step() for opt in self._fused]
+        return [_C.python_block_step(step) for step in self._steps]
+
+    def run(self, batches: Sequence[Batch]) -> PipelineRun:
+        """Trains every block on every (inputs, labels) batch, in order. Raises PipelineError
+        (which block, which batch) if a block fails; KeyboardInterrupt stops every block."""
+        prepared = []
+        for x, y in batches:
+            prepared.append((self.model.check_input(x).detach(), self.model.label_targets(y)))
+        starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else []
+        with torch.no_grad() if self._fused is not None else torch.enable_grad():
+            out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts, self.max_in_flight,
+                                self.threads_per_stage)
+        if "error" in out:
+            block, batch, message = out["error"]
+            raise PipelineError(block + 1, batch, message)
+        wall = out["wall_s"]
+        if all(b["busy_s"] > 0 for b in out["blocks"]):
+            self.block_costs = [b["busy_s"] for b in out["blocks"]]  # balance the next run by what was measured
+        stages = []
+        for stage in out["stages"]:
+            first, end = stage["blocks"]
+            busy = sum(b["busy_s"] for b in out["blocks"][first:end])
+            stages.append(dict(stage, idle_fraction=max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0))
+        return PipelineRun(out["losses"], out["blocks"], stages, wall)

@@ -1,0 +1,289 @@
+#include "executor.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <omp.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "plan.h"
+
+namespace al_ext::scheduler {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+struct Handoff {
+  int batch;
+  at::Tensor s, t;
+};
+
+// The edge between two stages: at most `capacity` batches in flight. close() wakes every
+// waiter, so that a failure anywhere ends every wait.
+class BoundedQueue {
+ public:
+  explicit BoundedQueue(size_t capacity) : capacity_(capacity) {}
+
+  bool push(Handoff item) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    room_.wait(lock, [&] { return closed_ || items_.size() < capacity_; });
+    if (closed_) return false;
+    bytes_ += item.s.nbytes() + item.t.nbytes();
+    peak_bytes_ = std::max(peak_bytes_, bytes_);
+    items_.push_back(std::move(item));
+    ready_.notify_one();
+    return true;
+  }
+
+  std::optional<Handoff> pop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ready_.wait(lock, [&] { return closed_ || !items_.empty(); });
+    if (closed_) return std::nullopt;
+    Handoff item = std::move(items_.front());
+    items_.pop_front();
+    bytes_ -= item.s.nbytes() + item.t.nbytes();
+    room_.notify_one();
+    return item;
+  }
+
+  void close() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+    room_.notify_all();
+    ready_.notify_all();
+  }
+
+  int64_t peak_bytes() const { return peak_bytes_; }
+
+ private:
+  const size_t capacity_;
+  std::mutex mutex_;
+  std::condition_variable room_, ready_;
+  std::deque<Handoff> items_;
+  bool closed_ = false;
+  int64_t bytes_ = 0, peak_bytes_ = 0;
+};
+
+// Shared state of one run: the first failure, and the queues to close when it happens.
+class Run {
+ public:
+  Run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
+      const RunOptions& options)
+      : blocks_(blocks), batches_(batches), options_(options), stats_(blocks.size()),
+        losses_(at::zeros({static_cast<int64_t>(batches.size()), static_cast<int64_t>(blocks.size()), 2},
+                          at::kDouble)) {
+    std::vector<int> starts = options.stage_starts;
+    if (starts.empty()) {
+      for (int i = 0; i < static_cast<int>(blocks.size()); ++i) starts.push_back(i);
+    }
+    for (size_t g = 0; g < starts.size(); ++g) {
+      const int end = g + 1 < starts.size() ? starts[g + 1] : static_cast<int>(blocks.size());
+      workers_.push_back({starts[g], end});
+    }
+    for (size_t g = 0; g + 1 < workers_.size(); ++g) {
+      queues_.push_back(std::make_unique<BoundedQueue>(static_cast<size_t>(options.max_in_flight)));
+    }
+  }
+
+  RunResult execute() {
+    const auto start = Clock::now();
+    if (options_.pipelined) {
+      std::vector<std::thread> threads;
+      for (size_t g = 0; g < workers_.size(); ++g) threads.emplace_back([this, g] { worker(g); });
+      wait_for(threads.size());
+      for (auto& t : threads) t.join();
+    } else {
+      // On the calling thread: its OpenMP pool is warm. A parallel region started from a
+      // fresh thread costs several times more (libgomp throttles spinning once it manages
+      // more threads than there are cores), which made this mode 2x slower than a Python loop.
+      const int caller_threads = omp_get_max_threads();
+      omp_set_num_threads(options_.threads_per_stage);
+      capture_failure([&] { sequential_loop(); });
+      omp_set_num_threads(caller_threads);
+    }
+    RunResult result{losses_, stats_, {}, seconds_since(start)};
+    if (options_.pipelined) {
+      result.workers = workers_;
+      for (size_t g = 0; g < queues_.size(); ++g) result.workers[g].peak_queued_bytes = queues_[g]->peak_bytes();
+    }
+    if (interrupted_) throw Interrupted();
+    if (error_) std::rethrow_exception(error_);
+    return result;
+  }
+
+ private:
+  // A pipeline worker: one stage's loop, on a thread of its own.
+  void worker(size_t stage) {
+    at::init_num_threads();
+    omp_set_num_threads(options_.threads_per_stage);  // this worker's intra-op threads
+    capture_failure([&] { stage_loop(stage); });
+    {
+      std::lock_guard<std::mutex> lock(done_mutex_);
+      ++finished_;
+    }
+    done_.notify_all();
+  }
+
+  template <typename F> void capture_failure(F&& body) {
+    try {
+      body();
+    } catch (const BlockError&) {
+      fail(std::current_exception());
+    } catch (const c10::Error& e) {
+      fail(std::make_exception_ptr(BlockError(current_stage_, current_batch_, e.what_without_backtrace())));
+    } catch (const std::exception& e) {
+      fail(std::make_exception_ptr(BlockError(current_stage_, current_batch_, e.what())));
+    }
+  }
+
+  void fail(std::exception_ptr error) {
+    {
+      std::lock_guard<std::mutex> lock(done_mutex_);
+      if (!error_) error_ = error;  // the first failure is the one reported
+    }
+    stop();
+  }
+
+  void stop() {
+    stopping_ = true;
+    for (auto& q : queues_) q->close();
+  }
+
+  // The calling thread waits here, asking now and then whether the user interrupted.
+  void wait_for(size_t workers) {
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    while (finished_ < workers) {
+      done_.wait_for(lock, std::chrono::milliseconds(50));
+      if (finished_ < workers && options_.interrupted && !interrupted_) {
+        lock.unlock();
+        if (options_.interrupted()) {
+          interrupted_ = true;
+          stop();
+        }
+        lock.lock();
+      }
+    }
+  }
+
+  // One block's training step on one batch, with its losses checked and recorded.
+  StepResult step(size_t stage, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev) {
+    thread_local_stage(stage, batch);
+    const auto start = Clock::now();
+    StepResult out = blocks_[stage](s_prev, t_prev);
+    stats_[stage].busy_s += seconds_since(start);
+    ++stats_[stage].batches;
+    const double loss_as = out.loss_as.item<double>(), loss_ae = out.loss_ae.item<double>();
+    if (!std::isfinite(loss_as) || !std::isfinite(loss_ae)) {
+      throw BlockError(static_cast<int>(stage), batch,
+                       "non-finite loss (L_as = " + std::to_string(loss_as) + ", L_ae = " + std::to_string(loss_ae) + ")");
+    }
+    double* row = losses_.mutable_data_ptr<double>() + (static_cast<int64_t>(batch) * blocks_.size() + stage) * 2;
+    row[0] = loss_as;
+    row[1] = loss_ae;
+    return out;
+  }
+
+  void thread_local_stage(size_t stage, int batch) {
+    current_stage_ = static_cast<int>(stage);
+    current_batch_ = batch;
+  }
+
+  // Stage g: for each batch in turn, its blocks one after the other.
+  void stage_loop(size_t g) {
+    WorkerStats& w = workers_[g];
+    for (int j = 0; j < static_cast<int>(batches_.size()) && !stopping_; ++j) {
+      at::Tensor s = batches_[j].first, t = batches_[j].second;
+      if (g > 0) {
+        const auto start = Clock::now();
+        std::optional<Handoff> in = queues_[g - 1]->pop();
+        w.wait_s += seconds_since(start);
+        if (!in) return;  // stopped
+        s = std::move(in->s);
+        t = std::move(in->t);
+      }
+      for (int b = w.first_block; b < w.end_block; ++b) {
+        StepResult out = step(b, j, s, t);
+        s = std::move(out.s);
+        t = std::move(out.t);
+      }
+      if (g + 1 < workers_.size()) {
+        const auto start = Clock::now();
+        const bool handed_on = queues_[g]->push({j, std::move(s), std::move(t)});
+        w.wait_s += seconds_since(start);
+        if (!handed_on) return;
+      }
+    }
+  }
+
+  void sequential_loop() {
+    const Plan plan = sequential_plan(static_cast<int>(blocks_.size()), static_cast<int>(batches_.size()));
+    at::Tensor s, t;
+    for (const auto& tick : plan) {
+      for (const Task& task : tick) {
+        if (options_.interrupted && options_.interrupted()) {
+          interrupted_ = true;
+          return;
+        }
+        if (task.block == 0) std::tie(s, t) = batches_[task.batch];
+        StepResult out = step(task.block, task.batch, s, t);
+        s = std::move(out.s);
+        t = std::move(out.t);
+      }
+    }
+  }
+
+  const std::vector<BlockStep>& blocks_;
+  const std::vector<std::pair<at::Tensor, at::Tensor>>& batches_;
+  const RunOptions& options_;
+  std::vector<BlockStats> stats_;
+  std::vector<WorkerStats> workers_;
+  at::Tensor losses_;
+  std::vector<std::unique_ptr<BoundedQueue>> queues_;
+  std::atomic<bool> stopping_{false};
+  bool interrupted_ = false;
+  std::exception_ptr error_;
+  std::mutex done_mutex_;
+  std::condition_variable done_;
+  size_t finished_ = 0;
+  static thread_local int current_stage_, current_batch_;
+};
+
+thread_local int Run::current_stage_ = 0;
+thread_local int Run::current_batch_ = 0;
+
+}  // namespace
+
+RunResult run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
+              const RunOptions& options) {
+  if (blocks.empty()) throw std::invalid_argument("blocks must hold at least one block's step");
+  if (options.max_in_flight < 1) {
+    throw std::invalid_argument("max_in_flight must be at least 1, got " + std::to_string(options.max_in_flight));
+  }
+  if (!options.stage_starts.empty()) {
+    const auto& starts = options.stage_starts;
+    bool valid = starts.front() == 0;
+    for (size_t g = 1; g < starts.size(); ++g) valid = valid && starts[g] > starts[g - 1];
+    if (!valid || starts.back() >= static_cast<int>(blocks.size())) {
+      throw std::invalid_argument("stage_starts must rise from 0 and stay below the number of blocks");
+    }
+  }
+  if (options.threads_per_stage < 1) {
+    throw std::invalid_argument("threads_per_stage must be at least 1, got " +
+                                std::to_string(options.threads_per_stage));
+  }
+  return Run(blocks, batches, options).execute();
+}
+
+}  // namespace al_ext::scheduler

@@ -1,0 +1,76 @@
+// Runs the blocks of an AL network over a list of batches, either pipelined (one worker
+// thread per block, activations handed on through bounded queues) or sequentially (on the
+// calling thread, batch by batch, block by block). Only (s, t) flow from a block to the next;
+// nothing flows back. CPU executor: threads; each worker's intra-op thread count is set,
+// so that the stages together do not oversubscribe the cores.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace al_ext::scheduler {
+
+// What a block's training step on one batch returns.
+struct StepResult {
+  at::Tensor s, t, loss_as, loss_ae;
+};
+
+// Trains one block on one batch: (s_prev, t_prev) -> outputs and losses.
+using BlockStep = std::function<StepResult(const at::Tensor& s_prev, const at::Tensor& t_prev)>;
+
+struct BlockStats {
+  double busy_s = 0.0;  // inside the block's step
+  int64_t batches = 0;
+};
+
+// A pipeline worker runs a group of consecutive blocks (a stage) on each batch in turn.
+struct WorkerStats {
+  int first_block = 0, end_block = 0;  // blocks [first_block, end_block)
+  double wait_s = 0.0;                 // waiting for input, or for room downstream
+  int64_t peak_queued_bytes = 0;       // most bytes of this stage's outputs queued at once
+};
+
+struct RunOptions {
+  bool pipelined = true;
+  // First block of each pipeline stage (see balanced_groups); empty: one block per stage.
+  std::vector<int> stage_starts;
+  int max_in_flight = 2;       // batches a queue between two stages may hold
+  int threads_per_stage = 1;   // intra-op threads of each worker
+  // Polled by the calling thread while the run goes on; true stops the run.
+  std::function<bool()> interrupted;
+};
+
+struct RunResult {
+  at::Tensor losses;  // (batches, blocks, 2) float64: (L_as, L_ae) of each block on each batch
+  std::vector<BlockStats> blocks;
+  std::vector<WorkerStats> workers;  // pipelined mode only
+  double wall_s = 0.0;
+};
+
+// A stage failed: which block, on which batch, and why. Nothing after it ran.
+class BlockError : public std::runtime_error {
+ public:
+  BlockError(int stage, int batch, const std::string& why)
+      : std::runtime_error("block " + std::to_string(stage + 1) + " failed on batch " + std::to_string(batch) +
+                           ": " + why),
+        stage(stage),
+        batch(batch) {}
+  const int stage, batch;
+};
+
+// The caller asked to stop (interrupted() returned true); the workers have been joined.
+class Interrupted : public std::runtime_error {
+ public:
+  Interrupted() : std::runtime_error("interrupted") {}
+};
+
+// Trains every block on every batch; (s_0, t_0) of batch j is batches[j]. Throws BlockError
+// or Interrupted after all workers have stopped; no thread outlives the call.
+RunResult run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
+              const RunOptions& options);
+
+}  // namespace al_ext::scheduler

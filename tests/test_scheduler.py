@@ -1,0 +1,172 @@
+"""The C++ scheduler: its plan, pipelined training equal to sequential training, and faults."""
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import al_ext
+from al_ext import Pipeline, PipelineError, Trainer
+from al_ext._extension import _C
+
+from conftest import small_mlp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_plan_cpp_unit_tests(tmp_path):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    binary = tmp_path / "test_plan"
+    subprocess.run([compiler, "-std=c++20", "-O1", ROOT / "tests/cpp/test_plan.cpp", ROOT / "csrc/scheduler/plan.cpp",
+                    "-o", binary], check=True, timeout=120)
+    result = subprocess.run([binary], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "plan tests passed" in result.stdout, result.stdout
+
+
+def test_plans_exactly():
+    assert _C.pipeline_plan(2, 3) == [[(0, 0)], [(0, 1), (1, 0)], [(0, 2), (1, 1)], [(1, 2)]]
+    assert _C.sequential_plan(2, 2) == [[(0, 0)], [(1, 0)], [(0, 1)], [(1, 1)]]
+    assert len(_C.pipeline_plan(8, 500)) == 507  # n + L - 1 ticks
+    with pytest.raises(ValueError, match="num_blocks must be at least 1"):
+        _C.pipeline_plan(0, 3)
+
+
+def data(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 20, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+
+
+def trained_parameters(pipeline, backend, variant="A", optimizer="adam", epochs=2, **kwargs):
+    model = small_mlp(hidden=(24, 16, 12), variant=variant, backend=backend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same intra-op thread count as each pipeline stage: same GEMM rounding
+    try:
+        trainer = Trainer(model, batch_size=16, progress=False, optimizer=optimizer, pipeline=pipeline,
+                          threads_per_stage=1 if pipeline else None, pipeline_stages=3 if pipeline else None,
+                          **kwargs)
+        history = trainer.fit(data(), epochs=epochs)
+    finally:
+        torch.set_num_threads(threads)
+    return [p.detach().clone() for p in model.parameters()], history
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("variant,optimizer", [("A", "adam"), ("B", "adam"), ("A", "sgd")])
+def test_pipelined_training_equals_sequential_bit_for_bit(backend, variant, optimizer):
+    sequential, _ = trained_parameters(False, backend, variant, optimizer)
+    pipelined, history = trained_parameters(True, backend, variant, optimizer, max_in_flight=1)
+    assert all(torch.equal(a, b) for a, b in zip(sequential, pipelined))
+    assert len(history[-1]["stage_idle_fraction"]) == 3, "one stage per block: every block on its own thread"
+
+
+def test_cpp_sequential_mode_equals_pipelined_mode():
+    results = []
+    for pipelined in (False, True):
+        model = small_mlp(hidden=(24, 16, 12))
+        opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+        run = Pipeline(model, opts, pipelined=pipelined, threads_per_stage=1, stages=3).run(
+            [(x[i : i + 8], y[i : i + 8]) for x, y in [data()] for i in range(0, 96, 8)])
+        results.append(([p.detach().clone() for p in model.parameters()], run))
+    (seq_params, seq_run), (pipe_params, pipe_run) = results
+    assert all(torch.equal(a, b) for a, b in zip(seq_params, pipe_params))
+    assert torch.equal(seq_run.losses, pipe_run.losses) and pipe_run.losses.shape == (12, 3, 2)
+    for block in pipe_run.blocks:
+        assert block["batches"] == 12 and block["busy_s"] > 0
+    for stage in pipe_run.stages:
+        assert 0.0 <= stage["idle_fraction"] <= 1.0
+
+
+def worker_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_a_failing_block_reports_where_and_a_later_run_works():
+    model = small_mlp(hidden=(24, 16, 12), backend="reference")
+    trainer = Trainer(model, batch_size=8, progress=False, pipeline=True)
+    original = model.blocks[1].b
+    calls = {"n": 0}
+
+    class Fails(torch.nn.Module):
+        def forward(self, s):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise RuntimeError("boom in the bridge")
+            return original(s)
+
+    model.blocks[1].b = Fails()
+    before = worker_threads()
+    with pytest.raises(PipelineError, match="block 2 failed on batch 3: .*boom in the bridge") as err:
+        trainer.pipeline.run([(x[i : i + 8], y[i : i + 8]) for x, y in [data()] for i in range(0, 96, 8)])
+    assert (err.value.block, err.value.batch) == (2, 3)
+    assert worker_threads() == before, "every worker thread is joined"
+    model.blocks[1].b = original
+    assert len(trainer.fit(data(), epochs=1)) == 1
+
+
+def test_non_finite_loss_in_a_fused_block_stops_the_run():
+    model = small_mlp(hidden=(24, 16, 12))
+    trainer = Trainer(model, batch_size=8, progress=False, pipeline=True)
+    with torch.no_grad():
+        model.blocks[2].g[0].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="block 3 failed on batch 0: .*non-finite loss"):
+        trainer.fit(data(), epochs=1)
+
+
+def test_ctrl_c_stops_every_block_and_a_later_run_works():
+    model = small_mlp(hidden=(24, 16, 12), backend="reference")
+    x, y = data(4096)
+    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers)
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    before = worker_threads()
+    timer.start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run([(x[i : i + 4], y[i : i + 4]) for i in range(0, 4096, 4)])
+    timer.join()
+    assert time.perf_counter() - start < 10, "the run stops soon after Ctrl-C"
+    assert worker_threads() == before
+    assert pipeline.run([(x[:4], y[:4])]).losses.shape == (1, 3, 2)
+
+
+def test_queues_hold_at_most_max_in_flight_batches():
+    model = small_mlp(hidden=(24, 16, 12))
+    opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+    x, y = data(256)
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 256, 8)]
+    for limit in (1, 3):
+        run = Pipeline(model, opts, max_in_flight=limit, stages=3).run(batches)
+        handoff = [8 * (24 + 12) * 4, 8 * (16 + 12) * 4]  # bytes of (s, t) leaving blocks 1 and 2
+        for stage, size in zip(run.stages, handoff):
+            assert 0 < stage["peak_queued_bytes"] <= limit * size
+
+
+def test_stages_group_consecutive_blocks_by_measured_cost():
+    assert _C.balanced_groups([1.0, 1.0, 1.0, 1.0], 2) == [0, 2]
+    assert _C.balanced_groups([5.0, 1.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1]
+    model = small_mlp(hidden=(24, 16, 12, 8))
+    pipeline = Pipeline(model, [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks], stages=2)
+    x, y = data(64)
+    run = pipeline.run([(x[i : i + 8], y[i : i + 8]) for i in range(0, 64, 8)])
+    assert [s["blocks"] for s in run.stages][0][0] == 0 and run.stages[-1]["blocks"][1] == 4
+    assert len(run.stages) == 2
+    assert pipeline.block_costs == [b["busy_s"] for b in run.blocks], "the next run is balanced by measured time"
+
+
+def test_bad_pipeline_arguments():
+    model = small_mlp()
+    opts = Trainer(model, progress=False).optimizers
+    with pytest.raises(ValueError, match="max_in_flight must be a positive integer"):
+        Pipeline(model, opts, max_in_flight=0)
+    with pytest.raises(ValueError, match="one fused optimiser per block"):
+        Pipeline(model, opts[:1])
+    with pytest.raises(TypeError, match="model must be an AssociatedLearning"):
+        Pipeline(torch.nn.Linear(2, 2), opts)
+    with pytest.raises(ValueError, match="pipeline=True trains the blocks"):
+        Trainer(al_ext.bp_baseline(model), pipeline=True)
