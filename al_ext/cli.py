@@ -85,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--test", type=_size, default=0.2, help="test part: fraction (0.2) or count (2000)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the batch order")
     train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    train.add_argument("--backend", default="auto", choices=["auto", "reference"],
-                       help="auto uses al_ext's compiled ops; reference is plain PyTorch")
+    train.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"],
+                       help="auto: each block's whole step as one fused op where it fits (dense blocks on the CPU), "
+                       "else the compiled loss op; fused: insist on the fused op; reference: plain PyTorch")
+    train.add_argument("--pipeline", action="store_true",
+                       help="train the AL blocks at the same time on consecutive batches (C++ scheduler); "
+                       "same parameters as without, bit for bit at equal intra-op thread counts")
     train.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full results as JSON")
     train.add_argument("--save", type=Path, default=None, metavar="FILE", help="save the AL trainer's final checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -110,6 +114,7 @@ def _format_epoch(name: str, record: dict[str, Any], epochs: int) -> str:
 
 def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
     trainer = Trainer(model, lr=args.lr, ae_lr=args.ae_lr, batch_size=args.batch_size, device=args.device,
+                      pipeline=args.pipeline and name == "AL",
                       seed=args.seed, schedule=None if args.schedule == "none" else args.schedule,
                       progress=False if args.no_progress else None, optimizer=args.optimizer,
                       momentum=args.momentum)

@@ -55,6 +55,16 @@ def write_idx(path, array, code):
     path.write_bytes(gzip.compress(header + array.tobytes()))
 
 
+def test_train_pipelined_with_sgd(tmp_path):
+    out = tmp_path / "result.json"
+    result = run("train", "--dataset", "digits", "--epochs", "2", "--hidden", "32,32,32", "--label-dim", "16",
+                 "--bridge-factor", "2", "--pipeline", "--optimizer", "sgd", "--lr", "0.05", "--no-progress",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    history = json.loads(out.read_text())["results"]["AL"]["history"]
+    assert len(history) == 2 and "stage_idle_fraction" in history[0]
+
+
 def test_train_on_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(60, dtype=np.uint8) % 3

@@ -96,30 +96,65 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default, sgd_args)
 
 
-@pytest.mark.parametrize("variant", ["A", "B"])
-@pytest.mark.parametrize("ae_loss", ["mse", "cross_entropy"])
-def test_adam_form_equals_torch_adam_on_reference_gradients(variant, ae_loss):
-    h_act = "identity" if ae_loss == "cross_entropy" else "sigmoid"
-    config = dict(variant=variant, ae_loss=ae_loss, h_activation=h_act)
+def assert_update_form_matches_torch(fused_update, torch_optimizers, **config):
+    """Four steps of a fused update form against torch optimisers fed the reference gradients.
+
+    fused_update(s_prev, t_prev, params, step) updates params in place; torch_optimizers
+    (fb_params, gh_params) gives the two torch optimisers it should equal.
+    """
     _, _, params = make_block(8, 10, 12, 24, 6, 4)
     ours = [p.clone() for p in params]
     theirs = [p.clone().requires_grad_(True) for p in params]
-    exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
-    adam_fb = torch.optim.Adam(theirs[:6], lr=3e-3, betas=(0.8, 0.99), eps=1e-7)
-    adam_gh = torch.optim.Adam(theirs[6:], lr=7e-3, betas=(0.8, 0.99), eps=1e-7)
+    optimizers = torch_optimizers(theirs[:6], theirs[6:])
     for step in range(1, 5):
         s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, seed=step)
-        out = fused.dense_block_adam_step_(s_prev, t_prev, ours, exp_avg, exp_avg_sq, step, 3e-3, 7e-3,
-                                           betas=(0.8, 0.99), eps=1e-7, **config)
+        out = fused_update(s_prev, t_prev, ours, step)
         want = reference.dense_block_step(s_prev, t_prev, theirs, **config)
         torch.testing.assert_close(out[2], want.loss_as)
         torch.testing.assert_close(out[3], want.loss_ae)
         for p, g in zip(theirs, want.grads):
             p.grad = g
-        adam_fb.step()
-        adam_gh.step()
+        for opt in optimizers:
+            opt.step()
         for name, a, b in zip(reference.DENSE_PARAMETER_NAMES, ours, theirs):
             torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"step {step} {name}: {m}")
+
+
+def zeros_like_block():
+    return [torch.zeros_like(p) for p in make_block(8, 10, 12, 24, 6, 4)[2]]
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+@pytest.mark.parametrize("ae_loss", ["mse", "cross_entropy"])
+def test_adam_form_equals_torch_adam_on_reference_gradients(variant, ae_loss):
+    config = dict(variant=variant, ae_loss=ae_loss, h_activation="identity" if ae_loss == "cross_entropy" else "sigmoid")
+    exp_avg, exp_avg_sq = zeros_like_block(), zeros_like_block()
+    assert_update_form_matches_torch(
+        lambda s, t, params, step: fused.dense_block_adam_step_(s, t, params, exp_avg, exp_avg_sq, step, 3e-3, 7e-3,
+                                                                betas=(0.8, 0.99), eps=1e-7, **config),
+        lambda fb, gh: [torch.optim.Adam(fb, lr=3e-3, betas=(0.8, 0.99), eps=1e-7),
+                        torch.optim.Adam(gh, lr=7e-3, betas=(0.8, 0.99), eps=1e-7)],
+        **config,
+    )
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(variant):
+    buffers = zeros_like_block()
+    assert_update_form_matches_torch(
+        lambda s, t, params, step: fused.dense_block_sgd_step_(s, t, params, buffers, 0.05, 0.2, 0.8, variant=variant),
+        lambda fb, gh: [torch.optim.SGD(fb, lr=0.05, momentum=0.8), torch.optim.SGD(gh, lr=0.2, momentum=0.8)],
+        variant=variant,
+    )
+
+
+def test_bad_sgd_arguments():
+    s_prev, t_prev, params = make_block(8, 10, 12, 24, 6, 4)
+    buffers = zeros_like_block()
+    with pytest.raises(RuntimeError, match=r"momentum must lie in \[0, 1\)"):
+        fused.dense_block_sgd_step_(s_prev, t_prev, params, buffers, 0.05, 0.2, 1.5)
+    with pytest.raises(RuntimeError, match="momentum_buffer must hold one tensor per parameter"):
+        fused.dense_block_sgd_step_(s_prev, t_prev, params, buffers[:4], 0.05, 0.2)
 
 
 def test_alml_blocks_expose_their_dense_layout():
@@ -237,31 +272,6 @@ def test_trainer_reports_a_non_finite_fused_step_with_its_block():
         model.blocks[1].b[0].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite loss in block 2 .*blocks 1-1 were updated"):
         trainer.step(torch.randn(4, 20), torch.tensor([0, 1, 2, 3]))
-
-
-@pytest.mark.parametrize("variant", ["A", "B"])
-def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(variant):
-    _, _, params = make_block(8, 10, 12, 24, 6, 4)
-    ours = [p.clone() for p in params]
-    theirs = [p.clone().requires_grad_(True) for p in params]
-    buffers = [torch.zeros_like(p) for p in ours]
-    sgd_fb = torch.optim.SGD(theirs[:6], lr=0.05, momentum=0.8)
-    sgd_gh = torch.optim.SGD(theirs[6:], lr=0.2, momentum=0.8)
-    for step in range(1, 5):
-        s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, seed=step)
-        out = fused.dense_block_sgd_step_(s_prev, t_prev, ours, buffers, 0.05, 0.2, 0.8, variant=variant)
-        want = reference.dense_block_step(s_prev, t_prev, theirs, variant=variant)
-        torch.testing.assert_close(out[2], want.loss_as)
-        for p, g in zip(theirs, want.grads):
-            p.grad = g
-        sgd_fb.step()
-        sgd_gh.step()
-        for name, a, b in zip(reference.DENSE_PARAMETER_NAMES, ours, theirs):
-            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"step {step} {name}: {m}")
-    with pytest.raises(RuntimeError, match=r"momentum must lie in \[0, 1\)"):
-        fused.dense_block_sgd_step_(s_prev, t_prev, ours, buffers, 0.05, 0.2, 1.5)
-    with pytest.raises(RuntimeError, match="momentum_buffer must hold one tensor per parameter"):
-        fused.dense_block_sgd_step_(s_prev, t_prev, ours, buffers[:4], 0.05, 0.2)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
