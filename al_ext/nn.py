@@ -105,10 +105,16 @@ class AssociatedLearning(nn.Module):
     def fused_block_problem(self) -> str | None:
         """Why the fused dense block step cannot train this model as it stands, or None if it can."""
         param = self._reference_tensor()
-        if param.device.type != "cpu":
-            return f"the fused dense block step has no kernel for {param.device.type} yet"
-        if param.dtype not in (torch.float32, torch.float64):
-            return f"the fused dense block step takes float32 or float64, not {param.dtype}"
+        if param.device.type == "cuda":
+            if not has_cuda_kernels():
+                return "this build of al_ext has no CUDA kernels"
+            dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        elif param.device.type == "cpu":
+            dtypes = (torch.float32, torch.float64)
+        else:
+            return f"the fused dense block step has no kernel for {param.device.type}"
+        if param.dtype not in dtypes:
+            return f"the fused dense block step on {param.device.type} takes {', '.join(map(str, dtypes))}, not {param.dtype}"
         for i, block in enumerate(self.blocks):
             try:
                 fused.dense_block_layout(block)
@@ -117,13 +123,16 @@ class AssociatedLearning(nn.Module):
         return None
 
     def uses_fused_step(self) -> bool:
-        """Whether training runs each block as one fused op (backend "fused", or "auto" where it fits)."""
+        """Whether training runs each block as one fused op: backend "fused", or "auto" where
+        it fits on the CPU (the CUDA kernel is chosen by "auto" once it has run on a GPU)."""
         if self.backend == "reference":
             return False
         problem = self.fused_block_problem()
-        if problem is not None and self.backend == "fused":
-            raise ValueError(f"backend='fused' cannot train this model: {problem}")
-        return problem is None
+        if self.backend == "fused":
+            if problem is not None:
+                raise ValueError(f"backend='fused' cannot train this model: {problem}")
+            return True
+        return problem is None and self._reference_tensor().device.type == "cpu"
 
     def _mse(self, device: torch.device) -> reference.MseFunction:
         # "auto" takes the compiled loss op wherever this build has a kernel for the device.

@@ -2,10 +2,10 @@
 // one dense AL block's forward pass, both local losses and every gradient, and optionally
 // the optimiser's update, in one call (see al_ext/reference.py: dense_block_step for the definition).
 //
-// GEMMs go through ATen (MKL), the bias inside the GEMM and the forward activation as
-// ATen's vectorised in-place kernel. Each loss, its gradient and the output activation's
-// derivative are one pass; each activation derivative is one pass, written through the
-// layer's output so that no pre-activation is kept.
+// The algorithm (order of the GEMMs, losses, refusal of a non-finite loss) is the shared
+// core in ../ops/dense_block_core.h; this file supplies the CPU passes between the GEMMs.
+// Each loss, its gradient and the output activation's derivative are one pass; each
+// activation derivative is one pass, written through the layer's output.
 // The update forms never materialise a weight gradient: each gradient is computed in
 // cache-sized tiles of rows, and each tile updates its rows of the weight and of the
 // optimiser's state at once, while it is still in cache. Every input gradient (dX = dZ W) is
@@ -15,13 +15,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/elu.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/relu.h>
-#include <ATen/ops/sigmoid.h>
-#include <ATen/ops/tanh.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sum.h>
 
@@ -31,6 +26,7 @@
 
 #include "../ops/checks.h"
 #include "../ops/dense_block.h"
+#include "../ops/dense_block_core.h"
 #include "../ops/ops.h"
 #include "simd.h"
 
@@ -60,20 +56,6 @@ template <typename F> void for_each_row(int64_t rows, F&& body) {
   at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) body(r);
   });
-}
-
-// act(x W^T + c): the bias rides in the GEMM (addmm), and the activation is ATen's own
-// in-place kernel, whose exp is vectorised (a scalar exp here cost more than the fusion saved).
-at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) {
-  at::Tensor z = at::addmm(c, x, w.t());
-  switch (act) {
-    case Activation::kElu: at::elu_(z); break;
-    case Activation::kRelu: at::relu_(z); break;
-    case Activation::kSigmoid: at::sigmoid_(z); break;
-    case Activation::kTanh: at::tanh_(z); break;
-    case Activation::kIdentity: break;
-  }
-  return z;
 }
 
 // g <- (g + addend) * act'(y) over n elements; the activation is a template parameter so
@@ -256,48 +238,25 @@ template <typename T> struct GradientSink {
   }
 };
 
-template <typename T>
-DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList P,
-                                  const DenseBlockConfig& cfg, const GradientSink<T>& sink) {
-  // Forward: label side first, since the associative loss needs t.
-  const at::Tensor t = linear_forward(t_prev, P[kParamWg], P[kParamWg + 1], Activation::kSigmoid);
-  const at::Tensor r = linear_forward(t, P[kParamWh], P[kParamWh + 1], cfg.h_activation);
-  const at::Tensor s = linear_forward(s_prev, P[kParamWf], P[kParamWf + 1], cfg.x_activation);
-  const at::Tensor u = linear_forward(s, P[kParamWb1], P[kParamWb1 + 1], Activation::kSigmoid);
-  const at::Tensor bhat = linear_forward(u, P[kParamWb2], P[kParamWb2 + 1], Activation::kSigmoid);
+// What the shared core (dense_block_core.h) needs between the GEMMs, on the CPU.
+template <typename T> struct CpuKernels {
+  const GradientSink<T>& sink;
 
-  // Both losses and their gradients at the outputs, before any parameter changes.
-  at::Tensor dz2 = at::empty_like(bhat);
-  at::Tensor dt_from_as = cfg.variant_b ? at::empty_like(t) : at::Tensor();
-  const double sum_as = mse_backward<T>(bhat, t, Activation::kSigmoid, dz2, dt_from_as);
-  at::Tensor dzh = at::empty_like(r);
-  at::Tensor none;
-  const double sum_ae = cfg.cross_entropy ? cross_entropy_backward<T>(r, t_prev, dzh)
-                                          : mse_backward<T>(r, t_prev, cfg.h_activation, dzh, none);
-  const double loss_as = sum_as / static_cast<double>(bhat.numel());
-  const double loss_ae = cfg.cross_entropy ? sum_ae / static_cast<double>(r.size(0))
-                                           : sum_ae / static_cast<double>(r.numel());
-  TORCH_CHECK(std::isfinite(loss_as) && std::isfinite(loss_ae), "al_ext::dense_block_step: non-finite loss (L_as = ",
-              loss_as, ", L_ae = ", loss_ae, "): s_prev, t_prev or the parameters hold NaN or inf, or training "
-              "diverged; no parameter was changed");
-
-  // x side, top down.
-  at::Tensor du = at::mm(dz2, P[kParamWb2]);
-  sink.linear(kParamWb2, dz2, u);
-  activation_backward_<T>(du, u, Activation::kSigmoid, at::Tensor());
-  at::Tensor ds = at::mm(du, P[kParamWb1]);
-  sink.linear(kParamWb1, du, s);
-  activation_backward_<T>(ds, s, cfg.x_activation, at::Tensor());
-  sink.linear(kParamWf, ds, s_prev);
-
-  // Label side: h, then g (which in variant B also receives L_as's gradient through t).
-  at::Tensor dt = at::mm(dzh, P[kParamWh]);
-  sink.linear(kParamWh, dzh, t);
-  activation_backward_<T>(dt, t, Activation::kSigmoid, dt_from_as);
-  sink.linear(kParamWg, dt, t_prev);
-
-  return {s, t, at::scalar_tensor(loss_as, s.options()), at::scalar_tensor(loss_ae, s.options())};
-}
+  at::Tensor output_mse(const at::Tensor& out, const at::Tensor& target, Activation act, at::Tensor& dz,
+                        at::Tensor& dtarget) const {
+    const double sum = mse_backward<T>(out, target, act, dz, dtarget);
+    return at::scalar_tensor(sum / static_cast<double>(out.numel()), out.options());
+  }
+  at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target, at::Tensor& dz) const {
+    const double sum = cross_entropy_backward<T>(logits, target, dz);
+    return at::scalar_tensor(sum / static_cast<double>(logits.size(0)), logits.options());
+  }
+  void activation_backward(at::Tensor& grad, const at::Tensor& y, Activation act, const at::Tensor& addend) const {
+    activation_backward_<T>(grad, y, act, addend);
+  }
+  void linear_grad(int w, const at::Tensor& dz, const at::Tensor& x) const { sink.linear(w, dz, x); }
+  void finish() const {}
+};
 
 void check_cpu(const char* op, const at::Tensor& s_prev) {
   TORCH_CHECK(s_prev.device().is_cpu(), op, ": CPU kernel got s_prev on ", s_prev.device());
@@ -322,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   DenseBlockOutputs out;
   AT_DISPATCH_FLOATING_TYPES(s_prev.scalar_type(), "dense_block_step_cpu", [&] {
     GradientSink<scalar_t> sink{params, &grads};
-    out = run_dense_block<scalar_t>(s_prev, t_prev, params, cfg, sink);
+    out = run_dense_block(s_prev, t_prev, params, cfg, CpuKernels<scalar_t>{sink});
   });
   return {out.s, out.t, out.loss_as, out.loss_ae, grads};
 }
@@ -338,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_update_st
   DenseBlockOutputs out;
   AT_DISPATCH_FLOATING_TYPES(s_prev.scalar_type(), "dense_block_update_step_cpu", [&] {
     GradientSink<scalar_t> sink{params, nullptr, state1, state2, update_fb, update_gh};
-    out = run_dense_block<scalar_t>(s_prev, t_prev, params, cfg, sink);
+    out = run_dense_block(s_prev, t_prev, params, cfg, CpuKernels<scalar_t>{sink});
   });
   return {out.s, out.t, out.loss_as, out.loss_ae};
 }

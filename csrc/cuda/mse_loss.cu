@@ -2,11 +2,9 @@
 // of a grid-strided share of the elements and writes the gradient as it goes. Pass 2:
 // one block adds the per-block sums in a fixed order. No atomics, so runs repeat bit
 // for bit. Half and bfloat16 inputs accumulate in float, float64 in double.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 
+#include "block_reduce.cuh"
 #include "mse_loss.cuh"
 
 namespace al_ext::cuda {
@@ -15,41 +13,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;
 constexpr int kItemsPerThread = 4;
-
-template <typename T> struct Accumulator { using type = float; };
-template <> struct Accumulator<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Accumulator<T>::type widen(T v) {
-  return static_cast<typename Accumulator<T>::type>(v);
-}
-template <> __device__ __forceinline__ float widen<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float widen<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T, typename A> __device__ __forceinline__ T narrow(A v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half narrow<__half, float>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __half narrow<__half, double>(double v) {
-  return __double2half(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16, double>(double v) {
-  return __float2bfloat16(static_cast<float>(v));
-}
-
-// Sum of `value` over the block, in a fixed tree order; the result is valid in thread 0.
-template <typename A> __device__ A block_sum(A value) {
-  __shared__ A shared[kThreads];
-  shared[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
-    __syncthreads();
-  }
-  return shared[0];
-}
 
 template <typename T>
 __global__ void squared_error_and_grad_kernel(const T* __restrict__ input, const T* __restrict__ target,
@@ -64,7 +27,7 @@ __global__ void squared_error_and_grad_kernel(const T* __restrict__ input, const
     sum += diff * diff;
     grad[i] = narrow<T>(diff * scale);
   }
-  const A block_total = block_sum(sum);
+  const A block_total = block_sum<kThreads>(sum);
   if (threadIdx.x == 0) partial[blockIdx.x] = static_cast<double>(block_total);
 }
 
@@ -73,11 +36,15 @@ __global__ void mean_of_partials_kernel(const double* __restrict__ partial, int 
                                         int64_t n) {
   double sum = 0;
   for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partial[i];
-  const double total = block_sum(sum);
+  const double total = block_sum<kThreads>(sum);
   if (threadIdx.x == 0) *loss = narrow<T>(total / static_cast<double>(n));
 }
 
-template <typename T> cudaError_t launch(const MseLossParams& p, cudaStream_t stream) {
+template <typename T> struct MseLossLaunch {
+  static cudaError_t run(const MseLossParams& p, cudaStream_t stream);
+};
+
+template <typename T> cudaError_t MseLossLaunch<T>::run(const MseLossParams& p, cudaStream_t stream) {
   const int blocks = mse_loss_partial_count(p.n);
   squared_error_and_grad_kernel<T><<<blocks, kThreads, 0, stream>>>(
       static_cast<const T*>(p.input), static_cast<const T*>(p.target), static_cast<T*>(p.grad), p.partial,
@@ -96,13 +63,7 @@ int mse_loss_partial_count(int64_t n) {
 }
 
 cudaError_t launch_mse_loss_and_grad(const MseLossParams& params, cudaStream_t stream) {
-  switch (params.type) {
-    case FloatType::kFloat32: return launch<float>(params, stream);
-    case FloatType::kFloat64: return launch<double>(params, stream);
-    case FloatType::kFloat16: return launch<__half>(params, stream);
-    case FloatType::kBFloat16: return launch<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_float_type<MseLossLaunch>(params.type, params, stream);
 }
 
 }  // namespace al_ext::cuda

@@ -6,9 +6,9 @@
 
 #include <cstdint>
 
-namespace al_ext::cuda {
+#include "float_type.cuh"
 
-enum class FloatType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
+namespace al_ext::cuda {
 
 struct MseLossParams {
   const void* input = nullptr;   // n elements of `type`, contiguous

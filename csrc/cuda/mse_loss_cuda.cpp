@@ -7,22 +7,10 @@
 
 #include "../ops/checks.h"
 #include "../ops/ops.h"
+#include "glue.h"
 #include "mse_loss.cuh"
 
 namespace al_ext {
-namespace {
-
-cuda::FloatType to_float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::FloatType::kFloat32;
-    case at::kDouble: return cuda::FloatType::kFloat64;
-    case at::kHalf: return cuda::FloatType::kFloat16;
-    case at::kBFloat16: return cuda::FloatType::kBFloat16;
-    default: TORCH_CHECK(false, "al_ext::mse_loss_and_grad: unsupported dtype ", t);
-  }
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& input_arg,
                                                           const at::Tensor& target_arg) {
@@ -43,9 +31,9 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& inpu
   params.loss = loss.mutable_data_ptr();
   params.partial = partial.mutable_data_ptr<double>();
   params.n = n;
-  params.type = to_float_type(input.scalar_type());
-  const cudaError_t err = cuda::launch_mse_loss_and_grad(params, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "al_ext::mse_loss_and_grad: CUDA launch failed: ", cudaGetErrorString(err));
+  params.type = to_float_type(input.scalar_type(), "al_ext::mse_loss_and_grad");
+  check_launch(cuda::launch_mse_loss_and_grad(params, c10::cuda::getCurrentCUDAStream()), "al_ext::mse_loss_and_grad",
+               "the loss kernel");
   return {loss, grad};
 }
 

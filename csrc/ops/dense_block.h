@@ -10,6 +10,8 @@
 #include <cmath>
 #include <string>
 
+#include "checks.h"
+
 namespace al_ext {
 
 // Index of each weight in the params list; its bias follows it.

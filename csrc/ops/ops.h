@@ -36,6 +36,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_
 #ifdef AL_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& input,
                                                           const at::Tensor& target);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dense_block_step_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, c10::string_view x_activation,
+    c10::string_view h_activation, c10::string_view variant, c10::string_view ae_loss);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
+    c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
+    double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
+    c10::string_view variant, c10::string_view ae_loss);
 #endif
 
 }  // namespace al_ext

@@ -31,5 +31,8 @@ TORCH_LIBRARY_IMPL(al_ext, CPU, m) {
 #ifdef AL_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(al_ext, CUDA, m) {
   m.impl("mse_loss_and_grad", &al_ext::mse_loss_and_grad_cuda);
+  m.impl("dense_block_step", &al_ext::dense_block_step_cuda);
+  m.impl("dense_block_adam_step_", &al_ext::dense_block_adam_step_cuda);
+  m.impl("dense_block_sgd_step_", &al_ext::dense_block_sgd_step_cuda);
 }
 #endif

@@ -1,0 +1,203 @@
+// CUDA kernels of the dense block step between its GEMMs. Reductions use a fixed grid and a
+// fixed tree order (no atomics), so results repeat bit for bit. float16 and bfloat16 compute
+// in float, float64 in double.
+#include <algorithm>
+#include <cmath>
+
+#include "block_reduce.cuh"
+#include "dense_block.cuh"
+
+namespace al_ext::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 1024;
+constexpr int kItemsPerThread = 4;
+
+template <typename A> __device__ __forceinline__ A activation_slope(ActivationKind a, A y) {
+  switch (a) {
+    case ActivationKind::kElu: return y > A(0) ? A(1) : y + A(1);
+    case ActivationKind::kRelu: return y > A(0) ? A(1) : A(0);
+    case ActivationKind::kSigmoid: return y * (A(1) - y);
+    case ActivationKind::kTanh: return A(1) - y * y;
+    case ActivationKind::kIdentity: return A(1);
+  }
+  return A(1);
+}
+
+template <typename T>
+__global__ void output_mse_kernel(const T* __restrict__ out, const T* __restrict__ target, T* __restrict__ dz,
+                                  T* __restrict__ dtarget, double* __restrict__ partial, int64_t n,
+                                  ActivationKind act) {
+  using A = typename Accumulator<T>::type;
+  const A scale = A(2) / static_cast<A>(n);
+  A sum = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A o = widen(out[i]);
+    const A diff = o - widen(target[i]);
+    sum += diff * diff;
+    dz[i] = narrow<T>(diff * scale * activation_slope(act, o));
+    if (dtarget != nullptr) dtarget[i] = narrow<T>(-diff * scale);
+  }
+  const A total = block_sum<kThreads>(sum);
+  if (threadIdx.x == 0) partial[blockIdx.x] = static_cast<double>(total);
+}
+
+// One block per row: the row's log-sum-exp, loss and gradient.
+template <typename T>
+__global__ void cross_entropy_kernel(const T* __restrict__ logits, const T* __restrict__ target, T* __restrict__ dz,
+                                     double* __restrict__ partial, int64_t rows, int64_t cols) {
+  using A = typename Accumulator<T>::type;
+  const int64_t r = blockIdx.x;
+  const T* l = logits + r * cols;
+  const T* p = target + r * cols;
+  A top = -INFINITY;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) top = max(top, widen(l[j]));
+  __shared__ A shared_top[kThreads];
+  shared_top[threadIdx.x] = top;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared_top[threadIdx.x] = max(shared_top[threadIdx.x], shared_top[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  top = shared_top[0];
+  A denom = 0, mass = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    denom += exp(widen(l[j]) - top);
+    mass += widen(p[j]);
+  }
+  denom = block_sum<kThreads>(denom);
+  mass = block_sum<kThreads>(mass);
+  const A log_denom = log(denom);
+  A loss = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const A shifted = widen(l[j]) - top - log_denom;
+    loss -= widen(p[j]) * shifted;
+    dz[r * cols + j] = narrow<T>((exp(shifted) * mass - widen(p[j])) / static_cast<A>(rows));
+  }
+  loss = block_sum<kThreads>(loss);
+  if (threadIdx.x == 0) partial[r] = static_cast<double>(loss);
+}
+
+// loss = sum(partial) / divisor, by one block in a fixed order.
+template <typename T>
+__global__ void mean_of_partials_kernel(const double* __restrict__ partial, int64_t count, double divisor,
+                                        T* __restrict__ loss) {
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += partial[i];
+  const double total = block_sum<kThreads>(sum);
+  if (threadIdx.x == 0) *loss = narrow<T>(total / divisor);
+}
+
+template <typename T>
+__global__ void activation_backward_kernel(T* __restrict__ grad, const T* __restrict__ y,
+                                           const T* __restrict__ addend, int64_t n, ActivationKind act) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    auto g = widen(grad[i]);
+    if (addend != nullptr) g += widen(addend[i]);
+    grad[i] = narrow<T>(g * activation_slope(act, widen(y[i])));
+  }
+}
+
+// blockIdx.y picks the tensor; the blocks of a row stride over its elements.
+template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpdateParams p) {
+  if (static_cast<int>(blockIdx.y) >= p.count) return;
+  const UpdateTensor& u = p.tensors[blockIdx.y];
+  T* param = static_cast<T*>(u.param);
+  const T* grad = static_cast<const T*>(u.grad);
+  T* s1 = static_cast<T*>(u.state1);
+  T* s2 = static_cast<T*>(u.state2);
+  using A = float;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < u.n; i += stride) {
+    const A g = static_cast<A>(widen(grad[i]));
+    A w = static_cast<A>(widen(param[i]));
+    if (p.kind == UpdateKind::kAdam) {
+      const A m = static_cast<A>(p.beta1) * static_cast<A>(widen(s1[i])) + (A(1) - static_cast<A>(p.beta1)) * g;
+      const A v = static_cast<A>(p.beta2) * static_cast<A>(widen(s2[i])) + (A(1) - static_cast<A>(p.beta2)) * g * g;
+      w -= static_cast<A>(p.step_size[u.group]) * m /
+           (sqrtf(v) * static_cast<A>(p.inv_bias_correction2_sqrt) + static_cast<A>(p.eps));
+      s1[i] = narrow<T>(m);
+      s2[i] = narrow<T>(v);
+    } else {
+      const A buf = static_cast<A>(p.momentum) * static_cast<A>(widen(s1[i])) + g;
+      w -= static_cast<A>(p.lr[u.group]) * buf;
+      s1[i] = narrow<T>(buf);
+    }
+    param[i] = narrow<T>(w);
+  }
+}
+
+int grid_for(int64_t n) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kItemsPerThread;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (n + per_block - 1) / per_block)));
+}
+
+template <typename T> struct OutputMseLaunch {
+  static cudaError_t run(const OutputMseParams& p, cudaStream_t stream) {
+    const int blocks = grid_for(p.n);
+    output_mse_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const T*>(p.out), static_cast<const T*>(p.target), static_cast<T*>(p.dz),
+        static_cast<T*>(p.dtarget), p.partial, p.n, p.act);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    mean_of_partials_kernel<T><<<1, kThreads, 0, stream>>>(p.partial, blocks, static_cast<double>(p.n),
+                                                           static_cast<T*>(p.loss));
+    return cudaGetLastError();
+  }
+};
+
+template <typename T> struct CrossEntropyLaunch {
+  static cudaError_t run(const CrossEntropyParams& p, cudaStream_t stream) {
+    cross_entropy_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.logits), static_cast<const T*>(p.target), static_cast<T*>(p.dz), p.partial, p.rows,
+        p.cols);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    mean_of_partials_kernel<T><<<1, kThreads, 0, stream>>>(p.partial, p.rows, static_cast<double>(p.rows),
+                                                           static_cast<T*>(p.loss));
+    return cudaGetLastError();
+  }
+};
+
+template <typename T> struct ActivationBackwardLaunch {
+  static cudaError_t run(const ActivationBackwardParams& p, cudaStream_t stream) {
+    activation_backward_kernel<T><<<grid_for(p.n), kThreads, 0, stream>>>(
+        static_cast<T*>(p.grad), static_cast<const T*>(p.y), static_cast<const T*>(p.addend), p.n, p.act);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T> struct MultiTensorUpdateLaunch {
+  static cudaError_t run(const MultiTensorUpdateParams& p, cudaStream_t stream) {
+    int64_t largest = 0;
+    for (int i = 0; i < p.count; ++i) largest = std::max(largest, p.tensors[i].n);
+    multi_tensor_update_kernel<T><<<dim3(grid_for(largest), p.count), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+}  // namespace
+
+int reduction_blocks(int64_t n) { return grid_for(n); }
+
+cudaError_t launch_output_mse_backward(const OutputMseParams& p, cudaStream_t stream) {
+  return dispatch_float_type<OutputMseLaunch>(p.type, p, stream);
+}
+
+cudaError_t launch_cross_entropy_backward(const CrossEntropyParams& p, cudaStream_t stream) {
+  return dispatch_float_type<CrossEntropyLaunch>(p.type, p, stream);
+}
+
+cudaError_t launch_activation_backward(const ActivationBackwardParams& p, cudaStream_t stream) {
+  return dispatch_float_type<ActivationBackwardLaunch>(p.type, p, stream);
+}
+
+cudaError_t launch_multi_tensor_update(const MultiTensorUpdateParams& p, cudaStream_t stream) {
+  if (p.count < 1 || p.count > kMaxUpdateTensors) return cudaErrorInvalidValue;
+  return dispatch_float_type<MultiTensorUpdateLaunch>(p.type, p, stream);
+}
+
+}  // namespace al_ext::cuda

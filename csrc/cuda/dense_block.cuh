@@ -1,0 +1,85 @@
+// Torch-free interface of the CUDA kernels of the dense block step: everything between the
+// GEMMs (which go through cuBLAS, via ATen, in dense_block_cuda.cpp). Each takes a params
+// struct of plain pointers and sizes and the stream to launch on.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "float_type.cuh"
+
+namespace al_ext::cuda {
+
+enum class ActivationKind : int { kElu, kRelu, kSigmoid, kTanh, kIdentity };
+
+// MSE(out, target) over n elements with out = act(z): writes dz = dL/dz, and, if dtarget is
+// set, dtarget = dL/dtarget (variant B's gradient into t); loss = the mean (one element).
+struct OutputMseParams {
+  const void* out = nullptr;
+  const void* target = nullptr;
+  void* dz = nullptr;
+  void* dtarget = nullptr;    // optional
+  void* loss = nullptr;       // 1 element of `type`
+  double* partial = nullptr;  // reduction_blocks(n) doubles of scratch
+  int64_t n = 0;
+  ActivationKind act = ActivationKind::kSigmoid;
+  FloatType type = FloatType::kFloat32;
+};
+
+// Softmax cross-entropy of logits (rows x cols) against target probabilities (one-hot
+// rows): dz = dL/dlogits of the mean over rows; loss = that mean (one element).
+struct CrossEntropyParams {
+  const void* logits = nullptr;
+  const void* target = nullptr;
+  void* dz = nullptr;
+  void* loss = nullptr;       // 1 element of `type`
+  double* partial = nullptr;  // rows doubles of scratch
+  int64_t rows = 0, cols = 0;
+  FloatType type = FloatType::kFloat32;
+};
+
+// grad <- (grad + addend) * act'(y) over n elements, act' written through the output y.
+struct ActivationBackwardParams {
+  void* grad = nullptr;
+  const void* y = nullptr;
+  const void* addend = nullptr;  // optional
+  int64_t n = 0;
+  ActivationKind act = ActivationKind::kSigmoid;
+  FloatType type = FloatType::kFloat32;
+};
+
+// One optimiser step over up to kMaxUpdateTensors tensors in a single launch, each tensor in
+// one of two parameter groups. Adam: state1 = exp_avg, state2 = exp_avg_sq (torch.optim.Adam,
+// no weight decay). SGD: state1 = momentum buffer (torch.optim.SGD, no dampening).
+constexpr int kMaxUpdateTensors = 10;
+enum class UpdateKind : int { kAdam, kSgd };
+struct UpdateTensor {
+  void* param = nullptr;
+  const void* grad = nullptr;
+  void* state1 = nullptr;
+  void* state2 = nullptr;
+  int64_t n = 0;
+  int group = 0;
+};
+struct MultiTensorUpdateParams {
+  UpdateTensor tensors[kMaxUpdateTensors];
+  int count = 0;
+  UpdateKind kind = UpdateKind::kAdam;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, momentum = 0.0;
+  double step_size[2] = {0.0, 0.0};           // Adam: lr / (1 - beta1^step), per group
+  double inv_bias_correction2_sqrt = 1.0;     // Adam: 1 / sqrt(1 - beta2^step)
+  double lr[2] = {0.0, 0.0};                  // SGD, per group
+  FloatType type = FloatType::kFloat32;
+};
+
+// Scratch (doubles) that launch_output_mse_backward needs; a function of n alone, so that
+// the reduction order, and with it the result, does not depend on the device.
+int reduction_blocks(int64_t n);
+
+cudaError_t launch_output_mse_backward(const OutputMseParams& params, cudaStream_t stream);
+cudaError_t launch_cross_entropy_backward(const CrossEntropyParams& params, cudaStream_t stream);
+cudaError_t launch_activation_backward(const ActivationBackwardParams& params, cudaStream_t stream);
+cudaError_t launch_multi_tensor_update(const MultiTensorUpdateParams& params, cudaStream_t stream);
+
+}  // namespace al_ext::cuda

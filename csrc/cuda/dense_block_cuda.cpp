@@ -1,0 +1,189 @@
+// CUDA glue of the dense block ops: the shared core (../ops/dense_block_core.h) with GEMMs
+// through cuBLAS (via ATen) and the torch-free kernels of dense_block.cu between them, all on
+// the current stream. The update forms gather every gradient, then apply Adam or SGD to all
+// ten tensors in one multi-tensor launch.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <vector>
+
+#include "../ops/dense_block.h"
+#include "../ops/dense_block_core.h"
+#include "../ops/ops.h"
+#include "dense_block.cuh"
+#include "glue.h"
+
+namespace al_ext {
+namespace {
+
+cuda::ActivationKind to_kind(Activation a) {
+  switch (a) {
+    case Activation::kElu: return cuda::ActivationKind::kElu;
+    case Activation::kRelu: return cuda::ActivationKind::kRelu;
+    case Activation::kSigmoid: return cuda::ActivationKind::kSigmoid;
+    case Activation::kTanh: return cuda::ActivationKind::kTanh;
+    case Activation::kIdentity: return cuda::ActivationKind::kIdentity;
+  }
+  return cuda::ActivationKind::kIdentity;
+}
+
+struct CudaKernels {
+  const char* op;
+  cudaStream_t stream;
+  std::vector<at::Tensor>& grads;      // where linear_grad writes
+  const cuda::MultiTensorUpdateParams* update = nullptr;  // the update forms: applied by finish()
+  at::TensorList params, state1, state2;
+
+  at::Tensor output_mse(const at::Tensor& out, const at::Tensor& target, Activation act, at::Tensor& dz,
+                        at::Tensor& dtarget) const {
+    at::Tensor loss = at::empty({}, out.options());
+    at::Tensor partial = at::empty({cuda::reduction_blocks(out.numel())}, out.options().dtype(at::kDouble));
+    cuda::OutputMseParams p;
+    p.out = out.const_data_ptr();
+    p.target = target.const_data_ptr();
+    p.dz = dz.mutable_data_ptr();
+    p.dtarget = dtarget.defined() ? dtarget.mutable_data_ptr() : nullptr;
+    p.loss = loss.mutable_data_ptr();
+    p.partial = partial.mutable_data_ptr<double>();
+    p.n = out.numel();
+    p.act = to_kind(act);
+    p.type = to_float_type(out.scalar_type(), op);
+    check_launch(cuda::launch_output_mse_backward(p, stream), op, "the MSE backward kernel");
+    return loss;
+  }
+
+  at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target, at::Tensor& dz) const {
+    at::Tensor loss = at::empty({}, logits.options());
+    at::Tensor partial = at::empty({logits.size(0)}, logits.options().dtype(at::kDouble));
+    cuda::CrossEntropyParams p;
+    p.logits = logits.const_data_ptr();
+    p.target = target.const_data_ptr();
+    p.dz = dz.mutable_data_ptr();
+    p.loss = loss.mutable_data_ptr();
+    p.partial = partial.mutable_data_ptr<double>();
+    p.rows = logits.size(0);
+    p.cols = logits.size(1);
+    p.type = to_float_type(logits.scalar_type(), op);
+    check_launch(cuda::launch_cross_entropy_backward(p, stream), op, "the cross-entropy backward kernel");
+    return loss;
+  }
+
+  void activation_backward(at::Tensor& grad, const at::Tensor& y, Activation act, const at::Tensor& addend) const {
+    cuda::ActivationBackwardParams p;
+    p.grad = grad.mutable_data_ptr();
+    p.y = y.const_data_ptr();
+    p.addend = addend.defined() ? addend.const_data_ptr() : nullptr;
+    p.n = grad.numel();
+    p.act = to_kind(act);
+    p.type = to_float_type(grad.scalar_type(), op);
+    check_launch(cuda::launch_activation_backward(p, stream), op, "the activation backward kernel");
+  }
+
+  void linear_grad(int w, const at::Tensor& dz, const at::Tensor& x) const {
+    at::mm_out(grads[w], dz.t(), x);
+    at::sum_out(grads[w + 1], dz, {0});
+  }
+
+  void finish() const {
+    if (update == nullptr) return;
+    cuda::MultiTensorUpdateParams p = *update;
+    p.count = kDenseParams;
+    for (int i = 0; i < kDenseParams; ++i) {
+      p.tensors[i] = {params[i].mutable_data_ptr(), grads[i].const_data_ptr(), state1[i].mutable_data_ptr(),
+                      state2.empty() ? nullptr : state2[i].mutable_data_ptr(), params[i].numel(),
+                      i < kParamWg ? 0 : 1};
+    }
+    check_launch(cuda::launch_multi_tensor_update(p, stream), op, "the multi-tensor update kernel");
+  }
+};
+
+void check_cuda(const char* op, const at::Tensor& s_prev) {
+  TORCH_CHECK(s_prev.is_cuda(), op, ": CUDA kernel got s_prev on ", s_prev.device());
+}
+
+DenseBlockOutputs run_on_cuda(const char* op, const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg,
+                              at::TensorList params, const DenseBlockConfig& cfg, std::vector<at::Tensor>& grads,
+                              const cuda::MultiTensorUpdateParams* update, at::TensorList state1,
+                              at::TensorList state2) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not to be recorded
+  const c10::cuda::CUDAGuard guard(s_prev_arg.device());
+  const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
+  to_float_type(s_prev.scalar_type(), op);  // refuses other dtypes with the op's name
+  CudaKernels kernels{op, c10::cuda::getCurrentCUDAStream(), grads, update, params, state1, state2};
+  return run_dense_block(s_prev, t_prev, params, cfg, kernels);
+}
+
+std::vector<at::Tensor> empty_like_each(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : tensors) out.push_back(at::empty_like(t));
+  return out;
+}
+
+cuda::FloatType param_type(at::TensorList params, const char* op) { return to_float_type(params[0].scalar_type(), op); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dense_block_step_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, c10::string_view x_activation,
+    c10::string_view h_activation, c10::string_view variant, c10::string_view ae_loss) {
+  constexpr const char* op = "al_ext::dense_block_step";
+  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  check_dense_block_inputs(op, s_prev, t_prev, params);
+  check_cuda(op, s_prev);
+  std::vector<at::Tensor> grads = empty_like_each(params);
+  DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, nullptr, {}, {});
+  return {out.s, out.t, out.loss_as, out.loss_ae, grads};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
+    c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss) {
+  constexpr const char* op = "al_ext::dense_block_adam_step_";
+  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  check_dense_block_inputs(op, s_prev, t_prev, params);
+  check_cuda(op, s_prev);
+  check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
+  const OptimizerUpdate fb = adam_update(step, lr_fb, beta1, beta2, eps);
+  const OptimizerUpdate gh = adam_update(step, lr_gh, beta1, beta2, eps);
+  cuda::MultiTensorUpdateParams update;
+  update.kind = cuda::UpdateKind::kAdam;
+  update.beta1 = beta1;
+  update.beta2 = beta2;
+  update.eps = eps;
+  update.step_size[0] = fb.step_size;
+  update.step_size[1] = gh.step_size;
+  update.inv_bias_correction2_sqrt = fb.inv_bias_correction2_sqrt;
+  update.type = param_type(params, op);
+  std::vector<at::Tensor> grads = empty_like_each(params);
+  DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, exp_avg, exp_avg_sq);
+  return {out.s, out.t, out.loss_as, out.loss_ae};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
+    double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
+    c10::string_view variant, c10::string_view ae_loss) {
+  constexpr const char* op = "al_ext::dense_block_sgd_step_";
+  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  check_dense_block_inputs(op, s_prev, t_prev, params);
+  check_cuda(op, s_prev);
+  check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
+  cuda::MultiTensorUpdateParams update;
+  update.kind = cuda::UpdateKind::kSgd;
+  update.momentum = momentum;
+  update.lr[0] = lr_fb;
+  update.lr[1] = lr_gh;
+  update.type = param_type(params, op);
+  std::vector<at::Tensor> grads = empty_like_each(params);
+  DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, momentum_buffer, {});
+  return {out.s, out.t, out.loss_as, out.loss_ae};
+}
+
+}  // namespace al_ext

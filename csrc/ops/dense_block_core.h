@@ -1,0 +1,82 @@
+// The dense block step as an algorithm, the same on every device: the GEMMs through ATen
+// (MKL on the CPU, cuBLAS on CUDA), and what lies between them supplied by a `Kernels`
+// object of the device:
+//   at::Tensor output_mse(out, target, act, dz, dtarget)   loss (0-dim); dz = dL/dz, dtarget optional
+//   at::Tensor cross_entropy(logits, target, dz)           loss (0-dim); dz = dL/dlogits
+//   void activation_backward(grad, y, act, addend)         grad <- (grad + addend) * act'(y)
+//   void linear_grad(w, dz, x)                             the gradient of params[w] (= dz^T x) and its bias
+//   void finish()                                          after the last linear_grad
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/elu.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/tanh.h>
+
+#include <cmath>
+
+#include "dense_block.h"
+
+namespace al_ext {
+
+// act(x W^T + c): the bias rides in the GEMM (addmm), and the activation is ATen's own
+// in-place kernel, whose exp is vectorised (a scalar exp cost more than fusing it saved).
+inline at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) {
+  at::Tensor z = at::addmm(c, x, w.t());
+  switch (act) {
+    case Activation::kElu: at::elu_(z); break;
+    case Activation::kRelu: at::relu_(z); break;
+    case Activation::kSigmoid: at::sigmoid_(z); break;
+    case Activation::kTanh: at::tanh_(z); break;
+    case Activation::kIdentity: break;
+  }
+  return z;
+}
+
+template <typename Kernels>
+DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList P,
+                                  const DenseBlockConfig& cfg, const Kernels& k) {
+  // Forward: label side first, since the associative loss needs t.
+  const at::Tensor t = linear_forward(t_prev, P[kParamWg], P[kParamWg + 1], Activation::kSigmoid);
+  const at::Tensor r = linear_forward(t, P[kParamWh], P[kParamWh + 1], cfg.h_activation);
+  const at::Tensor s = linear_forward(s_prev, P[kParamWf], P[kParamWf + 1], cfg.x_activation);
+  const at::Tensor u = linear_forward(s, P[kParamWb1], P[kParamWb1 + 1], Activation::kSigmoid);
+  const at::Tensor bhat = linear_forward(u, P[kParamWb2], P[kParamWb2 + 1], Activation::kSigmoid);
+
+  // Both losses and their gradients at the outputs, before any parameter changes.
+  at::Tensor dz2 = at::empty_like(bhat);
+  at::Tensor dt_from_as = cfg.variant_b ? at::empty_like(t) : at::Tensor();
+  const at::Tensor loss_as = k.output_mse(bhat, t, Activation::kSigmoid, dz2, dt_from_as);
+  at::Tensor dzh = at::empty_like(r);
+  at::Tensor none;
+  const at::Tensor loss_ae = cfg.cross_entropy ? k.cross_entropy(r, t_prev, dzh)
+                                               : k.output_mse(r, t_prev, cfg.h_activation, dzh, none);
+  // Reading the losses waits for the device; it is what lets a bad step be refused whole.
+  const double as_value = loss_as.item<double>(), ae_value = loss_ae.item<double>();
+  TORCH_CHECK(std::isfinite(as_value) && std::isfinite(ae_value), "al_ext::dense_block_step: non-finite loss (L_as = ",
+              as_value, ", L_ae = ", ae_value, "): s_prev, t_prev or the parameters hold NaN or inf, or training "
+              "diverged; no parameter was changed");
+
+  // x side, top down; each input gradient (dX = dZ W) before its weight's gradient is used.
+  at::Tensor du = at::mm(dz2, P[kParamWb2]);
+  k.linear_grad(kParamWb2, dz2, u);
+  k.activation_backward(du, u, Activation::kSigmoid, at::Tensor());
+  at::Tensor ds = at::mm(du, P[kParamWb1]);
+  k.linear_grad(kParamWb1, du, s);
+  k.activation_backward(ds, s, cfg.x_activation, at::Tensor());
+  k.linear_grad(kParamWf, ds, s_prev);
+
+  // Label side: h, then g (which in variant B also receives L_as's gradient through t).
+  at::Tensor dt = at::mm(dzh, P[kParamWh]);
+  k.linear_grad(kParamWh, dzh, t);
+  k.activation_backward(dt, t, Activation::kSigmoid, dt_from_as);
+  k.linear_grad(kParamWg, dt, t_prev);
+  k.finish();
+  return {s, t, loss_as, loss_ae};
+}
+
+}  // namespace al_ext
