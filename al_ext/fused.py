@@ -136,7 +136,7 @@ def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     return params, x_act, h_act
 
 
-class _FusedBlockOptimizer(torch.optim.Optimizer):
+class FusedBlockOptimizer(torch.optim.Optimizer):
     """An optimiser for one dense ALMLP block whose whole step (forward, local losses,
     gradients and update) is one op call: ``train_step(s_prev, t_prev)``. Two parameter
     groups, (f, b) with ``lr`` and (g, h) with ``ae_lr``; the per-parameter state is that of
@@ -167,7 +167,7 @@ class _FusedBlockOptimizer(torch.optim.Optimizer):
         raise RuntimeError(f"{type(self).__name__} computes its own gradients: call train_step(s_prev, t_prev)")
 
 
-class FusedBlockAdam(_FusedBlockOptimizer):
+class FusedBlockAdam(FusedBlockOptimizer):
     """torch.optim.Adam (state: step, exp_avg, exp_avg_sq) for one dense block, fused."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
@@ -199,7 +199,7 @@ class FusedBlockAdam(_FusedBlockOptimizer):
                                    fb["betas"][0], fb["betas"][1], fb["eps"], *self._config())
 
 
-class FusedBlockSGD(_FusedBlockOptimizer):
+class FusedBlockSGD(FusedBlockOptimizer):
     """torch.optim.SGD with momentum (state: momentum_buffer) for one dense block, fused."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",

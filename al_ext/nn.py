@@ -134,7 +134,8 @@ class AssociatedLearning(nn.Module):
             return True
         return problem is None and self._reference_tensor().device.type == "cpu"
 
-    def _mse(self, device: torch.device) -> reference.MseFunction:
+    def mse_function(self, device: torch.device) -> reference.MseFunction:
+        """The MSE implementation for the local losses on `device`."""
         # "auto" takes the compiled loss op wherever this build has a kernel for the device.
         compiled = device.type == "cpu" or (device.type == "cuda" and has_cuda_kernels())
         return ops.mse_loss if self.backend == "auto" and compiled else F.mse_loss
@@ -142,7 +143,7 @@ class AssociatedLearning(nn.Module):
     def local_losses(self, x: Tensor, y: Tensor) -> list[BlockLosses]:
         """Training forward pass: each block's outputs and (L_as, L_ae); no gradient crosses a block."""
         s, t = self.check_input(x), self.label_targets(y)
-        mse = self._mse(s.device)
+        mse = self.mse_function(s.device)
         out = []
         for i, block in enumerate(self.blocks):
             ae_loss: AELoss = self.first_ae_loss if i == 0 else "mse"

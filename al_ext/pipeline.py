@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference
 from ._extension import _C
-from .fused import _FusedBlockOptimizer
+from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
 from .validation import check_positive_int
 
@@ -74,7 +74,7 @@ class Pipeline:
         self.threads_per_stage = check_positive_int(threads_per_stage or default_threads, "threads_per_stage")
         self.block_costs = [float(sum(p.numel() for p in block.parameters())) for block in model.blocks]
         optimizers = list(optimizers)
-        if all(isinstance(o, _FusedBlockOptimizer) for o in optimizers) and len(optimizers) == model.depth:
+        if all(isinstance(o, FusedBlockOptimizer) for o in optimizers) and len(optimizers) == model.depth:
             self._steps = [None] * model.depth
             self._fused = optimizers
         elif len(optimizers) == 2 * model.depth:
@@ -91,7 +91,7 @@ class Pipeline:
         def step(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             for opt in pair:
                 opt.zero_grad(set_to_none=True)
-            out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss, model._mse(s_prev.device))
+            out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss, model.mse_function(s_prev.device))
             (out.loss_as + out.loss_ae).backward()
             if not bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):
                 raise FloatingPointError(f"non-finite loss (L_as = {out.loss_as.item()}, L_ae = {out.loss_ae.item()}); "

@@ -64,9 +64,9 @@ class Trainer:
     over all parameters with ``lr``. ``optimizer`` is "adam" or "sgd" (with ``momentum``).
     ``pipeline=True`` (AL only) trains all blocks at the same time on consecutive batches
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage`` and ``pipeline_stages``);
-    the parameters are those of the sequential loop. ``schedule`` is None, ``"neco"`` (step decay at 40/60/80/90 %
-    of the run) or ``"plateau"`` (x0.1 when validation accuracy stalls for 5 epochs).
-    ``seed`` fixes the order of the batches.
+    the parameters are those of the sequential loop. ``schedule`` is None, ``"neco"`` (step
+    decay at 40/60/80/90 % of the run) or ``"plateau"`` (x0.1 when validation accuracy
+    stalls for 5 epochs). ``seed`` fixes the order of the batches.
     """
 
     def __init__(
@@ -107,21 +107,7 @@ class Trainer:
             raise ValueError("model must have a num_classes attribute of at least 2 (the number of classes)")
 
         self.fused = self.is_al and model.uses_fused_step()
-        self.optimizers: list[torch.optim.Optimizer] = []
-        if self.fused:
-            # One op per block does forward, local losses, gradients and the update.
-            for i, block in enumerate(model.blocks):
-                ae_loss = model.first_ae_loss if i == 0 else "mse"
-                if self.optimizer == "adam":
-                    opt = FusedBlockAdam(block, self.lr, self.ae_lr, model.variant, ae_loss)
-                else:
-                    opt = FusedBlockSGD(block, self.lr, self.ae_lr, model.variant, ae_loss, self.momentum)
-                self.optimizers.append(opt)
-        elif self.is_al:
-            for fb_params, gh_params in model.parameter_groups():
-                self.optimizers += [self._torch_optimizer(fb_params, self.lr), self._torch_optimizer(gh_params, self.ae_lr)]
-        else:
-            self.optimizers.append(self._torch_optimizer(model.parameters(), self.lr))
+        self.optimizers = self._make_optimizers()
         if pipeline and not self.is_al:
             raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
         self.pipeline = (Pipeline(model, self.optimizers, max_in_flight, threads_per_stage, stages=pipeline_stages)
@@ -138,6 +124,23 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # {"epoch", "val_accuracy"} of the best epoch on validation
         self._best_state: dict[str, Tensor] | None = None
+
+    def _make_optimizers(self) -> list[torch.optim.Optimizer]:
+        model = self.model
+        if self.fused:  # one op per block does forward, local losses, gradients and the update
+            fused_optimizers: list[torch.optim.Optimizer] = []
+            for i, block in enumerate(model.blocks):
+                ae_loss = model.first_ae_loss if i == 0 else "mse"
+                if self.optimizer == "adam":
+                    fused_optimizers.append(FusedBlockAdam(block, self.lr, self.ae_lr, model.variant, ae_loss))
+                else:
+                    fused_optimizers.append(
+                        FusedBlockSGD(block, self.lr, self.ae_lr, model.variant, ae_loss, self.momentum))
+            return fused_optimizers
+        if self.is_al:
+            return [opt for fb, gh in model.parameter_groups()
+                    for opt in (self._torch_optimizer(fb, self.lr), self._torch_optimizer(gh, self.ae_lr))]
+        return [self._torch_optimizer(model.parameters(), self.lr)]
 
     def _torch_optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
