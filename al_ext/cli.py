@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 
 from . import data
 from ._extension import build_info
-from .nn import ALMLP, bp_baseline
+from .models import ALCNN, VGG_AL, ResNet_AL
+from .nn import ALMLP, AssociatedLearning, bp_baseline
 from .train import Trainer
 
 DATASET_HELP = (
@@ -22,15 +24,32 @@ DATASET_HELP = (
 )
 
 
-def load_dataset(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+MODELS = ("mlp", "cnn", "vgg", "resnet20", "resnet32")
+
+
+def load_dataset(spec: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """(inputs flattened, labels, image shape (channels, height, width))."""
     if spec == "digits":
-        return data.load_digits()
+        return (*data.load_digits(), (1, 8, 8))
     if spec == "mnist-test":
-        return data.load_mnist_test()
+        return (*data.load_mnist_test(), (1, 28, 28))
     if spec.startswith("idx:") and spec.count(",") == 1:
         images, labels = spec[4:].split(",")
-        return data.load_idx_pair(images, labels)
+        side = data.load_idx(images).shape[1:]
+        return (*data.load_idx_pair(images, labels), (1, *side))
     raise ValueError(f"--dataset must be {DATASET_HELP}; got {spec!r}")
+
+
+def build_model(args: argparse.Namespace, image_shape: tuple[int, int, int], num_classes: int) -> AssociatedLearning:
+    common = dict(num_classes=num_classes, label_dim=args.label_dim, bridge_factor=args.bridge_factor,
+                  variant=args.variant, backend=args.backend, first_ae_loss=args.first_ae_loss)
+    if args.model == "mlp":
+        return ALMLP(math.prod(image_shape), hidden=args.hidden, **common)
+    if args.model == "cnn":
+        return ALCNN(image_shape, **common)
+    if args.model == "vgg":
+        return VGG_AL(image_shape, **common)
+    return ResNet_AL(int(args.model.removeprefix("resnet")), image_shape, **common)
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -62,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train.add_argument("--dataset", default="digits", help=DATASET_HELP)
-    train.add_argument("--model", default="mlp", choices=["mlp"], help="architecture: mlp is the NECO MLP (ALMLP)")
+    train.add_argument("--model", default="mlp", choices=MODELS,
+                       help="architecture: mlp (the NECO MLP, ALMLP), cnn (the NECO CNN, ALCNN), vgg (VGG_AL), "
+                       "resnet20 / resnet32 (ResNet_AL); --hidden applies to mlp only")
     train.add_argument("--epochs", type=int, default=20, help="training epochs (the same for AL and BP)")
     train.add_argument("--compare-bp", action="store_true", help="also train the parameter-matched BP baseline")
     train.add_argument("--variant", default="A", choices=["A", "B"],
@@ -154,16 +175,14 @@ def _print_comparison(results: dict[str, dict[str, Any]]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    x, y = load_dataset(args.dataset)
+    x, y, image_shape = load_dataset(args.dataset)
     splits = data.split_dataset(x, y, val=args.val, test=args.test, seed=args.seed)
     sizes = {k: 0 if v is None else v[0].shape[0] for k, v in vars(splits).items()}
     num_classes = int(y.max()) + 1
     print(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
           f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test", flush=True)
     torch.manual_seed(args.seed)
-    model = ALMLP(x[0].numel(), num_classes, hidden=args.hidden, label_dim=args.label_dim,
-                  bridge_factor=args.bridge_factor, variant=args.variant, backend=args.backend,
-                  first_ae_loss=args.first_ae_loss)
+    model = build_model(args, image_shape, num_classes)
     baseline = bp_baseline(model) if args.compare_bp else None  # same initial weights on the shared path
     results: dict[str, dict[str, Any]] = {}
     trainer, results["AL"] = _train_one("AL", model, splits, args)

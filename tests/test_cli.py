@@ -65,6 +65,14 @@ def test_train_pipelined_with_sgd(tmp_path):
     assert len(history) == 2 and "stage_idle_fraction" in history[0]
 
 
+@pytest.mark.parametrize("model", ["cnn", "resnet20"])
+def test_train_a_conv_model(model):
+    result = run("train", "--dataset", "digits", "--model", model, "--epochs", "1", "--label-dim", "16",
+                 "--bridge-factor", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("AL epoch") == 1
+
+
 def test_train_on_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(60, dtype=np.uint8) % 3
