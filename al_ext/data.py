@@ -163,3 +163,30 @@ def split_dataset(x: Tensor, y: Tensor, val: float | int = 0.1, test: float | in
         return (x[i], y[i]) if i.numel() else None
 
     return DatasetSplits(part(idx.train), part(idx.val), part(idx.test))  # type: ignore[arg-type]
+
+
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # one label byte, then the 32x32 image, channel by channel
+
+
+def load_cifar10(directory: str | Path, split: str = "train") -> Dataset:
+    """CIFAR-10 in its binary distribution (cifar-10-batches-bin): data_batch_1..5.bin for
+    "train", test_batch.bin for "test". X float32 in [0, 1], shape (N, 3, 32, 32); y int64."""
+    directory = Path(directory)
+    names = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+    if split not in names:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    images, labels = [], []
+    for name in names[split]:
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"CIFAR-10 batch not found: {path}")
+        raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR10_RECORD:
+            raise ValueError(f"{path}: {raw.size} bytes is not a whole number of {CIFAR10_RECORD}-byte records")
+        records = raw.reshape(-1, CIFAR10_RECORD)
+        if records[:, 0].max() > 9:
+            raise ValueError(f"{path}: a label byte is {int(records[:, 0].max())}, expected 0-9")
+        labels.append(records[:, 0].astype(np.int64))
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32))
+    x = torch.from_numpy(np.concatenate(images)).float().div_(255.0)
+    return x, torch.from_numpy(np.concatenate(labels))

@@ -1,0 +1,84 @@
+"""Text classification data from disk, no download: AG News (CSV) and IMDB (the aclImdb
+folder), and a vocabulary that turns texts into padded token-id tensors."""
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .validation import check_positive_int
+
+PAD, UNKNOWN = 0, 1
+_TOKEN = re.compile(r"[a-z0-9']+")
+
+Texts = tuple[list[str], Tensor]
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words and numbers; markup such as <br /> becomes separate, dropped tokens."""
+    return _TOKEN.findall(text.lower().replace("<br />", " "))
+
+
+class Vocabulary:
+    """Token ids by frequency in the texts it is built from: 0 is padding, 1 unknown."""
+
+    def __init__(self, texts: Sequence[str], max_size: int = 20000, min_count: int = 1) -> None:
+        check_positive_int(max_size, "max_size")
+        check_positive_int(min_count, "min_count")
+        counts = Counter(token for text in texts for token in tokenize(text))
+        kept = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
+        self.tokens = ["<pad>", "<unk>"] + kept[: max_size - 2]
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, texts: Sequence[str], length: int) -> Tensor:
+        """(len(texts), length) int64 ids, cut or padded with PAD at the end."""
+        check_positive_int(length, "length")
+        out = torch.full((len(texts), length), PAD, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.ids.get(t, UNKNOWN) for t in tokenize(text)][:length]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+
+def load_ag_news(path: str | Path) -> Texts:
+    """AG News as distributed (train.csv / test.csv): rows of class index 1-4, title,
+    description, no header. Returns (title + ". " + description for each row, labels 0-3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"AG News file not found: {path}")
+    texts, labels = [], []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for line, row in enumerate(csv.reader(fh), start=1):
+            if len(row) != 3 or row[0].strip() not in {"1", "2", "3", "4"}:
+                raise ValueError(f"{path}, row {line}: expected class index 1-4, title, description; got {row[:3]}")
+            texts.append(f"{row[1]}. {row[2]}")
+            labels.append(int(row[0]) - 1)
+    if not texts:
+        raise ValueError(f"{path} holds no rows")
+    return texts, torch.tensor(labels, dtype=torch.long)
+
+
+def load_imdb(directory: str | Path, split: str = "train") -> Texts:
+    """IMDB reviews from the aclImdb folder: <split>/neg/*.txt (label 0) and <split>/pos/*.txt
+    (label 1), in file-name order."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    texts, labels = [], []
+    for label, polarity in enumerate(("neg", "pos")):
+        folder = Path(directory) / split / polarity
+        if not folder.is_dir():
+            raise FileNotFoundError(f"IMDB folder not found: {folder}")
+        for file in sorted(folder.glob("*.txt")):
+            texts.append(file.read_text(encoding="utf-8"))
+            labels.append(label)
+    if not texts:
+        raise ValueError(f"{Path(directory) / split} holds no reviews")
+    return texts, torch.tensor(labels, dtype=torch.long)
