@@ -169,3 +169,136 @@ class ResNet_AL(_VisionAL):
         super().__init__(encoders, in_shape, num_classes, label_dim, bridge_factor, True, variant, backend,
                          first_ae_loss)
         self.depth_of_resnet = depth
+
+
+# ---- text models (ICLR 2022) --------------------------------------------------------------
+# A sequence state between blocks is (N, T, H + 1): the features of each position, and last
+# the padding mask (1 for a token, 0 for padding), so that every block and every bridge
+# knows which positions are real.
+
+PAD = 0
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (N, T) -> sequence state; PAD (0) positions are masked. With ``max_len``,
+    learned position embeddings are added (for attention, which has no order of its own)."""
+
+    def __init__(self, vocab_size: int, dim: int, max_len: int | None = None) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim, padding_idx=PAD)
+        self.positions = nn.Embedding(max_len, dim) if max_len else None
+
+    def forward(self, ids: Tensor) -> Tensor:
+        mask = (ids != PAD).unsqueeze(-1).to(self.tokens.weight.dtype)
+        h = self.tokens(ids)
+        if self.positions is not None:
+            if ids.shape[1] > self.positions.num_embeddings:
+                raise ValueError(f"sequences of {ids.shape[1]} tokens exceed max_len {self.positions.num_embeddings}")
+            h = h + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        return torch.cat([h * mask, mask], dim=-1)
+
+
+def _split(state: Tensor) -> tuple[Tensor, Tensor]:
+    return state[..., :-1], state[..., -1:]
+
+
+class MaskedLSTM(nn.Module):
+    """An LSTM over the sequence state; padding (at the end) never reaches a real position."""
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, hidden, batch_first=True)
+
+    def forward(self, state: Tensor) -> Tensor:
+        h, mask = _split(state)
+        out, _ = self.lstm(h)
+        return torch.cat([out * mask, mask], dim=-1)
+
+
+class MaskedTransformerLayer(nn.Module):
+    """A Transformer encoder layer whose attention skips padded positions."""
+
+    def __init__(self, dim: int, heads: int, feedforward: int) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(dim, heads, feedforward, dropout=0.0, batch_first=True)
+
+    def forward(self, state: Tensor) -> Tensor:
+        h, mask = _split(state)
+        padding = mask[..., 0] == 0
+        padding[:, 0] = False  # an all-padding row would make attention 0/0
+        out = self.layer(h, src_key_padding_mask=padding)
+        return torch.cat([out * mask, mask], dim=-1)
+
+
+class MaskedMeanPool(nn.Module):
+    """The mean of the real (unmasked) positions: (N, T, H + 1) -> (N, H)."""
+
+    def forward(self, state: Tensor) -> Tensor:
+        h, mask = _split(state)
+        return (h * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class _SequenceAL(AssociatedLearning):
+    """Blocks over token sequences: x-side encoders on the sequence state, bridges after
+    masked mean pooling, the NECO label side."""
+
+    def __init__(self, encoders: list[nn.Module], widths: Sequence[int], vocab_size: int, num_classes: int,
+                 label_dim: int, bridge_factor: int, variant: Variant, backend: Backend,
+                 first_ae_loss: AELoss) -> None:
+        check_positive_int(vocab_size, "vocab_size")
+        check_positive_int(label_dim, "label_dim")
+        check_positive_int(bridge_factor, "bridge_factor")
+        blocks = []
+        y_dim = num_classes
+        for i, (f, width) in enumerate(zip(encoders, widths)):
+            g, h = _label_side(y_dim, label_dim, logits=i == 0 and first_ae_loss == "cross_entropy")
+            hidden = bridge_factor * label_dim
+            b = nn.Sequential(MaskedMeanPool(), nn.Linear(width, hidden), nn.Sigmoid(), nn.Linear(hidden, label_dim),
+                              nn.Sigmoid())
+            for part in (g, h, b):
+                he_normal_(part)  # the encoders keep PyTorch's own initialisation
+            blocks.append(ALBlock(f, g, b, h))
+            y_dim = label_dim
+        super().__init__(blocks, num_classes, variant=variant, first_ae_loss=first_ae_loss, backend=backend)
+        self.vocab_size = vocab_size
+
+
+class LSTM_AL(_SequenceAL):
+    """The ICLR 2022 LSTM text classifier as AL blocks: the word embedding and an LSTM in the
+    first block, one LSTM layer in each further block; inputs are token ids (0 = padding)."""
+
+    def __init__(self, vocab_size: int, num_classes: int, embed_dim: int = 128, hidden: Sequence[int] = (256, 256),
+                 label_dim: int = 128, bridge_factor: int = 5, variant: Variant = "A", backend: Backend = "auto",
+                 first_ae_loss: AELoss = "mse") -> None:
+        hidden = list(hidden)
+        if not hidden:
+            raise ValueError("hidden must list at least one LSTM width (one per block), got none")
+        encoders: list[nn.Module] = []
+        in_dim = embed_dim
+        for i, width in enumerate(hidden):
+            lstm = MaskedLSTM(in_dim, check_positive_int(width, f"hidden[{i}]"))
+            encoders.append(nn.Sequential(TokenEmbedding(vocab_size, embed_dim), lstm) if i == 0 else lstm)
+            in_dim = width
+        super().__init__(encoders, hidden, vocab_size, num_classes, label_dim, bridge_factor, variant, backend,
+                         first_ae_loss)
+
+
+class Transformer_AL(_SequenceAL):
+    """The ICLR 2022 Transformer text classifier as AL blocks: the word and position embeddings
+    and ``layers_per_block`` encoder layers in the first block, as many in each further one."""
+
+    def __init__(self, vocab_size: int, num_classes: int, max_len: int = 256, dim: int = 128, heads: int = 4,
+                 feedforward: int = 256, num_blocks: int = 2, layers_per_block: int = 1, label_dim: int = 128,
+                 bridge_factor: int = 5, variant: Variant = "A", backend: Backend = "auto",
+                 first_ae_loss: AELoss = "mse") -> None:
+        check_positive_int(num_blocks, "num_blocks")
+        check_positive_int(layers_per_block, "layers_per_block")
+        if dim % check_positive_int(heads, "heads"):
+            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+        encoders: list[nn.Module] = []
+        for i in range(num_blocks):
+            layers: list[nn.Module] = [TokenEmbedding(vocab_size, dim, max_len)] if i == 0 else []
+            layers += [MaskedTransformerLayer(dim, heads, feedforward) for _ in range(layers_per_block)]
+            encoders.append(nn.Sequential(*layers))
+        super().__init__(encoders, [dim] * num_blocks, vocab_size, num_classes, label_dim, bridge_factor, variant,
+                         backend, first_ae_loss)

@@ -12,15 +12,19 @@ from torch import Tensor, nn
 from . import fused, ops, reference
 from ._extension import has_cuda_kernels
 from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
-from .validation import check_choice, check_float_tensor, check_positive_int
+from .validation import check_choice, check_float_tensor, check_positive_int, check_tensor
 
 Backend = Literal["auto", "fused", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "fused", "reference")
 
 
-def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "x") -> Tensor:
-    """x must be a non-empty batch on the device and in the dtype of ``param`` (a model
-    parameter), with ``in_features`` values per sample where the architecture fixes that."""
+def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "x",
+                vocab_size: int | None = None) -> Tensor:
+    """x must be a non-empty batch on the device of ``param`` (a model parameter): token ids
+    in [0, vocab_size), shape (N, T), where the model reads text; otherwise floats in the
+    parameter's dtype, with ``in_features`` values per sample where the architecture fixes that."""
+    if vocab_size is not None:
+        return check_token_batch(x, param.device, vocab_size, name)
     check_float_tensor(x, name)
     if x.device != param.device:
         raise ValueError(f"{name} must be on {param.device} (the model's device), got {x.device}")
@@ -30,6 +34,20 @@ def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "
         raise ValueError(f"{name} must be a non-empty batch (samples along dim 0), got shape {tuple(x.shape)}")
     if in_features is not None and math.prod(x.shape[1:]) != in_features:
         raise ValueError(f"{name} must have {in_features} features per sample, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_token_batch(x: Tensor, device: torch.device, vocab_size: int, name: str = "x") -> Tensor:
+    check_tensor(x, name)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty (batch, length) tensor of token ids, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device} (the model's device), got {x.device}")
+    low, high = int(x.min()), int(x.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} token ids must lie in [0, {vocab_size}), got values from {low} to {high}")
     return x
 
 
@@ -84,8 +102,10 @@ class AssociatedLearning(nn.Module):
         self.variant: Variant = check_choice(variant, "variant", VARIANTS)  # type: ignore[assignment]
         self.first_ae_loss: AELoss = check_choice(first_ae_loss, "first_ae_loss", AE_LOSSES)  # type: ignore[assignment]
         self.backend: Backend = check_choice(backend, "backend", BACKENDS)  # type: ignore[assignment]
-        # Number of input features per sample, where the architecture fixes it (checked on every call).
+        # Number of input features per sample, where the architecture fixes it (checked on every call);
+        # for models that read text, the vocabulary size (inputs are token ids).
         self.in_features: int | None = None
+        self.vocab_size: int | None = None
 
     @property
     def depth(self) -> int:
@@ -95,7 +115,7 @@ class AssociatedLearning(nn.Module):
         return next(self.parameters())
 
     def check_input(self, x: Tensor, name: str = "x") -> Tensor:
-        return check_batch(x, self._reference_tensor(), self.in_features, name)
+        return check_batch(x, self._reference_tensor(), self.in_features, name, self.vocab_size)
 
     def label_targets(self, y: Tensor) -> Tensor:
         """t_0 = one-hot(y), in the model's dtype and on its device."""
@@ -292,16 +312,17 @@ class BPNetwork(nn.Module):
     """An AL model's inference path f_1..f_L, b_L, h_L..h_1 as one network, trained end to end."""
 
     def __init__(self, encoders: Sequence[nn.Module], bridge: nn.Module, decoders: Sequence[nn.Module],
-                 num_classes: int, in_features: int | None) -> None:
+                 num_classes: int, in_features: int | None, vocab_size: int | None = None) -> None:
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.bridge = bridge
         self.decoders = nn.ModuleList(decoders)  # h_L first, h_1 last
         self.num_classes = num_classes
         self.in_features = in_features
+        self.vocab_size = vocab_size
 
     def forward(self, x: Tensor) -> Tensor:
-        s = check_batch(x, next(self.parameters()), self.in_features)
+        s = check_batch(x, next(self.parameters()), self.in_features, vocab_size=self.vocab_size)
         for f in self.encoders:
             s = f(s)
         t = self.bridge(s)
@@ -327,4 +348,5 @@ def bp_baseline(model: AssociatedLearning) -> BPNetwork:
     first = decoders[-1]
     if isinstance(first, nn.Sequential) and len(first) > 1 and isinstance(first[-1], nn.Sigmoid):
         decoders[-1] = first[:-1]
-    return BPNetwork([block.f for block in blocks], blocks[-1].b, decoders, model.num_classes, model.in_features)
+    return BPNetwork([block.f for block in blocks], blocks[-1].b, decoders, model.num_classes, model.in_features,
+                     model.vocab_size)

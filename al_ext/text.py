@@ -82,3 +82,28 @@ def load_imdb(directory: str | Path, split: str = "train") -> Texts:
     if not texts:
         raise ValueError(f"{Path(directory) / split} holds no reviews")
     return texts, torch.tensor(labels, dtype=torch.long)
+
+
+def generated_topics(n: int, num_classes: int = 4, seed: int = 0, length: tuple[int, int] = (8, 24)) -> Texts:
+    """A text classification task made here, for machines that can download nothing: each
+    text is filler words from a pool every class shares, with 2-4 words of its class's topic
+    list mixed in, in random order. Topic lists overlap (half of each list is shared with
+    the next class), so a single word is not always enough to decide."""
+    check_positive_int(n, "n")
+    if check_positive_int(num_classes, "num_classes") < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    gen = torch.Generator().manual_seed(seed)
+    filler = [f"w{i}" for i in range(200)]
+    topics = [[f"t{c}_{i}" for i in range(10)] + [f"t{(c + 1) % num_classes}_{i}" for i in range(5)]
+              for c in range(num_classes)]
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(torch.randint(num_classes, (1,), generator=gen))
+        size = int(torch.randint(length[0], length[1] + 1, (1,), generator=gen))
+        topical = int(torch.randint(2, 5, (1,), generator=gen))
+        words = [filler[int(i)] for i in torch.randint(len(filler), (size - topical,), generator=gen)]
+        words += [topics[label][int(i)] for i in torch.randint(len(topics[label]), (topical,), generator=gen)]
+        order = torch.randperm(len(words), generator=gen).tolist()
+        texts.append(" ".join(words[i] for i in order))
+        labels.append(label)
+    return texts, torch.tensor(labels, dtype=torch.long)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .fused import FusedBlockAdam, FusedBlockSGD
-from .nn import AssociatedLearning
+from .nn import AssociatedLearning, check_token_batch
 from .pipeline import Pipeline, PipelineError
 from .validation import (
     check_choice,
@@ -24,6 +24,7 @@ from .validation import (
     check_labels,
     check_positive_float,
     check_positive_int,
+    check_tensor,
 )
 
 Data = Union[tuple[Tensor, Tensor], DataLoader]
@@ -150,6 +151,11 @@ class Trainer:
     # ---- data -------------------------------------------------------------------------
 
     def _check_pair(self, x: Any, y: Any, name: str) -> tuple[Tensor, Tensor]:
+        vocab_size = getattr(self.model, "vocab_size", None)
+        if vocab_size is not None:  # token ids: checked by the model's own rule, never cast
+            x = check_token_batch(check_tensor(x, f"{name} inputs").to(self.device), self.device, vocab_size,
+                                  f"{name} inputs")
+            return x, check_labels(y, self.num_classes, f"{name} labels", length=x.shape[0]).to(self.device)
         x = check_float_tensor(x, f"{name} inputs")
         y = check_labels(y, self.num_classes, f"{name} labels", length=x.shape[0] if x.dim() else None)
         if x.dim() < 2:

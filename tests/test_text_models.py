@@ -1,0 +1,103 @@
+"""LSTM_AL and Transformer_AL: padding never changes a result, they learn a generated text
+task, and they work with every inference path, the BP baseline and the pipeline."""
+import pytest
+import torch
+
+import al_ext
+from al_ext import Trainer, bp_baseline, text
+from al_ext.models import LSTM_AL, Transformer_AL
+
+
+@pytest.fixture(scope="module")
+def task():
+    texts, labels = text.generated_topics(1200, seed=0)
+    vocab = text.Vocabulary(texts)
+    parts = al_ext.data.split_dataset(vocab.encode(texts, 24), labels, val=0.1, test=0.2, seed=0)
+    return vocab, parts
+
+
+def make(kind, vocab_size, **kwargs):
+    torch.manual_seed(0)
+    if kind == "lstm":
+        return LSTM_AL(vocab_size, 4, embed_dim=32, hidden=(48, 48), label_dim=32, bridge_factor=2, **kwargs)
+    return Transformer_AL(vocab_size, 4, max_len=32, dim=32, heads=2, feedforward=64, label_dim=32, bridge_factor=2,
+                          **kwargs)
+
+
+KINDS = ["lstm", "transformer"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_changes_nothing(kind):
+    model = make(kind, 50).eval()
+    ids = torch.randint(1, 50, (3, 10))
+    padded = torch.cat([ids, torch.zeros(3, 6, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model(padded), model(ids))
+    for a, b in zip(model.shortcut_scores(padded), model.shortcut_scores(ids)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learns_the_generated_task(kind, task):
+    vocab, parts = task
+    trainer = Trainer(make(kind, len(vocab), first_ae_loss="cross_entropy"), lr=3e-3, batch_size=32, progress=False)
+    trainer.fit(parts.train, parts.val, epochs=8)
+    assert max(trainer.evaluate(parts.test)["shortcut_accuracy"]) > 0.7  # chance is 0.25
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_paths_and_bp_baseline(kind):
+    model = make(kind, 50).eval()
+    ids = torch.randint(0, 50, (5, 12))
+    classes, depths = model.predict_adaptive(ids, 0.5)
+    assert classes.shape == (5,) and 1 <= int(depths.min()) and int(depths.max()) <= model.depth
+    assert torch.equal(model.predict(ids, depth=1), model.scores(ids, depth=1).argmax(1))
+    torch.testing.assert_close(torch.sigmoid(bp_baseline(model).eval()(ids)), model(ids))
+
+
+def test_lstm_pipelines_bit_for_bit(task):
+    vocab, parts = task
+    x, y = parts.train[0][:96], parts.train[1][:96]
+    results = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for pipelined in (False, True):
+            model = make("lstm", len(vocab))
+            Trainer(model, batch_size=16, progress=False, pipeline=pipelined, threads_per_stage=1,
+                    pipeline_stages=2 if pipelined else None).fit((x, y), epochs=1)
+            results.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize(
+    "ids,error,message",
+    [
+        (torch.rand(2, 5), TypeError, "must hold integer token ids"),
+        (torch.tensor([[1, 2, 50]]), ValueError, r"token ids must lie in \[0, 50\), got values from 1 to 50"),
+        (torch.tensor([1, 2, 3]), ValueError, r"non-empty \(batch, length\) tensor"),
+    ],
+)
+def test_bad_token_input(ids, error, message):
+    with pytest.raises(error, match=message):
+        make("lstm", 50)(ids)
+    with pytest.raises(error, match=message):
+        Trainer(make("lstm", 50), progress=False).fit((ids, torch.zeros(ids.shape[0], dtype=torch.long)), epochs=1)
+
+
+def test_generated_topics_is_seeded_and_balanced():
+    a, b = text.generated_topics(400, seed=3), text.generated_topics(400, seed=3)
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert text.generated_topics(400, seed=4)[0] != a[0]
+    assert torch.bincount(a[1], minlength=4).min() > 60
+    with pytest.raises(ValueError, match="num_classes must be at least 2"):
+        text.generated_topics(10, num_classes=1)
+
+
+def test_transformer_arguments():
+    with pytest.raises(ValueError, match=r"dim \(30\) must be a multiple of heads \(4\)"):
+        Transformer_AL(50, 4, dim=30)
+    with pytest.raises(ValueError, match="exceed max_len 8"):
+        Transformer_AL(50, 4, max_len=8, dim=16, heads=2)(torch.ones(2, 9, dtype=torch.long))
