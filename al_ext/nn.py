@@ -258,8 +258,11 @@ def he_normal_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+_X_ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
 class ALMLP(AssociatedLearning):
-    """The NECO MLP: per block f = Linear + ELU, g = Linear + sigmoid, h = Linear + sigmoid,
+    """The NECO MLP: per block f = Linear + ELU (or ``activation``), g = Linear + sigmoid, h = Linear + sigmoid,
     b = Linear(d_x -> bridge_factor * label_dim) + sigmoid + Linear(-> label_dim) + sigmoid.
 
     Inputs of any shape whose per-sample size is ``in_features`` are flattened. With
@@ -276,8 +279,10 @@ class ALMLP(AssociatedLearning):
         variant: Variant = "A",
         backend: Backend = "auto",
         first_ae_loss: AELoss = "mse",
+        activation: str = "elu",
     ) -> None:
         check_positive_int(in_features, "in_features")
+        act = _X_ACTIVATIONS[check_choice(activation, "activation", tuple(_X_ACTIVATIONS))]
         check_positive_int(num_classes, "num_classes")
         check_positive_int(label_dim, "label_dim")
         check_positive_int(bridge_factor, "bridge_factor")
@@ -289,8 +294,8 @@ class ALMLP(AssociatedLearning):
         blocks = []
         x_dim, y_dim = in_features, num_classes
         for i, width in enumerate(hidden):
-            f = nn.Sequential(nn.Flatten(), nn.Linear(x_dim, width), nn.ELU()) if i == 0 else nn.Sequential(
-                nn.Linear(x_dim, width), nn.ELU()
+            f = nn.Sequential(nn.Flatten(), nn.Linear(x_dim, width), act()) if i == 0 else nn.Sequential(
+                nn.Linear(x_dim, width), act()
             )
             g = nn.Sequential(nn.Linear(y_dim, label_dim), nn.Sigmoid())
             b = nn.Sequential(

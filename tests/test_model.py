@@ -76,6 +76,13 @@ def test_neco_mlp_has_the_papers_size():
     assert abs(w.std().item() - math.sqrt(2 / 784)) < 0.002, "He-normal initialisation"
 
 
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_mlp_x_side_activation_keeps_the_fused_step(activation):
+    model = small_mlp(activation=activation)
+    assert type(model.blocks[1].f[-1]).__name__.lower() == activation and model.uses_fused_step()
+    assert al_ext.fused.dense_block_layout(model.blocks[0])[1] == activation
+
+
 def test_neco_mlp_flattens_images():
     model = al_ext.ALMLP(16, 3, hidden=(8,), label_dim=4)
     assert model(torch.randn(5, 1, 4, 4)).shape == (5, 3)
@@ -130,6 +137,7 @@ def test_bad_model_input(call, error, message):
         (lambda: small_mlp(hidden=()), ValueError, "hidden must list at least one width"),
         (lambda: small_mlp(hidden=(8, 0)), ValueError, r"hidden\[1\] must be a positive integer"),
         (lambda: al_ext.ALMLP(20, 1), ValueError, "num_classes must be at least 2"),
+        (lambda: small_mlp(activation="gelu"), ValueError, "activation must be one of 'elu', 'relu', 'sigmoid', 'tanh'"),
         (lambda: bp_baseline(nn.Linear(2, 2)), TypeError, "model must be an AssociatedLearning"),
     ],
 )
