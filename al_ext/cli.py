@@ -12,19 +12,40 @@ from typing import Any, Sequence
 
 import torch
 
-from . import data
+from . import data, text
 from ._extension import build_info
-from .models import ALCNN, VGG_AL, ResNet_AL
+from .models import ALCNN, LSTM_AL, VGG_AL, ResNet_AL, Transformer_AL
 from .nn import ALMLP, AssociatedLearning, bp_baseline
 from .train import Trainer
 
 DATASET_HELP = (
-    "digits (scikit-learn's 8x8 digits, embedded), mnist-test (the MNIST test set in "
-    "../shared/data/mnist-test, or $AL_EXT_MNIST_DIR), or idx:IMAGES,LABELS (any IDX image/label pair)"
+    "images: digits (scikit-learn's 8x8 digits, embedded), mnist-test (the MNIST test set in "
+    "../shared/data/mnist-test, or $AL_EXT_MNIST_DIR), idx:IMAGES,LABELS (any IDX image/label pair); "
+    "text, for --model lstm/transformer: generated-text (a 4-class topic task made here), "
+    "ag_news:CSV (AG News train.csv or test.csv), imdb:DIR (the aclImdb folder, train split)"
 )
+TEXT_MODELS = ("lstm", "transformer")
 
 
-MODELS = ("mlp", "cnn", "vgg", "resnet20", "resnet32")
+MODELS = ("mlp", "cnn", "vgg", "resnet20", "resnet32", *TEXT_MODELS)
+
+
+def load_texts(spec: str) -> tuple[list[str], torch.Tensor] | None:
+    """Texts and labels for a text dataset spec, None for an image one."""
+    if spec == "generated-text":
+        return text.generated_topics(6000, seed=0)
+    if spec.startswith("ag_news:"):
+        return text.load_ag_news(spec.removeprefix("ag_news:"))
+    if spec.startswith("imdb:"):
+        return text.load_imdb(spec.removeprefix("imdb:"), "train")
+    return None
+
+
+def encode_texts(texts: list[str], y: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, int]:
+    """Token ids with a vocabulary built from the training part of the split alone."""
+    train = data.stratified_split(y, val=args.val, test=args.test, seed=args.seed).train
+    vocab = text.Vocabulary([texts[i] for i in train.tolist()], max_size=args.vocab_size)
+    return vocab.encode(texts, args.max_len), len(vocab)
 
 
 def load_dataset(spec: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
@@ -40,9 +61,17 @@ def load_dataset(spec: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int,
     raise ValueError(f"--dataset must be {DATASET_HELP}; got {spec!r}")
 
 
-def build_model(args: argparse.Namespace, image_shape: tuple[int, int, int], num_classes: int) -> AssociatedLearning:
+def build_model(args: argparse.Namespace, image_shape: tuple[int, int, int] | None, num_classes: int,
+                vocab_size: int | None = None) -> AssociatedLearning:
     common = dict(num_classes=num_classes, label_dim=args.label_dim, bridge_factor=args.bridge_factor,
                   variant=args.variant, backend=args.backend, first_ae_loss=args.first_ae_loss)
+    if (vocab_size is None) == (args.model in TEXT_MODELS):
+        raise ValueError(f"--model {args.model} needs {'a text' if vocab_size is None else 'an image'} dataset; "
+                         f"--dataset is {args.dataset!r}")
+    if args.model == "lstm":
+        return LSTM_AL(vocab_size, hidden=args.hidden, **common)
+    if args.model == "transformer":
+        return Transformer_AL(vocab_size, max_len=args.max_len, num_blocks=len(args.hidden), **common)
     if args.model == "mlp":
         return ALMLP(math.prod(image_shape), hidden=args.hidden, **common)
     if args.model == "cnn":
@@ -83,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default="digits", help=DATASET_HELP)
     train.add_argument("--model", default="mlp", choices=MODELS,
                        help="architecture: mlp (the NECO MLP, ALMLP), cnn (the NECO CNN, ALCNN), vgg (VGG_AL), "
-                       "resnet20 / resnet32 (ResNet_AL); --hidden applies to mlp only")
+                       "resnet20 / resnet32 (ResNet_AL) on images; lstm (LSTM_AL) or transformer (Transformer_AL) "
+                       "on text. --hidden gives the MLP's and the LSTM's widths, and the Transformer's block count")
     train.add_argument("--epochs", type=int, default=20, help="training epochs (the same for AL and BP)")
     train.add_argument("--compare-bp", action="store_true", help="also train the parameter-matched BP baseline")
     train.add_argument("--variant", default="A", choices=["A", "B"],
@@ -92,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="x-side widths, one per block, comma-separated")
     train.add_argument("--label-dim", type=int, default=1024, help="label-side width d")
     train.add_argument("--bridge-factor", type=int, default=5, help="bridge hidden width = factor x label-dim")
+    train.add_argument("--max-len", type=int, default=64, help="text: tokens kept per text (padded or cut)")
+    train.add_argument("--vocab-size", type=int, default=20000, help="text: the vocabulary's size at most")
     train.add_argument("--first-ae-loss", default="mse", choices=["mse", "cross_entropy"],
                        help="loss of the first block's auto-encoder")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of (f, b) and of the BP baseline")
@@ -175,14 +207,21 @@ def _print_comparison(results: dict[str, dict[str, Any]]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    x, y, image_shape = load_dataset(args.dataset)
+    texts = load_texts(args.dataset)
+    if texts is not None:
+        y = texts[1]
+        x, vocab_size = encode_texts(texts[0], y, args)
+        image_shape = None
+    else:
+        x, y, image_shape = load_dataset(args.dataset)
+        vocab_size = None
     splits = data.split_dataset(x, y, val=args.val, test=args.test, seed=args.seed)
     sizes = {k: 0 if v is None else v[0].shape[0] for k, v in vars(splits).items()}
     num_classes = int(y.max()) + 1
     print(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
           f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test", flush=True)
     torch.manual_seed(args.seed)
-    model = build_model(args, image_shape, num_classes)
+    model = build_model(args, image_shape, num_classes, vocab_size)
     baseline = bp_baseline(model) if args.compare_bp else None  # same initial weights on the shared path
     results: dict[str, dict[str, Any]] = {}
     trainer, results["AL"] = _train_one("AL", model, splits, args)

@@ -73,6 +73,32 @@ def test_train_a_conv_model(model):
     assert result.stdout.count("AL epoch") == 1
 
 
+def test_train_a_text_model_on_generated_text():
+    result = run("train", "--dataset", "generated-text", "--model", "lstm", "--hidden", "32", "--label-dim", "16",
+                 "--bridge-factor", "2", "--max-len", "16", "--epochs", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "6000 samples, 4 classes" in result.stdout and result.stdout.count("AL epoch") == 1
+
+
+def test_train_a_text_model_on_ag_news_csv(tmp_path):
+    rows = [f'"{1 + i % 4}","title {i % 4}","words of class {i % 4} and filler {i}"' for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    result = run("train", "--dataset", f"ag_news:{tmp_path / 'train.csv'}", "--model", "transformer", "--hidden",
+                 "16", "--label-dim", "8", "--bridge-factor", "2", "--max-len", "12", "--epochs", "1",
+                 "--test", "8", "--val", "0", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "32 train / 0 val / 8 test" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "digits", "--model", "lstm"], "--model lstm needs a text dataset"),
+    (["--dataset", "generated-text", "--model", "cnn"], "--model cnn needs an image dataset"),
+])
+def test_model_and_dataset_must_agree(args, message):
+    result = run("train", "--epochs", "1", *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
 def test_train_on_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(60, dtype=np.uint8) % 3
