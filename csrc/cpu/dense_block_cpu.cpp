@@ -272,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_step";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not to be recorded
-  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev_arg, t_prev_arg, params);
+  const DenseBlockConfig cfg =
+      check_dense_block_call(op, s_prev_arg, t_prev_arg, params, x_activation, h_activation, variant, ae_loss);
   check_cpu(op, s_prev_arg);
   const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
   std::vector<at::Tensor> grads;
@@ -310,8 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
     c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_adam_step_";
-  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev, t_prev, params);
+  const DenseBlockConfig cfg =
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cpu(op, s_prev);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
   return dense_block_update_step(s_prev, t_prev, params, exp_avg, exp_avg_sq,
@@ -324,8 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_
     double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
     c10::string_view variant, c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_sgd_step_";
-  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev, t_prev, params);
+  const DenseBlockConfig cfg =
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cpu(op, s_prev);
   check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
   return dense_block_update_step(s_prev, t_prev, params, momentum_buffer, {},

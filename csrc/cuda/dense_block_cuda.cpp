@@ -132,8 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, c10::string_view x_activation,
     c10::string_view h_activation, c10::string_view variant, c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_step";
-  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev, t_prev, params);
+  const DenseBlockConfig cfg =
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cuda(op, s_prev);
   std::vector<at::Tensor> grads = empty_like_each(params);
   DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, nullptr, {}, {});
@@ -146,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
     c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_adam_step_";
-  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev, t_prev, params);
+  const DenseBlockConfig cfg =
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cuda(op, s_prev);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
   const OptimizerUpdate fb = adam_update(step, lr_fb, beta1, beta2, eps);
@@ -171,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_
     double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
     c10::string_view variant, c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_sgd_step_";
-  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev, t_prev, params);
+  const DenseBlockConfig cfg =
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cuda(op, s_prev);
   check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
   cuda::MultiTensorUpdateParams update;

@@ -103,6 +103,17 @@ inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, c
   check_shape(op, params[kParamWh + 1], "c_h", {dy}, "d_y = t_prev's width");
 }
 
+// What every dense block op checks first, on any device: the configuration strings, then
+// the inputs and the parameters. Returns the parsed configuration.
+inline DenseBlockConfig check_dense_block_call(const char* op, const at::Tensor& s_prev, const at::Tensor& t_prev,
+                                               at::TensorList params, c10::string_view x_activation,
+                                               c10::string_view h_activation, c10::string_view variant,
+                                               c10::string_view ae_loss) {
+  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  check_dense_block_inputs(op, s_prev, t_prev, params);
+  return cfg;
+}
+
 // The optimiser step applied to a parameter group: torch.optim.Adam's (no weight decay, no
 // amsgrad) for one step number, or torch.optim.SGD's with momentum (no dampening).
 enum class OptimizerKind { kAdam, kSgd };
