@@ -67,16 +67,17 @@ def test_models_learn_digits(kind, digits):
     assert max(trainer.evaluate(digits.test)["shortcut_accuracy"]) > 0.6  # chance is 0.1
 
 
-def test_a_conv_model_pipelines_bit_for_bit():
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_vision_model_pipelines_bit_for_bit(kind):
     x, y = torch.rand(64, 64), torch.randint(0, 10, (64,))
     results = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for pipelined in (False, True):
-            model = small("resnet")
+            model = small(kind)
             trainer = Trainer(model, batch_size=8, progress=False, pipeline=pipelined, threads_per_stage=1,
-                              pipeline_stages=3 if pipelined else None)
+                              pipeline_stages=model.depth if pipelined else None)
             trainer.fit((x, y), epochs=1)
             results.append([t.clone() for t in model.state_dict().values()])  # batch-norm statistics too
     finally:

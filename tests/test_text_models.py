@@ -55,7 +55,8 @@ def test_inference_paths_and_bp_baseline(kind):
     torch.testing.assert_close(torch.sigmoid(bp_baseline(model).eval()(ids)), model(ids))
 
 
-def test_lstm_pipelines_bit_for_bit(task):
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_models_pipeline_bit_for_bit(kind, task):
     vocab, parts = task
     x, y = parts.train[0][:96], parts.train[1][:96]
     results = []
@@ -63,7 +64,7 @@ def test_lstm_pipelines_bit_for_bit(task):
     torch.set_num_threads(1)
     try:
         for pipelined in (False, True):
-            model = make("lstm", len(vocab))
+            model = make(kind, len(vocab))
             Trainer(model, batch_size=16, progress=False, pipeline=pipelined, threads_per_stage=1,
                     pipeline_stages=2 if pipelined else None).fit((x, y), epochs=1)
             results.append([p.detach().clone() for p in model.parameters()])
