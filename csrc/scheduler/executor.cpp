@@ -142,9 +142,9 @@ class Run {
     } catch (const BlockError&) {
       fail(std::current_exception());
     } catch (const c10::Error& e) {
-      fail(std::make_exception_ptr(BlockError(current_stage_, current_batch_, e.what_without_backtrace())));
+      fail(std::make_exception_ptr(BlockError(current_block_, current_batch_, e.what_without_backtrace())));
     } catch (const std::exception& e) {
-      fail(std::make_exception_ptr(BlockError(current_stage_, current_batch_, e.what())));
+      fail(std::make_exception_ptr(BlockError(current_block_, current_batch_, e.what())));
     }
   }
 
@@ -178,26 +178,22 @@ class Run {
   }
 
   // One block's training step on one batch, with its losses checked and recorded.
-  StepResult step(size_t stage, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev) {
-    thread_local_stage(stage, batch);
+  StepResult step(size_t block, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev) {
+    current_block_ = static_cast<int>(block);  // where a failure will be reported
+    current_batch_ = batch;
     const auto start = Clock::now();
-    StepResult out = blocks_[stage](s_prev, t_prev);
-    stats_[stage].busy_s += seconds_since(start);
-    ++stats_[stage].batches;
+    StepResult out = blocks_[block](s_prev, t_prev);
+    stats_[block].busy_s += seconds_since(start);
+    ++stats_[block].batches;
     const double loss_as = out.loss_as.item<double>(), loss_ae = out.loss_ae.item<double>();
     if (!std::isfinite(loss_as) || !std::isfinite(loss_ae)) {
-      throw BlockError(static_cast<int>(stage), batch,
+      throw BlockError(static_cast<int>(block), batch,
                        "non-finite loss (L_as = " + std::to_string(loss_as) + ", L_ae = " + std::to_string(loss_ae) + ")");
     }
-    double* row = losses_.mutable_data_ptr<double>() + (static_cast<int64_t>(batch) * blocks_.size() + stage) * 2;
+    double* row = losses_.mutable_data_ptr<double>() + (static_cast<int64_t>(batch) * blocks_.size() + block) * 2;
     row[0] = loss_as;
     row[1] = loss_ae;
     return out;
-  }
-
-  void thread_local_stage(size_t stage, int batch) {
-    current_stage_ = static_cast<int>(stage);
-    current_batch_ = batch;
   }
 
   // Stage g: for each batch in turn, its blocks one after the other.
@@ -257,10 +253,10 @@ class Run {
   std::mutex done_mutex_;
   std::condition_variable done_;
   size_t finished_ = 0;
-  static thread_local int current_stage_, current_batch_;
+  static thread_local int current_block_, current_batch_;  // what this thread is running
 };
 
-thread_local int Run::current_stage_ = 0;
+thread_local int Run::current_block_ = 0;
 thread_local int Run::current_batch_ = 0;
 
 }  // namespace
