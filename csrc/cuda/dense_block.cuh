@@ -15,6 +15,7 @@ enum class ActivationKind : int { kElu, kRelu, kSigmoid, kTanh, kIdentity };
 
 // MSE(out, target) over n elements with out = act(z): writes dz = dL/dz, and, if dtarget is
 // set, dtarget = dL/dtarget (variant B's gradient into t); loss = the mean (one element).
+// With act = kIdentity this is al_ext::mse_loss_and_grad, which launches it too.
 struct OutputMseParams {
   const void* out = nullptr;
   const void* target = nullptr;

@@ -1,5 +1,6 @@
-// CUDA glue of al_ext::mse_loss_and_grad: checks the arguments once, fills the params
-// struct of the torch-free kernel and launches it on the current stream.
+// CUDA glue of al_ext::mse_loss_and_grad: checks the arguments once and launches, on the
+// current stream, the dense block's output-MSE kernel (dense_block.cu) with an identity
+// output: the same loss and gradient, and the same deterministic reduction.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,7 +9,7 @@
 #include "../ops/checks.h"
 #include "../ops/ops.h"
 #include "glue.h"
-#include "mse_loss.cuh"
+#include "dense_block.cuh"
 
 namespace al_ext {
 
@@ -22,18 +23,19 @@ std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& inpu
   at::Tensor grad = at::empty_like(input, at::MemoryFormat::Contiguous);
   at::Tensor loss = at::empty({}, input.options());
   const int64_t n = input.numel();
-  at::Tensor partial = at::empty({cuda::mse_loss_partial_count(n)}, input.options().dtype(at::kDouble));
+  at::Tensor partial = at::empty({cuda::reduction_blocks(n)}, input.options().dtype(at::kDouble));
 
-  cuda::MseLossParams params;
-  params.input = input.const_data_ptr();
+  cuda::OutputMseParams params;
+  params.out = input.const_data_ptr();
   params.target = target.const_data_ptr();
-  params.grad = grad.mutable_data_ptr();
+  params.dz = grad.mutable_data_ptr();
   params.loss = loss.mutable_data_ptr();
   params.partial = partial.mutable_data_ptr<double>();
   params.n = n;
+  params.act = cuda::ActivationKind::kIdentity;
   params.type = to_float_type(input.scalar_type(), "al_ext::mse_loss_and_grad");
-  check_launch(cuda::launch_mse_loss_and_grad(params, c10::cuda::getCurrentCUDAStream()), "al_ext::mse_loss_and_grad",
-               "the loss kernel");
+  check_launch(cuda::launch_output_mse_backward(params, c10::cuda::getCurrentCUDAStream()),
+               "al_ext::mse_loss_and_grad", "the MSE kernel");
   return {loss, grad};
 }
 
