@@ -50,6 +50,10 @@ def dense_block_adam_step_(
     """A whole training step of one dense block: the gradients of ``dense_block_step``
     applied in place by Adam (torch.optim.Adam's update; ``step`` is the step number after
     this update), with ``lr_fb`` for (f, b) and ``lr_gh`` for (g, h). Returns (s, t, L_as, L_ae).
+
+    A step whose loss is not finite changes nothing. On the CPU it raises; on CUDA the op
+    never waits for the device, so it returns the non-finite losses for the caller to see
+    (``FusedBlockAdam.train_step`` raises for them). The SGD form behaves the same.
     """
     return torch.ops.al_ext.dense_block_adam_step_.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [m.detach() for m in exp_avg],
@@ -136,6 +140,18 @@ def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     return params, x_act, h_act
 
 
+def _raise_if_refused(out: tuple[Tensor, Tensor, Tensor, Tensor], check: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The CUDA update ops refuse a non-finite step on the device, without waiting for it
+    (the pipeline reads the losses later); a step taken from Python says so at once, as the
+    CPU kernel does, unless the caller checks the losses itself."""
+    _, _, loss_as, loss_ae = out
+    if check and loss_as.is_cuda and not bool(torch.isfinite(loss_as) & torch.isfinite(loss_ae)):
+        raise RuntimeError(f"al_ext::dense_block_step: non-finite loss (L_as = {loss_as.item()}, L_ae = "
+                           f"{loss_ae.item()}): s_prev, t_prev or the parameters hold NaN or inf, or training "
+                           "diverged; no parameter was changed")
+    return out
+
+
 class FusedBlockOptimizer(torch.optim.Optimizer):
     """An optimiser for one dense ALMLP block whose whole step (forward, local losses,
     gradients and update) is one op call: ``train_step(s_prev, t_prev)``. Two parameter
@@ -154,8 +170,12 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     def _config(self) -> tuple[str, str, str, str]:
         return self.x_activation, self.h_activation, self.variant, self.ae_loss
 
-    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One training step of the block on a batch: returns (s, t, L_as, L_ae)."""
+    def train_step(self, s_prev: Tensor, t_prev: Tensor, check_finite: bool = True
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One training step of the block on a batch: returns (s, t, L_as, L_ae). A step whose
+        loss is not finite changes nothing, and raises RuntimeError ("non-finite loss"). On
+        CUDA that check waits for the device; ``check_finite=False`` leaves it to the caller,
+        who sees the returned losses (the step was refused all the same)."""
         raise NotImplementedError
 
     def scheduler_step(self) -> Any:
@@ -183,11 +203,13 @@ class FusedBlockAdam(FusedBlockOptimizer):
         states = [self.state[p] for p in params]
         return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states]
 
-    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def train_step(self, s_prev: Tensor, t_prev: Tensor, check_finite: bool = True
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         params, exp_avg, exp_avg_sq, steps = self._state_lists()
         fb, gh = self.param_groups
-        out = dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq, int(steps[0].item()) + 1,
-                                     fb["lr"], gh["lr"], fb["betas"], fb["eps"], *self._config())
+        out = _raise_if_refused(dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq,
+                                                       int(steps[0].item()) + 1, fb["lr"], gh["lr"], fb["betas"],
+                                                       fb["eps"], *self._config()), check_finite)
         for step in steps:  # only after the op succeeded: a refused step leaves the state as it was
             step += 1
         return out
@@ -213,11 +235,12 @@ class FusedBlockSGD(FusedBlockOptimizer):
                 self.state[p] = {"momentum_buffer": torch.zeros_like(p)}
         return params, [self.state[p]["momentum_buffer"] for p in params]
 
-    def train_step(self, s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def train_step(self, s_prev: Tensor, t_prev: Tensor, check_finite: bool = True
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         params, buffers = self._state_lists()
         fb, gh = self.param_groups
-        return dense_block_sgd_step_(s_prev, t_prev, params, buffers, fb["lr"], gh["lr"], fb["momentum"],
-                                     *self._config())
+        return _raise_if_refused(dense_block_sgd_step_(s_prev, t_prev, params, buffers, fb["lr"], gh["lr"],
+                                                       fb["momentum"], *self._config()), check_finite)
 
     def scheduler_step(self) -> Any:
         params, buffers = self._state_lists()

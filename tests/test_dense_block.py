@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 import al_ext
 from al_ext import fused, reference
 
-from conftest import DEVICES, small_mlp
+from conftest import CUDA_REASON, DEVICES, HAS_CUDA, small_mlp
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
 
 
 def make_block(n, dx, h, b, d, dy, dtype=torch.float64, device="cpu", seed=0):
@@ -96,18 +98,18 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default, sgd_args)
 
 
-def assert_update_form_matches_torch(fused_update, torch_optimizers, **config):
+def assert_update_form_matches_torch(fused_update, torch_optimizers, device="cpu", **config):
     """Four steps of a fused update form against torch optimisers fed the reference gradients.
 
     fused_update(s_prev, t_prev, params, step) updates params in place; torch_optimizers
     (fb_params, gh_params) gives the two torch optimisers it should equal.
     """
-    _, _, params = make_block(8, 10, 12, 24, 6, 4)
+    _, _, params = make_block(8, 10, 12, 24, 6, 4, device=device)
     ours = [p.clone() for p in params]
     theirs = [p.clone().requires_grad_(True) for p in params]
     optimizers = torch_optimizers(theirs[:6], theirs[6:])
     for step in range(1, 5):
-        s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, seed=step)
+        s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, device=device, seed=step)
         out = fused_update(s_prev, t_prev, ours, step)
         want = reference.dense_block_step(s_prev, t_prev, theirs, **config)
         torch.testing.assert_close(out[2], want.loss_as)
@@ -120,30 +122,34 @@ def assert_update_form_matches_torch(fused_update, torch_optimizers, **config):
             torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"step {step} {name}: {m}")
 
 
-def zeros_like_block():
-    return [torch.zeros_like(p) for p in make_block(8, 10, 12, 24, 6, 4)[2]]
+def zeros_like_block(device="cpu"):
+    return [torch.zeros_like(p) for p in make_block(8, 10, 12, 24, 6, 4, device=device)[2]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["A", "B"])
 @pytest.mark.parametrize("ae_loss", ["mse", "cross_entropy"])
-def test_adam_form_equals_torch_adam_on_reference_gradients(variant, ae_loss):
+def test_adam_form_equals_torch_adam_on_reference_gradients(device, variant, ae_loss):
     config = dict(variant=variant, ae_loss=ae_loss, h_activation="identity" if ae_loss == "cross_entropy" else "sigmoid")
-    exp_avg, exp_avg_sq = zeros_like_block(), zeros_like_block()
+    exp_avg, exp_avg_sq = zeros_like_block(device), zeros_like_block(device)
     assert_update_form_matches_torch(
         lambda s, t, params, step: fused.dense_block_adam_step_(s, t, params, exp_avg, exp_avg_sq, step, 3e-3, 7e-3,
                                                                 betas=(0.8, 0.99), eps=1e-7, **config),
         lambda fb, gh: [torch.optim.Adam(fb, lr=3e-3, betas=(0.8, 0.99), eps=1e-7),
                         torch.optim.Adam(gh, lr=7e-3, betas=(0.8, 0.99), eps=1e-7)],
+        device,
         **config,
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["A", "B"])
-def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(variant):
-    buffers = zeros_like_block()
+def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(device, variant):
+    buffers = zeros_like_block(device)
     assert_update_form_matches_torch(
         lambda s, t, params, step: fused.dense_block_sgd_step_(s, t, params, buffers, 0.05, 0.2, 0.8, variant=variant),
         lambda fb, gh: [torch.optim.SGD(fb, lr=0.05, momentum=0.8), torch.optim.SGD(gh, lr=0.2, momentum=0.8)],
+        device,
         variant=variant,
     )
 
@@ -263,6 +269,57 @@ def test_refused_adam_step_changes_nothing():
     with pytest.raises(RuntimeError, match=r"exp_avg\[3\] must be a contiguous tensor like params\[3\]"):
         fused.dense_block_adam_step_(s_prev, t_prev, params, state[0][:3] + [state[0][4]] + state[0][4:], state[1],
                                      1, 1e-3, 2e-3)
+
+
+@needs_cuda
+def test_cuda_update_forms_refuse_a_non_finite_step_on_the_device():
+    s_prev, t_prev, params = make_block(4, 6, 5, 7, 3, 2, dtype=torch.float32, device="cuda")
+    before = [p.clone() for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    s_prev[2, 3] = float("inf")
+    # No exception: the op does not wait for the device; its losses say what happened.
+    _, _, loss_as, _ = fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 1, 1e-3, 2e-3)
+    _, _, sgd_loss_as, _ = fused.dense_block_sgd_step_(s_prev, t_prev, params, state[0], 1e-3, 2e-3)
+    assert not torch.isfinite(loss_as) and not torch.isfinite(sgd_loss_as)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(s.abs().sum() == 0 for s in state[0] + state[1])
+
+
+@needs_cuda
+def test_fused_optimiser_on_cuda_raises_for_a_refused_step():
+    model = small_mlp(backend="fused").cuda()
+    opt = fused.FusedBlockAdam(model.blocks[0], 1e-3, 2e-3)
+    x = torch.randn(4, 20, device="cuda")
+    x[1, 2] = float("nan")
+    before = [p.detach().clone() for p in model.blocks[0].parameters()]
+    with pytest.raises(RuntimeError, match="non-finite loss .* no parameter was changed"):
+        opt.train_step(x, model.label_targets(torch.tensor([0, 1, 2, 3])))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.blocks[0].parameters()))
+    assert all(float(opt.state[p]["step"]) == 0 for p in model.blocks[0].parameters())
+
+
+def max_error(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[4]], ids=["A", "B", "A-cross-entropy"])
+def test_low_precision_on_cuda_within_twice_the_reference_error(dtype, config):
+    """The flash-attention rule: against the float64 truth, the kernel's error is at most twice
+    that of the plain PyTorch reference run in the same low precision."""
+    s64, t64, p64 = make_block(64, 50, 31, 100, 13, 13, device="cuda")
+    truth = reference.dense_block_step(s64, t64, p64, **config)
+    low = (s64.to(dtype), t64.to(dtype), [p.to(dtype) for p in p64])
+    got = fused.dense_block_step(*low, **config)
+    ref = reference.dense_block_step(*low, **config)
+    outputs = [("s", got.s, ref.s, truth.s), ("t", got.t, ref.t, truth.t), ("loss_as", got.loss_as, ref.loss_as, truth.loss_as),
+               ("loss_ae", got.loss_ae, ref.loss_ae, truth.loss_ae)]
+    outputs += list(zip(reference.DENSE_PARAMETER_NAMES, got.grads, ref.grads, truth.grads))
+    for name, ours, theirs, exact in outputs:
+        assert ours.dtype == dtype
+        slack = 1e-3 * float(exact.abs().max())  # where the reference happens to be almost exact
+        assert max_error(ours, exact) <= 2 * max_error(theirs, exact) + slack, name
 
 
 def test_trainer_reports_a_non_finite_fused_step_with_its_block():

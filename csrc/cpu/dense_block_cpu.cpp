@@ -254,8 +254,11 @@ template <typename T> struct CpuKernels {
   void activation_backward(at::Tensor& grad, const at::Tensor& y, Activation act, const at::Tensor& addend) const {
     activation_backward_<T>(grad, y, act, addend);
   }
+  void refuse_non_finite(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
+    refuse_non_finite_losses(loss_as, loss_ae);
+  }
   void linear_grad(int w, const at::Tensor& dz, const at::Tensor& x) const { sink.linear(w, dz, x); }
-  void finish() const {}
+  void finish(const at::Tensor&, const at::Tensor&) const {}
 };
 
 void check_cpu(const char* op, const at::Tensor& s_prev) {

@@ -104,26 +104,33 @@ __global__ void activation_backward_kernel(T* __restrict__ grad, const T* __rest
 // blockIdx.y picks the tensor; the blocks of a row stride over its elements.
 template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpdateParams p) {
   if (static_cast<int>(blockIdx.y) >= p.count) return;
+  if (p.loss_as != nullptr && p.loss_ae != nullptr) {
+    const auto loss_as = widen(*static_cast<const T*>(p.loss_as));
+    const auto loss_ae = widen(*static_cast<const T*>(p.loss_ae));
+    if (!isfinite(loss_as) || !isfinite(loss_ae)) return;  // a refused step changes nothing
+  }
   const UpdateTensor& u = p.tensors[blockIdx.y];
   T* param = static_cast<T*>(u.param);
   const T* grad = static_cast<const T*>(u.grad);
   T* s1 = static_cast<T*>(u.state1);
   T* s2 = static_cast<T*>(u.state2);
-  using A = float;
+  using A = typename Accumulator<T>::type;  // float, or double for float64 (as torch.optim.Adam)
+  const A beta1 = static_cast<A>(p.beta1), beta2 = static_cast<A>(p.beta2), eps = static_cast<A>(p.eps);
+  const A step_size = static_cast<A>(p.step_size[u.group]), inv_bc2_sqrt = static_cast<A>(p.inv_bias_correction2_sqrt);
+  const A momentum = static_cast<A>(p.momentum), lr = static_cast<A>(p.lr[u.group]);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < u.n; i += stride) {
-    const A g = static_cast<A>(widen(grad[i]));
-    A w = static_cast<A>(widen(param[i]));
+    const A g = widen(grad[i]);
+    A w = widen(param[i]);
     if (p.kind == UpdateKind::kAdam) {
-      const A m = static_cast<A>(p.beta1) * static_cast<A>(widen(s1[i])) + (A(1) - static_cast<A>(p.beta1)) * g;
-      const A v = static_cast<A>(p.beta2) * static_cast<A>(widen(s2[i])) + (A(1) - static_cast<A>(p.beta2)) * g * g;
-      w -= static_cast<A>(p.step_size[u.group]) * m /
-           (sqrtf(v) * static_cast<A>(p.inv_bias_correction2_sqrt) + static_cast<A>(p.eps));
+      const A m = beta1 * widen(s1[i]) + (A(1) - beta1) * g;
+      const A v = beta2 * widen(s2[i]) + (A(1) - beta2) * g * g;
+      w -= step_size * m / (sqrt(v) * inv_bc2_sqrt + eps);
       s1[i] = narrow<T>(m);
       s2[i] = narrow<T>(v);
     } else {
-      const A buf = static_cast<A>(p.momentum) * static_cast<A>(widen(s1[i])) + g;
-      w -= static_cast<A>(p.lr[u.group]) * buf;
+      const A buf = momentum * widen(s1[i]) + g;
+      w -= lr * buf;
       s1[i] = narrow<T>(buf);
     }
     param[i] = narrow<T>(w);

@@ -53,6 +53,8 @@ struct ActivationBackwardParams {
 // One optimiser step over up to kMaxUpdateTensors tensors in a single launch, each tensor in
 // one of two parameter groups. Adam: state1 = exp_avg, state2 = exp_avg_sq (torch.optim.Adam,
 // no weight decay). SGD: state1 = momentum buffer (torch.optim.SGD, no dampening).
+// If loss_as and loss_ae are set, the kernel reads them first and changes nothing unless both
+// are finite: the step refuses a bad batch on the device, so the host need not wait for it.
 constexpr int kMaxUpdateTensors = 10;
 enum class UpdateKind : int { kAdam, kSgd };
 struct UpdateTensor {
@@ -71,6 +73,8 @@ struct MultiTensorUpdateParams {
   double step_size[2] = {0.0, 0.0};           // Adam: lr / (1 - beta1^step), per group
   double inv_bias_correction2_sqrt = 1.0;     // Adam: 1 / sqrt(1 - beta2^step)
   double lr[2] = {0.0, 0.0};                  // SGD, per group
+  const void* loss_as = nullptr;              // optional guard: one element of `type` each
+  const void* loss_ae = nullptr;
   FloatType type = FloatType::kFloat32;
 };
 

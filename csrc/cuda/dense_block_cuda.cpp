@@ -1,7 +1,8 @@
 // CUDA glue of the dense block ops: the shared core (../ops/dense_block_core.h) with GEMMs
 // through cuBLAS (via ATen) and the torch-free kernels of dense_block.cu between them, all on
 // the current stream. The update forms gather every gradient, then apply Adam or SGD to all
-// ten tensors in one multi-tensor launch.
+// ten tensors in one multi-tensor launch, which itself refuses a step with a non-finite loss:
+// nothing in them waits for the device.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -84,14 +85,23 @@ struct CudaKernels {
     check_launch(cuda::launch_activation_backward(p, stream), op, "the activation backward kernel");
   }
 
+  // The gradient form returns gradients, so it must say on the host that they are unusable.
+  // The update forms never wait for the device: their update kernel reads the losses and
+  // refuses a non-finite step itself (finish), and the caller sees the returned losses.
+  void refuse_non_finite(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
+    if (update == nullptr) refuse_non_finite_losses(loss_as, loss_ae);
+  }
+
   void linear_grad(int w, const at::Tensor& dz, const at::Tensor& x) const {
     at::mm_out(grads[w], dz.t(), x);
     at::sum_out(grads[w + 1], dz, {0});
   }
 
-  void finish() const {
+  void finish(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
     if (update == nullptr) return;
     cuda::MultiTensorUpdateParams p = *update;
+    p.loss_as = loss_as.const_data_ptr();
+    p.loss_ae = loss_ae.const_data_ptr();
     p.count = kDenseParams;
     for (int i = 0; i < kDenseParams; ++i) {
       p.tensors[i] = {params[i].mutable_data_ptr(), grads[i].const_data_ptr(), state1[i].mutable_data_ptr(),

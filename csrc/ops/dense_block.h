@@ -114,6 +114,15 @@ inline DenseBlockConfig check_dense_block_call(const char* op, const at::Tensor&
   return cfg;
 }
 
+// Refuses a step whose loss is not finite, in words the caller can act on. Reading the
+// losses waits for the device, so the CUDA update ops check on the device instead.
+inline void refuse_non_finite_losses(const at::Tensor& loss_as, const at::Tensor& loss_ae) {
+  const double as_value = loss_as.item<double>(), ae_value = loss_ae.item<double>();
+  TORCH_CHECK(std::isfinite(as_value) && std::isfinite(ae_value), "al_ext::dense_block_step: non-finite loss (L_as = ",
+              as_value, ", L_ae = ", ae_value, "): s_prev, t_prev or the parameters hold NaN or inf, or training "
+              "diverged; no parameter was changed");
+}
+
 // The optimiser step applied to a parameter group: torch.optim.Adam's (no weight decay, no
 // amsgrad) for one step number, or torch.optim.SGD's with momentum (no dampening).
 enum class OptimizerKind { kAdam, kSgd };

@@ -4,8 +4,10 @@
 //   at::Tensor output_mse(out, target, act, dz, dtarget)   loss (0-dim); dz = dL/dz, dtarget optional
 //   at::Tensor cross_entropy(logits, target, dz)           loss (0-dim); dz = dL/dlogits
 //   void activation_backward(grad, y, act, addend)         grad <- (grad + addend) * act'(y)
+//   void refuse_non_finite(loss_as, loss_ae)               throws (on the host) or arranges (on the
+//                                                          device) that a non-finite loss changes nothing
 //   void linear_grad(w, dz, x)                             the gradient of params[w] (= dz^T x) and its bias
-//   void finish()                                          after the last linear_grad
+//   void finish(loss_as, loss_ae)                          after the last linear_grad
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -55,11 +57,8 @@ DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_
   at::Tensor none;
   const at::Tensor loss_ae = cfg.cross_entropy ? k.cross_entropy(r, t_prev, dzh)
                                                : k.output_mse(r, t_prev, cfg.h_activation, dzh, none);
-  // Reading the losses waits for the device; it is what lets a bad step be refused whole.
-  const double as_value = loss_as.item<double>(), ae_value = loss_ae.item<double>();
-  TORCH_CHECK(std::isfinite(as_value) && std::isfinite(ae_value), "al_ext::dense_block_step: non-finite loss (L_as = ",
-              as_value, ", L_ae = ", ae_value, "): s_prev, t_prev or the parameters hold NaN or inf, or training "
-              "diverged; no parameter was changed");
+  // A step with a non-finite loss is refused whole, before any parameter changes.
+  k.refuse_non_finite(loss_as, loss_ae);
 
   // x side, top down; each input gradient (dX = dZ W) before its weight's gradient is used.
   at::Tensor du = at::mm(dz2, P[kParamWb2]);
@@ -75,7 +74,7 @@ DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_
   k.linear_grad(kParamWh, dzh, t);
   k.activation_backward(dt, t, Activation::kSigmoid, dt_from_as);
   k.linear_grad(kParamWg, dt, t_prev);
-  k.finish();
+  k.finish(loss_as, loss_ae);
   return {s, t, loss_as, loss_ae};
 }
 
