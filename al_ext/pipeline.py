@@ -5,6 +5,10 @@ A block needs only the (s, t) that the block below produced for the same batch, 
 parameters that block had before its own update on that batch; so a pipelined pass gives
 the same parameters as the sequential loop (bit for bit on the CPU with the same intra-op
 thread count), in n + L - 1 steps of time instead of n * L.
+
+On the CPU a stage is a worker thread. On CUDA each stage also has a stream of its own:
+the handoff to the next stage carries an event that the next stream waits for, so the
+host does not wait for the device, and blocks may sit on several GPUs (``devices``).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from . import reference
 from ._extension import _C
+from ._extension import has_cuda_kernels
 from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
 from .validation import check_positive_int
@@ -38,7 +43,7 @@ class PipelineRun:
 
     losses: Tensor  # (batches, blocks, 2) float64: (L_as, L_ae)
     blocks: list[dict[str, float]]  # busy_s, batches
-    stages: list[dict[str, Any]]  # blocks (first, end), wait_s, idle_fraction, peak_queued_bytes
+    stages: list[dict[str, Any]]  # blocks, wait_s, idle_fraction, peak_queued_bytes, peak_device_bytes
     wall_s: float
 
 
@@ -48,32 +53,53 @@ class Pipeline:
     ``optimizers`` is the Trainer's list: one fused optimiser per block (the block's step
     runs in C++ with no Python and the GIL released), or a pair (f, b) and (g, h) of torch
     optimisers per block (the step calls back into Python). ``pipelined=False`` runs the
-    same steps batch by batch, block by block (the C++ sequential mode).
+    same steps batch by batch, block by block (the C++ sequential mode; on CUDA, on the
+    caller's current stream).
 
     A pipeline stage is a worker thread that runs a group of consecutive blocks on each
-    batch. ``stages`` (default: one per core, at most one per block) groups are balanced by
-    cost: each block's measured busy time in the previous run, its parameter count before
-    the first. ``max_in_flight`` bounds the batches queued between two stages;
-    ``threads_per_stage`` is each stage's intra-op thread count (default: the cores shared
-    out among the stages; all of them in sequential mode).
+    batch; on CUDA it also has a stream of its own. ``stages`` groups are balanced by cost:
+    each block's measured busy time in the previous run, its parameter count before the
+    first. The default is one stage per core on the CPU, and one per block (a stream per
+    block) on CUDA. ``max_in_flight`` bounds the batches queued between two stages, and on
+    CUDA also how many batches a stage's stream may run behind its thread.
+    ``threads_per_stage`` is each CPU stage's intra-op thread count (default: the cores
+    shared out among the stages; all of them in sequential mode).
+
+    ``devices`` (CUDA devices, for example ``["cuda:0", "cuda:1"]``) places the blocks
+    first: consecutive groups, balanced by parameter count (the bridges dominate the cost),
+    one group per device, with the optimisers' state moved along. Activations cross
+    devices on a copy stream. Without it, every block stays where it is.
     """
 
     def __init__(self, model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer],
                  max_in_flight: int = 2, threads_per_stage: int | None = None, pipelined: bool = True,
-                 stages: int | None = None) -> None:
+                 stages: int | None = None, devices: Sequence[str | torch.device] | None = None) -> None:
         if not isinstance(model, AssociatedLearning):
             raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
-        if next(model.parameters()).device.type != "cpu":
-            raise ValueError("the pipeline runs on the CPU for now; its GPU executor (streams and events) is not built yet")
         self.model = model
         self.max_in_flight = check_positive_int(max_in_flight, "max_in_flight")
         self.pipelined = bool(pipelined)
-        cores = torch.get_num_threads()
-        self.stages = check_positive_int(stages or min(model.depth, cores), "stages")
-        default_threads = max(1, cores // self.stages) if pipelined else cores
-        self.threads_per_stage = check_positive_int(threads_per_stage or default_threads, "threads_per_stage")
         self.block_costs = [float(sum(p.numel() for p in block.parameters())) for block in model.blocks]
         optimizers = list(optimizers)
+        if devices is not None:
+            _place_blocks(model, optimizers, _cuda_devices(devices), self.block_costs)
+        self.block_devices = [next(block.parameters()).device for block in model.blocks]
+        kinds = {d.type for d in self.block_devices}
+        if not (kinds == {"cpu"} or kinds == {"cuda"}):
+            raise ValueError("the pipeline runs every block on the CPU or every block on CUDA devices; the blocks are "
+                             f"on {', '.join(str(d) for d in self.block_devices)}")
+        self.on_cuda = kinds == {"cuda"}
+        if self.on_cuda and not has_cuda_kernels():
+            raise ValueError("the model is on CUDA but this build of al_ext has no CUDA support; rebuild it where "
+                             "nvcc and a CUDA torch are installed")
+        if not self.pipelined and len(set(self.block_devices)) > 1:
+            raise ValueError("pipelined=False runs every block on one stream, so the blocks must share one device; "
+                             f"they are on {', '.join(sorted({str(d) for d in self.block_devices}))}")
+        cores = torch.get_num_threads()
+        default_stages = model.depth if self.on_cuda else min(model.depth, cores)
+        self.stages = check_positive_int(stages or default_stages, "stages")
+        default_threads = max(1, cores // self.stages) if pipelined else cores
+        self.threads_per_stage = check_positive_int(threads_per_stage or default_threads, "threads_per_stage")
         if all(isinstance(o, FusedBlockOptimizer) for o in optimizers) and len(optimizers) == model.depth:
             self._steps = [None] * model.depth
             self._fused = optimizers
@@ -108,16 +134,30 @@ class Pipeline:
             return [opt.scheduler_step() for opt in self._fused]
         return [_C.python_block_step(step) for step in self._steps]
 
+    def _stage_devices(self, starts: list[int]) -> list[str]:
+        """The device of each stage, which must hold all of its blocks."""
+        devices = []
+        for first, end in zip(starts, [*starts[1:], self.model.depth]):
+            held = {str(d) for d in self.block_devices[first:end]}
+            if len(held) > 1:
+                raise ValueError(f"stage of blocks {first + 1}-{end} would span devices {', '.join(sorted(held))}; "
+                                 "use at least one stage per device (stages=None gives one per block on CUDA)")
+            devices.append(held.pop())
+        return devices
+
     def run(self, batches: Sequence[Batch]) -> PipelineRun:
         """Trains every block on every (inputs, labels) batch, in order. Raises PipelineError
         (which block, which batch) if a block fails; KeyboardInterrupt stops every block."""
+        first_device = self.block_devices[0]
         prepared = []
         for x, y in batches:
+            x = x.to(first_device, non_blocking=True) if isinstance(x, Tensor) else x
             prepared.append((self.model.check_input(x).detach(), self.model.label_targets(y)))
-        starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else []
+        starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else [0]
+        stage_devices = self._stage_devices(starts)
         with torch.no_grad() if self._fused is not None else torch.enable_grad():
-            out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts, self.max_in_flight,
-                                self.threads_per_stage)
+            out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts if self.pipelined else [],
+                                self.max_in_flight, self.threads_per_stage, stage_devices)
         if "error" in out:
             block, batch, message = out["error"]
             raise PipelineError(block + 1, batch, message)
@@ -130,3 +170,35 @@ class Pipeline:
             busy = sum(b["busy_s"] for b in out["blocks"][first:end])
             stages.append(dict(stage, idle_fraction=max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0))
         return PipelineRun(out["losses"], out["blocks"], stages, wall)
+
+
+def _cuda_devices(devices: Sequence[str | torch.device]) -> list[torch.device]:
+    if isinstance(devices, (str, torch.device)) or len(devices) == 0:
+        raise ValueError(f"devices must be a non-empty list of CUDA devices, got {devices!r}")
+    out = []
+    for d in devices:
+        device = torch.device(d)
+        if device.type != "cuda":
+            raise ValueError(f"devices must be CUDA devices (the CPU pipeline uses threads), got {device}")
+        if not torch.cuda.is_available():
+            raise ValueError(f"devices names {device}, but torch sees no CUDA device here")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"devices names {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        out.append(torch.device("cuda", index))
+    return out
+
+
+def _place_blocks(model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer],
+                  devices: list[torch.device], costs: list[float]) -> None:
+    """Moves consecutive groups of blocks, balanced by cost, one group to each device, and
+    the optimisers' per-parameter state with them (the step counters stay on the CPU)."""
+    starts = _C.balanced_groups(costs, len(devices))
+    for device, first, end in zip(devices, starts, [*starts[1:], model.depth]):
+        for block in model.blocks[first:end]:
+            block.to(device)  # keeps the Parameter objects, so the optimisers still hold them
+    for opt in optimizers:
+        for param, state in opt.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and key != "step":
+                    state[key] = value.to(param.device)

@@ -16,7 +16,8 @@ from torch.utils.cpp_extension import CUDA_HOME, include_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-GLUE_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cpp")) + [ROOT / "csrc" / "ops" / "registration.cpp"]
+GLUE_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cpp")) + [ROOT / "csrc" / "ops" / "registration.cpp",
+                                                           ROOT / "csrc" / "scheduler" / "cuda_stage.cpp"]
 
 
 def find_cuda_toolkit() -> Path | None:

@@ -3,6 +3,12 @@
 // the plans, the stages and the executor that runs them.
 #include <torch/extension.h>
 
+#ifdef AL_EXT_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+
+#include "../cuda/delay.cuh"
+#include "../cuda/glue.h"
+#endif
 #include "../scheduler/executor.h"
 #include "../scheduler/plan.h"
 #include "../scheduler/block_steps.h"
@@ -49,7 +55,8 @@ PyBlockStep python_block_step(py::function fn) {
 }
 
 py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
-                    bool pipelined, std::vector<int> stage_starts, int max_in_flight, int threads_per_stage) {
+                    bool pipelined, std::vector<int> stage_starts, int max_in_flight, int threads_per_stage,
+                    const std::vector<std::string>& stage_devices) {
   std::vector<BlockStep> steps;
   for (const PyBlockStep& b : block_steps) steps.push_back(b.step);
   RunOptions options;
@@ -57,6 +64,7 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vect
   options.stage_starts = std::move(stage_starts);
   options.max_in_flight = max_in_flight;
   options.threads_per_stage = threads_per_stage;
+  for (const std::string& device : stage_devices) options.stage_devices.emplace_back(device);
   options.interrupted = [] {
     py::gil_scoped_acquire gil;
     return PyErr_CheckSignals() != 0;  // leaves KeyboardInterrupt set for the caller
@@ -80,6 +88,7 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vect
       d["blocks"] = py::make_tuple(w.first_block, w.end_block);
       d["wait_s"] = w.wait_s;
       d["peak_queued_bytes"] = w.peak_queued_bytes;
+      d["peak_device_bytes"] = w.peak_device_bytes;
       workers.append(d);
     }
     result["losses"] = run_result.losses;
@@ -134,8 +143,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("balanced_groups", &balanced_groups, py::arg("costs"), py::arg("workers"),
         "First block of each group of consecutive blocks, balanced so that the costliest group is cheapest.");
   m.def("run_blocks", &run_blocks, py::arg("blocks"), py::arg("batches"), py::arg("pipelined"),
-        py::arg("stage_starts"), py::arg("max_in_flight"), py::arg("threads_per_stage"),
-        "Trains every block on every batch, pipelined (stages of consecutive blocks, each on its own thread) or "
-        "sequentially. Returns {'losses', 'blocks', 'stages', 'wall_s'}, or {'error': (block, batch, message)} "
-        "if a block failed.");
+        py::arg("stage_starts"), py::arg("max_in_flight"), py::arg("threads_per_stage"), py::arg("stage_devices"),
+        "Trains every block on every batch, pipelined (stages of consecutive blocks, each on its own thread, and "
+        "on CUDA its own stream) or sequentially. Returns {'losses', 'blocks', 'stages', 'wall_s'}, or "
+        "{'error': (block, batch, message)} if a block failed.");
+#ifdef AL_EXT_WITH_CUDA
+  m.def("delay_current_stream", [](int64_t microseconds) {
+          al_ext::check_launch(al_ext::cuda::launch_delay(microseconds * 1000, c10::cuda::getCurrentCUDAStream()),
+                               "al_ext._C.delay_current_stream", "the delay kernel");
+        }, py::arg("microseconds"),
+        "Holds the current CUDA stream for about this long (tests: a late producer makes a missing wait show).");
+#endif
 }

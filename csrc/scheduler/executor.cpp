@@ -3,7 +3,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
-#include <omp.h>
 
 #include <atomic>
 #include <chrono>
@@ -13,8 +12,6 @@
 #include <mutex>
 #include <optional>
 #include <thread>
-
-#include "plan.h"
 
 namespace al_ext::scheduler {
 namespace {
@@ -28,6 +25,7 @@ double seconds_since(Clock::time_point start) {
 struct Handoff {
   int batch;
   at::Tensor s, t;
+  ReadyMarker ready;  // what the consumer waits for before reading s and t
 };
 
 // The edge between two stages: at most `capacity` batches in flight. close() wakes every
@@ -76,7 +74,7 @@ class BoundedQueue {
   int64_t bytes_ = 0, peak_bytes_ = 0;
 };
 
-// Shared state of one run: the first failure, and the queues to close when it happens.
+// Shared state of one run: the stages, the first failure, and the queues to close when it happens.
 class Run {
  public:
   Run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
@@ -84,13 +82,16 @@ class Run {
       : blocks_(blocks), batches_(batches), options_(options), stats_(blocks.size()),
         losses_(at::zeros({static_cast<int64_t>(batches.size()), static_cast<int64_t>(blocks.size()), 2},
                           at::kDouble)) {
-    std::vector<int> starts = options.stage_starts;
+    // Sequential mode is a pipeline of one stage, run on the calling thread.
+    std::vector<int> starts = options.pipelined ? options.stage_starts : std::vector<int>{0};
     if (starts.empty()) {
       for (int i = 0; i < static_cast<int>(blocks.size()); ++i) starts.push_back(i);
     }
     for (size_t g = 0; g < starts.size(); ++g) {
       const int end = g + 1 < starts.size() ? starts[g + 1] : static_cast<int>(blocks.size());
       workers_.push_back({starts[g], end});
+      const c10::Device device = options.stage_devices.empty() ? c10::Device(c10::kCPU) : options.stage_devices[g];
+      devices_.push_back(make_stage(device));
     }
     for (size_t g = 0; g + 1 < workers_.size(); ++g) {
       queues_.push_back(std::make_unique<BoundedQueue>(static_cast<size_t>(options.max_in_flight)));
@@ -108,12 +109,10 @@ class Run {
       // On the calling thread: its OpenMP pool is warm. A parallel region started from a
       // fresh thread costs several times more (libgomp throttles spinning once it manages
       // more threads than there are cores), which made this mode 2x slower than a Python loop.
-      const int caller_threads = omp_get_max_threads();
-      omp_set_num_threads(options_.threads_per_stage);
-      capture_failure([&] { sequential_loop(); });
-      omp_set_num_threads(caller_threads);
+      run_stage(0);
     }
     RunResult result{losses_, stats_, {}, seconds_since(start)};
+    for (size_t g = 0; g < workers_.size(); ++g) workers_[g].peak_device_bytes = devices_[g]->peak_device_bytes();
     if (options_.pipelined) {
       result.workers = workers_;
       for (size_t g = 0; g < queues_.size(); ++g) result.workers[g].peak_queued_bytes = queues_[g]->peak_bytes();
@@ -124,16 +123,32 @@ class Run {
   }
 
  private:
+  std::unique_ptr<StageDevice> make_stage(c10::Device device) const {
+    if (device.is_cpu()) return make_cpu_stage(options_.threads_per_stage);
+#ifdef AL_EXT_WITH_CUDA
+    if (device.is_cuda()) return make_cuda_stage(device, options_.pipelined, options_.max_in_flight);
+#endif
+    throw std::invalid_argument("the scheduler runs stages on the CPU or on CUDA devices, not on " + device.str());
+  }
+
   // A pipeline worker: one stage's loop, on a thread of its own.
   void worker(size_t stage) {
     at::init_num_threads();
-    omp_set_num_threads(options_.threads_per_stage);  // this worker's intra-op threads
-    capture_failure([&] { stage_loop(stage); });
+    run_stage(stage);
     {
       std::lock_guard<std::mutex> lock(done_mutex_);
       ++finished_;
     }
     done_.notify_all();
+  }
+
+  void run_stage(size_t stage) {
+    StageDevice& device = *devices_[stage];
+    capture_failure([&] {
+      device.enter();
+      stage_loop(stage, device);
+    });
+    capture_failure([&] { device.leave(); });
   }
 
   template <typename F> void capture_failure(F&& body) {
@@ -161,45 +176,59 @@ class Run {
     for (auto& q : queues_) q->close();
   }
 
+  bool interrupted_now() {
+    if (options_.interrupted && options_.interrupted()) {
+      interrupted_ = true;
+      stop();
+    }
+    return interrupted_;
+  }
+
   // The calling thread waits here, asking now and then whether the user interrupted.
   void wait_for(size_t workers) {
     std::unique_lock<std::mutex> lock(done_mutex_);
     while (finished_ < workers) {
       done_.wait_for(lock, std::chrono::milliseconds(50));
-      if (finished_ < workers && options_.interrupted && !interrupted_) {
+      if (finished_ < workers && !interrupted_) {
         lock.unlock();
-        if (options_.interrupted()) {
-          interrupted_ = true;
-          stop();
-        }
+        interrupted_now();
         lock.lock();
       }
     }
   }
 
-  // One block's training step on one batch, with its losses checked and recorded.
-  StepResult step(size_t block, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev) {
-    current_block_ = static_cast<int>(block);  // where a failure will be reported
+  // One block's training step on one batch.
+  StepResult step(StageDevice& device, int block, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev) {
+    current_block_ = block;  // where a failure will be reported
     current_batch_ = batch;
-    const auto start = Clock::now();
+    device.before_step();
     StepResult out = blocks_[block](s_prev, t_prev);
-    stats_[block].busy_s += seconds_since(start);
-    ++stats_[block].batches;
-    const double loss_as = out.loss_as.item<double>(), loss_ae = out.loss_ae.item<double>();
-    if (!std::isfinite(loss_as) || !std::isfinite(loss_ae)) {
-      throw BlockError(static_cast<int>(block), batch,
-                       "non-finite loss (L_as = " + std::to_string(loss_as) + ", L_ae = " + std::to_string(loss_ae) + ")");
-    }
-    double* row = losses_.mutable_data_ptr<double>() + (static_cast<int64_t>(batch) * blocks_.size() + block) * 2;
-    row[0] = loss_as;
-    row[1] = loss_ae;
+    device.after_step(block, batch, out);
+    account(device.finished(false));
     return out;
   }
 
+  // Steps whose results are in: their time and losses recorded, a non-finite loss refused.
+  void account(const std::vector<StepRecord>& records) {
+    for (const StepRecord& r : records) {
+      stats_[r.block].busy_s += r.busy_s;
+      ++stats_[r.block].batches;
+      if (!std::isfinite(r.loss_as) || !std::isfinite(r.loss_ae)) {
+        throw BlockError(r.block, r.batch, "non-finite loss (L_as = " + std::to_string(r.loss_as) +
+                                               ", L_ae = " + std::to_string(r.loss_ae) + ")");
+      }
+      double* row = losses_.mutable_data_ptr<double>() + (static_cast<int64_t>(r.batch) * blocks_.size() + r.block) * 2;
+      row[0] = r.loss_as;
+      row[1] = r.loss_ae;
+    }
+  }
+
   // Stage g: for each batch in turn, its blocks one after the other.
-  void stage_loop(size_t g) {
+  void stage_loop(size_t g, StageDevice& device) {
     WorkerStats& w = workers_[g];
+    const bool sequential = !options_.pipelined;
     for (int j = 0; j < static_cast<int>(batches_.size()) && !stopping_; ++j) {
+      if (sequential && interrupted_now()) return;
       at::Tensor s = batches_[j].first, t = batches_[j].second;
       if (g > 0) {
         const auto start = Clock::now();
@@ -208,36 +237,21 @@ class Run {
         if (!in) return;  // stopped
         s = std::move(in->s);
         t = std::move(in->t);
+        device.receive(s, t, in->ready);
       }
       for (int b = w.first_block; b < w.end_block; ++b) {
-        StepResult out = step(b, j, s, t);
+        StepResult out = step(device, b, j, s, t);
         s = std::move(out.s);
         t = std::move(out.t);
       }
       if (g + 1 < workers_.size()) {
         const auto start = Clock::now();
-        const bool handed_on = queues_[g]->push({j, std::move(s), std::move(t)});
+        const bool handed_on = queues_[g]->push({j, std::move(s), std::move(t), device.ready()});
         w.wait_s += seconds_since(start);
         if (!handed_on) return;
       }
     }
-  }
-
-  void sequential_loop() {
-    const Plan plan = sequential_plan(static_cast<int>(blocks_.size()), static_cast<int>(batches_.size()));
-    at::Tensor s, t;
-    for (const auto& tick : plan) {
-      for (const Task& task : tick) {
-        if (options_.interrupted && options_.interrupted()) {
-          interrupted_ = true;
-          return;
-        }
-        if (task.block == 0) std::tie(s, t) = batches_[task.batch];
-        StepResult out = step(task.block, task.batch, s, t);
-        s = std::move(out.s);
-        t = std::move(out.t);
-      }
-    }
+    account(device.finished(true));
   }
 
   const std::vector<BlockStep>& blocks_;
@@ -245,10 +259,11 @@ class Run {
   const RunOptions& options_;
   std::vector<BlockStats> stats_;
   std::vector<WorkerStats> workers_;
+  std::vector<std::unique_ptr<StageDevice>> devices_;  // one per stage
   at::Tensor losses_;
   std::vector<std::unique_ptr<BoundedQueue>> queues_;
   std::atomic<bool> stopping_{false};
-  bool interrupted_ = false;
+  std::atomic<bool> interrupted_{false};
   std::exception_ptr error_;
   std::mutex done_mutex_;
   std::condition_variable done_;
@@ -273,6 +288,13 @@ RunResult run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<
     for (size_t g = 1; g < starts.size(); ++g) valid = valid && starts[g] > starts[g - 1];
     if (!valid || starts.back() >= static_cast<int>(blocks.size())) {
       throw std::invalid_argument("stage_starts must rise from 0 and stay below the number of blocks");
+    }
+  }
+  if (!options.stage_devices.empty()) {
+    const size_t stages = !options.pipelined ? 1 : options.stage_starts.empty() ? blocks.size() : options.stage_starts.size();
+    if (options.stage_devices.size() != stages) {
+      throw std::invalid_argument("stage_devices must name one device per stage (" + std::to_string(stages) +
+                                  "), got " + std::to_string(options.stage_devices.size()));
     }
   }
   if (options.threads_per_stage < 1) {

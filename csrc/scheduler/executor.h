@@ -1,26 +1,21 @@
 // Runs the blocks of an AL network over a list of batches, either pipelined (one worker
-// thread per block, activations handed on through bounded queues) or sequentially (on the
-// calling thread, batch by batch, block by block). Only (s, t) flow from a block to the next;
-// nothing flows back. CPU executor: threads; each worker's intra-op thread count is set,
-// so that the stages together do not oversubscribe the cores.
+// thread per stage of consecutive blocks, activations handed on through bounded queues) or
+// sequentially (on the calling thread, batch by batch, block by block: a pipeline of one
+// stage). Only (s, t) flow from a block to the next; nothing flows back. Where a stage runs
+// (CPU threads, or a CUDA stream with events at the handoffs) is its StageDevice.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "stage_device.h"
+
 namespace al_ext::scheduler {
-
-// What a block's training step on one batch returns.
-struct StepResult {
-  at::Tensor s, t, loss_as, loss_ae;
-};
-
-// Trains one block on one batch: (s_prev, t_prev) -> outputs and losses.
-using BlockStep = std::function<StepResult(const at::Tensor& s_prev, const at::Tensor& t_prev)>;
 
 struct BlockStats {
   double busy_s = 0.0;  // inside the block's step
@@ -32,14 +27,19 @@ struct WorkerStats {
   int first_block = 0, end_block = 0;  // blocks [first_block, end_block)
   double wait_s = 0.0;                 // waiting for input, or for room downstream
   int64_t peak_queued_bytes = 0;       // most bytes of this stage's outputs queued at once
+  int64_t peak_device_bytes = 0;       // CUDA: most memory allocated at once on the stage's device
 };
 
 struct RunOptions {
   bool pipelined = true;
   // First block of each pipeline stage (see balanced_groups); empty: one block per stage.
   std::vector<int> stage_starts;
-  int max_in_flight = 2;       // batches a queue between two stages may hold
-  int threads_per_stage = 1;   // intra-op threads of each worker
+  int max_in_flight = 2;       // batches a queue between two stages may hold; on CUDA, also
+                               // the batches a stage's stream may run behind its worker
+  int threads_per_stage = 1;   // intra-op threads of each worker (CPU)
+  // Each stage's device (the device of its blocks); empty: every stage on the CPU. A CUDA
+  // stage runs on a stream of its own; in sequential mode, on the caller's current stream.
+  std::vector<c10::Device> stage_devices;
   // Polled by the calling thread while the run goes on; true stops the run.
   std::function<bool()> interrupted;
 };

@@ -1,0 +1,52 @@
+// A pipeline stage on the CPU: its blocks run on the worker's thread with its own share of
+// the intra-op (OpenMP) threads, and a step is done when it returns.
+#include <omp.h>
+
+#include <chrono>
+#include <utility>
+
+#include "stage_device.h"
+
+namespace al_ext::scheduler {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+class CpuStage final : public StageDevice {
+ public:
+  explicit CpuStage(int threads) : threads_(threads) {}
+
+  void enter() override {
+    caller_threads_ = omp_get_max_threads();
+    omp_set_num_threads(threads_);
+  }
+
+  void receive(at::Tensor&, at::Tensor&, const ReadyMarker&) override {}  // ready once handed on
+
+  void before_step() override { start_ = Clock::now(); }
+
+  void after_step(int block, int batch, const StepResult& out) override {
+    const double busy = std::chrono::duration<double>(Clock::now() - start_).count();
+    done_.push_back({block, batch, busy, out.loss_as.item<double>(), out.loss_ae.item<double>()});
+  }
+
+  ReadyMarker ready() override { return nullptr; }
+
+  std::vector<StepRecord> finished(bool) override { return std::exchange(done_, {}); }
+
+  void leave() override { omp_set_num_threads(caller_threads_); }
+
+  int64_t peak_device_bytes() const override { return 0; }
+
+ private:
+  const int threads_;
+  int caller_threads_ = 1;
+  Clock::time_point start_;
+  std::vector<StepRecord> done_;
+};
+
+}  // namespace
+
+std::unique_ptr<StageDevice> make_cpu_stage(int threads) { return std::make_unique<CpuStage>(threads); }
+
+}  // namespace al_ext::scheduler

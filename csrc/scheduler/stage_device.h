@@ -1,0 +1,70 @@
+// Where a pipeline stage runs its blocks, and what that changes in the worker's loop.
+//
+// On the CPU a block's step is done when it returns: its time and losses are known at once.
+// On a CUDA device a step only enqueues work on the stage's own stream. The next stage's
+// stream waits for it on the device (a CUDA event travels with the handoff), and the stage
+// reads its steps' times and losses a few batches later, once their events have completed:
+// the host never waits for the device in the steady state, only when it runs more than
+// `lag` batches ahead of it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+namespace al_ext::scheduler {
+
+// What a block's training step on one batch returns.
+struct StepResult {
+  at::Tensor s, t, loss_as, loss_ae;
+};
+
+// Trains one block on one batch: (s_prev, t_prev) -> outputs and losses. On CUDA it runs on
+// the current stream and need not wait for the device.
+using BlockStep = std::function<StepResult(const at::Tensor& s_prev, const at::Tensor& t_prev)>;
+
+// A step whose results can be read: its block's busy time and its losses.
+struct StepRecord {
+  int block = 0, batch = 0;
+  double busy_s = 0.0;
+  double loss_as = 0.0, loss_ae = 0.0;
+};
+
+// Whatever the next stage must wait for before it reads a handoff (on CUDA, an event).
+using ReadyMarker = std::shared_ptr<void>;
+
+class StageDevice {
+ public:
+  virtual ~StageDevice() = default;
+  // On the worker's thread, before its first batch.
+  virtual void enter() = 0;
+  // Makes a handed-on (s, t) usable here: waits for `ready` and brings them to this device.
+  virtual void receive(at::Tensor& s, at::Tensor& t, const ReadyMarker& ready) = 0;
+  // Around each block's step.
+  virtual void before_step() = 0;
+  virtual void after_step(int block, int batch, const StepResult& out) = 0;
+  // After a batch's last block: what the next stage waits for.
+  virtual ReadyMarker ready() = 0;
+  // The steps whose results can now be read, oldest first; `all` waits for every step so far.
+  virtual std::vector<StepRecord> finished(bool all) = 0;
+  // On the worker's thread after its last batch, or after a failure: the caller sees this
+  // stage's work as done (on CUDA, the caller's stream waits for the stage's stream).
+  virtual void leave() = 0;
+  // The most memory allocated at once on this stage's device during the run (0 on the CPU).
+  virtual int64_t peak_device_bytes() const = 0;
+};
+
+// `threads`: this stage's intra-op (OpenMP) threads.
+std::unique_ptr<StageDevice> make_cpu_stage(int threads);
+
+#ifdef AL_EXT_WITH_CUDA
+// A stage on a CUDA device: on a stream of its own (`own_stream`) or on the caller's current
+// stream (the single-stream sequential run). Construct it on the calling thread: it starts
+// after the work already enqueued on the caller's stream (the batches, the parameters).
+std::unique_ptr<StageDevice> make_cuda_stage(c10::Device device, bool own_stream, int lag);
+#endif
+
+}  // namespace al_ext::scheduler

@@ -1,0 +1,154 @@
+"""The pipeline on CUDA: one stream per stage, events at the handoffs. These tests skip,
+saying why, where there is no GPU; the argument checks at the end run everywhere."""
+import pytest
+import torch
+
+import al_ext
+from al_ext import Pipeline, PipelineError, Trainer
+from al_ext._extension import _C
+
+from conftest import CUDA_REASON, HAS_CUDA, small_mlp
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
+needs_two_gpus = pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2,
+                                    reason="needs two CUDA devices visible to torch")
+
+
+def data(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 20, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+
+
+def trained_on_cuda(pipeline, backend, variant="A", optimizer="adam", **kwargs):
+    model = small_mlp(hidden=(24, 16, 12), variant=variant, backend=backend)
+    trainer = Trainer(model, batch_size=16, progress=False, optimizer=optimizer, device="cuda", pipeline=pipeline,
+                      **kwargs)
+    history = trainer.fit(data(), epochs=2)
+    torch.cuda.synchronize()
+    return [p.detach().cpu() for p in model.parameters()], history
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("variant,optimizer", [("A", "adam"), ("B", "adam"), ("A", "sgd")])
+def test_pipelined_training_on_streams_equals_the_sequential_loop(backend, variant, optimizer):
+    sequential, seq_history = trained_on_cuda(False, backend, variant, optimizer)
+    pipelined, history = trained_on_cuda(True, backend, variant, optimizer, max_in_flight=1)
+    for a, b in zip(sequential, pipelined):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert history[-1]["loss_as"] == pytest.approx(seq_history[-1]["loss_as"], rel=1e-5)
+    assert len(history[-1]["stage_idle_fraction"]) == 3, "one stage, so one stream, per block"
+
+
+@needs_cuda
+def test_cpp_sequential_mode_on_one_stream_equals_pipelined_streams():
+    runs = []
+    for pipelined in (False, True):
+        model = small_mlp(hidden=(24, 16, 12), backend="fused").cuda()
+        opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+        x, y = data()
+        run = Pipeline(model, opts, pipelined=pipelined).run([(x[i : i + 8], y[i : i + 8]) for i in range(0, 96, 8)])
+        torch.cuda.synchronize()
+        runs.append(([p.detach().cpu() for p in model.parameters()], run))
+    (seq_params, seq_run), (pipe_params, pipe_run) = runs
+    for a, b in zip(seq_params, pipe_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seq_run.losses, pipe_run.losses, rtol=1e-5, atol=1e-7)
+    assert all(b["batches"] == 12 and b["busy_s"] > 0 for b in pipe_run.blocks)
+    assert len(pipe_run.stages) == 3 and all(0 <= s["idle_fraction"] <= 1 for s in pipe_run.stages)
+    assert all(s["peak_device_bytes"] > 0 for s in pipe_run.stages)
+
+
+def late_producer(delay_us):
+    """Block 1 of a two-block run: holds its stream, then writes s = 2 * s_prev. A consumer
+    that does not wait for its event reads s before it is written."""
+    def step(s_prev, t_prev):
+        s = torch.empty_like(s_prev)
+        _C.delay_current_stream(delay_us)
+        s.copy_(s_prev * 2)
+        return s, t_prev.clone(), s_prev.new_zeros(()), s_prev.new_zeros(())
+    return step
+
+
+def recording_consumer(seen):
+    def step(s_prev, t_prev):
+        seen.append(s_prev.clone())  # on this stage's stream: after the wait, or too early
+        return s_prev, t_prev, s_prev.new_zeros(()), s_prev.new_zeros(())
+    return step
+
+
+@needs_cuda
+def test_delay_makes_a_missing_wait_read_wrong_data():
+    """The race test's premise: without a wait, the consumer reads before the late write."""
+    x = torch.randn(64, 256, device="cuda")
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(producer):
+        s = torch.zeros_like(x)
+        _C.delay_current_stream(20_000)
+        s.copy_(x * 2)
+    with torch.cuda.stream(consumer):
+        early = s.clone()  # no wait_stream: a race the delay makes certain
+    torch.cuda.synchronize()
+    assert not torch.equal(early, x * 2)
+
+
+@needs_cuda
+def test_consumer_stream_waits_for_a_late_producer():
+    batches = [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(6)]
+    seen = []
+    steps = [_C.python_block_step(late_producer(20_000)), _C.python_block_step(recording_consumer(seen))]
+    out = _C.run_blocks(steps, batches, True, [0, 1], 2, 1, ["cuda:0", "cuda:0"])
+    torch.cuda.synchronize()
+    assert "error" not in out
+    for (x, _), got in zip(batches, seen):
+        assert torch.equal(got, x * 2)
+
+
+@needs_cuda
+def test_non_finite_loss_on_cuda_stops_the_run_and_the_block_is_not_updated():
+    model = small_mlp(hidden=(24, 16, 12), backend="fused").cuda()
+    opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+    with torch.no_grad():
+        model.blocks[2].g[0].weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.blocks[2].parameters()]
+    x, y = data()
+    with pytest.raises(PipelineError, match="block 3 failed on batch 0: .*non-finite loss") as err:
+        Pipeline(model, opts).run([(x[i : i + 8], y[i : i + 8]) for i in range(0, 96, 8)])
+    assert (err.value.block, err.value.batch) == (3, 0)
+    torch.cuda.synchronize()
+    for a, b in zip(before, model.blocks[2].parameters()):
+        assert torch.equal(a.nan_to_num(), b.detach().nan_to_num()), "the device refused every non-finite step"
+
+
+@needs_two_gpus
+def test_blocks_on_two_gpus_train_as_on_one():
+    results = []
+    for devices in (["cuda:0"], ["cuda:0", "cuda:1"]):
+        model = small_mlp(hidden=(24, 16, 12, 8), backend="fused")
+        opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+        pipeline = Pipeline(model, opts, devices=devices)
+        x, y = data()
+        pipeline.run([(x[i : i + 8], y[i : i + 8]) for i in range(0, 96, 8)])
+        torch.cuda.synchronize()
+        results.append(([p.detach().cpu() for p in model.parameters()], pipeline.block_devices))
+    (one, _), (two, placed) = results
+    assert len(set(placed)) == 2
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_devices_are_refused():
+    model = small_mlp()
+    opts = Trainer(model, progress=False).optimizers
+    with pytest.raises(ValueError, match="devices must be a non-empty list"):
+        Pipeline(model, opts, devices=[])
+    with pytest.raises(ValueError, match="devices must be CUDA devices .* got cpu"):
+        Pipeline(model, opts, devices=["cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            Pipeline(model, opts, devices=["cuda:0"])
+    with pytest.raises(ValueError, match="stage_devices must name one device per stage"):
+        _C.run_blocks([_C.python_block_step(recording_consumer([]))], [], True, [0], 1, 1, ["cpu", "cpu"])
+    with pytest.raises(ValueError, match="not on meta"):
+        _C.run_blocks([_C.python_block_step(recording_consumer([]))], [], True, [0], 1, 1, ["meta"])
