@@ -1,16 +1,20 @@
 """One whole AL training step of an MLP: the fused op against plain PyTorch, in one run.
 
-    python -m pytest benchmarks/test_bench_block.py --benchmark-only --benchmark-columns=mean,stddev,rounds -s
+    python -m pytest benchmarks/test_bench_block.py --benchmark-only --benchmark-columns=mean,rounds -s
 
-Implementations, on the same model and batch:
+Implementations, on the same model and batch, taking turns (benchmarks/interleave.py):
+- gemms:    only the step's GEMMs, with the same shapes, through torch.mm: what the GEMM
+            library gives at these shapes, the floor any implementation of the step sits on;
 - fused:    FusedBlockAdam.train_step, one al_ext::dense_block_adam_step_ call per block;
 - eager:    the reference (al_ext.reference via model.local_losses, one backward of the summed
             losses) with torch.optim.Adam(fused=True), torch's fastest optimiser;
 - compiled: the same with the losses' forward and backward from torch.compile.
 
-The floor of a step is the larger of its FLOPs over the GEMM rate and its unavoidable bytes
-over the copy bandwidth, both measured in this run. The summary (shown with -s) gives
-samples/s, GFLOP/s, the speed-up over eager, and the fraction of the floor reached, at the end of the session.
+The floor of a step is the larger of its FLOPs over the GEMM rate (2048^3 float32) and its
+unavoidable bytes over the copy bandwidth, both measured in this run. The summary (shown
+with -s) gives, per implementation, the median time, samples/s, GFLOP/s, the speed-up over
+eager and the fraction of the same-shape GEMMs' time (medians of per-round ratios), and the
+fraction of the floor reached.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import torch
 
 import al_ext
 from al_ext.fused import FusedBlockAdam
+
+from interleave import interleaved, median_ratio, median_time
 
 # (batch, width): MLP 784 -> width -> width, label width = width, bridges 5 x width.
 # (32, 1024) and (128, 1024) are the NECO MNIST MLP at the NECO and the later batch size.
@@ -73,22 +79,39 @@ def results(machine):
     yield table
     print(f"\nmeasured in this run: GEMM {machine['gemm_flops'] / 1e9:.0f} GFLOP/s (2048^3 float32), "
           f"copy {machine['copy_bytes'] / 1e9:.0f} GB/s")
-    print("| batch | width | impl | ms/step | samples/s | GFLOP/s | x eager | floor ms | of floor |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | width | impl | ms/step | samples/s | GFLOP/s | x eager | of GEMMs | floor ms | of floor |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (batch, width), impls in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        eager = impls.get("eager", {}).get("ms")
         for impl, r in impls.items():
-            ratio = f"{eager / r['ms']:.2f}" if eager else "-"
             print(f"| {batch} | {width} | {impl} | {r['ms']:.1f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
-                  f"{ratio} | {r['floor_ms']:.1f} | {r['of_floor']:.0%} |")
+                  f"{r['x_eager']:.2f} | {r['of_gemms']:.0%} | {r['floor_ms']:.1f} | {r['of_floor']:.0%} |")
 
 
-def build(impl: str, batch: int, width: int):
+def gemms_of_step(batch: int, width: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Only the GEMMs of a training step, same shapes: forward, weight and input gradients."""
+    mats = []
+    for i, o, dx in linear_shapes(width):
+        x, w, dz = (torch.randn(s, device=device, dtype=dtype) for s in ((batch, i), (o, i), (batch, o)))
+        mats.append((x, w, dz, dx))
+
+    def step():
+        for x, w, dz, dx in mats:
+            torch.mm(x, w.t())
+            torch.mm(dz.t(), x)
+            if dx:
+                torch.mm(dz, w)
+
+    return step
+
+
+def build(impl: str, batch: int, width: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    if impl == "gemms":
+        return gemms_of_step(batch, width, device, dtype)
     torch.manual_seed(0)
     backend = "fused" if impl == "fused" else "reference"
-    model = al_ext.ALMLP(784, 10, hidden=(width, width), label_dim=width, backend=backend)
-    x = torch.rand(batch, 784)
-    y = torch.randint(0, 10, (batch,))
+    model = al_ext.ALMLP(784, 10, hidden=(width, width), label_dim=width, backend=backend).to(device, dtype)
+    x = torch.rand(batch, 784, device=device, dtype=dtype)
+    y = torch.randint(0, 10, (batch,), device=device)
     if impl == "fused":
         opts = [FusedBlockAdam(block, 1e-4, 2e-4) for block in model.blocks]
         t0 = model.label_targets(y)
@@ -96,7 +119,8 @@ def build(impl: str, batch: int, width: int):
         def step():
             s, t = x, t0
             for opt in opts:
-                s, t, _, _ = opt.train_step(s, t)
+                # On CUDA the kernels refuse a non-finite step themselves: nothing waits for the GPU.
+                s, t, _, _ = opt.train_step(s, t, check_finite=False)
 
         return step
     opts = []
@@ -118,23 +142,32 @@ def build(impl: str, batch: int, width: int):
     return step
 
 
-# Implementations vary fastest, so that the runs compared run back to back (the machine's speed drifts).
-@pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
+def summarise(times: dict[str, list[float]], batch: int, width: int) -> dict[str, dict[str, float]]:
+    """Per implementation: median time, throughput and the ratios to eager and to the GEMMs."""
+    flops, bytes_ = step_cost(batch, width)
+    out = {}
+    for impl, t in times.items():
+        seconds = median_time(t)
+        out[impl] = {"ms": seconds * 1e3, "samples_per_s": batch / seconds, "gflops": flops / seconds / 1e9,
+                     "x_eager": median_ratio(times["eager"], t), "of_gemms": median_ratio(times["gemms"], t)}
+    return out
+
+
 @pytest.mark.parametrize("point", POINTS, ids=lambda p: f"batch{p[0]}-width{p[1]}")
-def test_mlp_training_step(benchmark, machine, results, point, impl):
-    if impl == "compiled" and point not in COMPILED_POINTS:
-        pytest.skip("torch.compile is measured at the NECO points only (each compile takes a minute here)")
+def test_mlp_training_step(benchmark, machine, results, point):
     batch, width = point
-    step = build(impl, batch, width)
-    for _ in range(3):  # warm-up; compiles on the first call
-        step()
+    impls = ["gemms", "fused", "eager"] + (["compiled"] if point in COMPILED_POINTS else [])
+    steps = {impl: build(impl, batch, width) for impl in impls}
+    for _ in range(2):  # warm-up; torch.compile compiles on the first call
+        for step in steps.values():
+            step()
+    rounds = max(5, min(30, int(4.0 / max(sum(timed(s, 1) for s in steps.values()), 1e-3))))
     benchmark.group = f"AL MLP step, batch {batch}, width {width}, float32"
-    rounds = max(5, min(30, int(2.0 / max(timed(step, 1), 1e-3))))
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    seconds = benchmark.stats.stats.mean
+    times = interleaved(benchmark, steps, rounds)
+    summary = summarise(times, batch, width)
     flops, bytes_ = step_cost(batch, width)
     floor = max(flops / machine["gemm_flops"], bytes_ / machine["copy_bytes"])
-    info = {"samples_per_s": batch / seconds, "gflops": flops / seconds / 1e9, "floor_ms": floor * 1e3,
-            "of_floor": floor / seconds, "ms": seconds * 1e3}
-    benchmark.extra_info.update({k: round(v, 3) for k, v in info.items()})
-    results.setdefault(point, {})[impl] = info
+    for info in summary.values():
+        info.update(floor_ms=floor * 1e3, of_floor=floor * 1e3 / info["ms"])
+    benchmark.extra_info.update({impl: {k: round(v, 3) for k, v in info.items()} for impl, info in summary.items()})
+    results[point] = summary

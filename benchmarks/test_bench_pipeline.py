@@ -2,18 +2,21 @@
 
     python -m pytest benchmarks/test_bench_pipeline.py --benchmark-only --benchmark-columns=mean,rounds -s
 
-For each model and batch size, one epoch of the same batches is trained three ways, every
-block with its fused step (FusedBlockAdam):
+For each model and batch size, one epoch of the same batches is trained in turn four ways
+(benchmarks/interleave.py), every block with its fused step (FusedBlockAdam):
 - python:     the sequential loop in Python (what Trainer does without pipeline=True);
 - sequential: the C++ scheduler's sequential mode, all intra-op threads on each step;
 - pipeline:   all stages at once on consecutive batches, one stage (a worker running a
               group of consecutive blocks, balanced by measured cost) per core;
 - per-block:  the same with one stage per block, more workers than cores when L > cores.
-The summary (shown with -s) gives samples/s, the ratio to the C++ sequential mode, each
-stage's idle (bubble) fraction, and the ideal ratio: the sum of the blocks' busy times
-over the largest, measured in the sequential mode (what L workers could reach).
+The summary (shown with -s) gives samples/s (median epoch), the speed-up over the C++
+sequential mode (median of per-round ratios), each stage's idle (bubble) fraction, and the
+ideal ratio: the sum of the blocks' busy times over the largest, measured in the
+sequential mode (what L workers could reach).
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -22,7 +25,10 @@ import al_ext
 from al_ext import Pipeline
 from al_ext.fused import FusedBlockAdam
 
+from interleave import interleaved, median_ratio, median_time
+
 BATCHES = 48
+ROUNDS = 5
 # (name, in_features, hidden widths, label width, batch): equal-cost blocks (width 256,
 # bridges 1280, inputs as wide as the blocks) for L = 2, 4, 8, and the NECO MNIST MLP.
 CASES = [
@@ -35,62 +41,72 @@ CASES = [
 ]
 
 
+def print_table(table: dict[tuple[str, int], dict[str, dict]], header: str) -> None:
+    print(f"\n{header}")
+    print("| model | batch | mode | samples/s | x sequential | stage idle fractions | ideal ratio |")
+    print("| --- | ---: | --- | ---: | ---: | --- | ---: |")
+    for (name, batch), modes in table.items():
+        for mode, r in modes.items():
+            idle = " ".join(f"{v:.3f}" for v in r.get("idle", [])) or "-"
+            ideal = f"{r['ideal']:.2f}" if "ideal" in r else "-"
+            print(f"| {name} | {batch} | {mode} | {r['samples_per_s']:,.0f} | {r['x_sequential']:.2f} | {idle} | {ideal} |")
+
+
 @pytest.fixture(scope="session")
 def results():
     table: dict[tuple[str, int], dict[str, dict]] = {}
     yield table
-    print(f"\n{BATCHES} batches per epoch, {torch.get_num_threads()} cores")
-    print("| model | batch | mode | samples/s | x sequential | stage idle fractions | ideal ratio |")
-    print("| --- | ---: | --- | ---: | ---: | --- | ---: |")
-    for (name, batch), modes in table.items():
-        seq = modes.get("sequential", {}).get("samples_per_s")
-        for mode, r in modes.items():
-            ratio = f"{r['samples_per_s'] / seq:.2f}" if seq else "-"
-            idle = " ".join(f"{v:.2f}" for v in r.get("idle", [])) or "-"
-            ideal = f"{r['ideal']:.2f}" if "ideal" in r else "-"
-            print(f"| {name} | {batch} | {mode} | {r['samples_per_s']:,.0f} | {ratio} | {idle} | {ideal} |")
+    print_table(table, f"{BATCHES} batches per epoch, {torch.get_num_threads()} cores")
 
 
-def setup(in_features, hidden, label_dim, batch):
+def setup(in_features, hidden, label_dim, batch, batches, device="cpu"):
     torch.manual_seed(0)
-    model = al_ext.ALMLP(in_features, 10, hidden=hidden, label_dim=label_dim, backend="fused")
+    model = al_ext.ALMLP(in_features, 10, hidden=hidden, label_dim=label_dim, backend="fused").to(device)
     opts = [FusedBlockAdam(b, 1e-4, 2e-4) for b in model.blocks]
-    x = torch.rand(BATCHES * batch, in_features)
-    y = torch.randint(0, 10, (BATCHES * batch,))
-    batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, x.shape[0], batch)]
-    return model, opts, batches
+    x = torch.rand(batches * batch, in_features, device=device)
+    y = torch.randint(0, 10, (batches * batch,), device=device)
+    return model, opts, [(x[i : i + batch], y[i : i + batch]) for i in range(0, x.shape[0], batch)]
 
 
-# Modes vary fastest, so that the runs compared run back to back (the machine's speed drifts).
-@pytest.mark.parametrize("mode", ["python", "sequential", "pipeline", "per-block"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-batch{c[4]}")
-def test_epoch(benchmark, results, case, mode):
-    name, in_features, hidden, label_dim, batch = case
-    model, opts, batches = setup(in_features, hidden, label_dim, batch)
-    stats = {}
-    if mode == "python":
-        prepared = [(x, model.label_targets(y)) for x, y in batches]
+def epochs(model, opts, batches, pipelines: dict[str, Pipeline], runs: dict[str, Any]) -> dict[str, Callable[[], None]]:
+    """One epoch per mode: the Python loop, and each named Pipeline (its last run kept in ``runs``)."""
+    prepared = [(x, model.label_targets(y)) for x, y in batches]
 
+    def python():
+        for s, t in prepared:
+            for opt in opts:
+                s, t, _, _ = opt.train_step(s, t, check_finite=False)
+
+    def with_pipeline(name):
         def epoch():
-            for s, t in prepared:
-                for opt in opts:
-                    s, t, _, _ = opt.train_step(s, t)
-    else:
-        stages = len(hidden) if mode == "per-block" else None
-        pipeline = Pipeline(model, opts, pipelined=mode != "sequential", stages=stages)
+            runs[name] = pipelines[name].run(batches)
+        return epoch
 
-        def epoch():
-            stats["run"] = pipeline.run(batches)
-    epoch()  # warm-up
-    benchmark.group = f"{name}, batch {batch}"
-    benchmark.pedantic(epoch, rounds=3, iterations=1)
-    record = {"samples_per_s": BATCHES * batch / benchmark.stats.stats.mean}
-    if "run" in stats:
-        run = stats["run"]
+    return {"python": python, **{name: with_pipeline(name) for name in pipelines}}
+
+
+def summarise(times: dict[str, list[float]], runs: dict[str, Any], samples: int) -> dict[str, dict]:
+    out = {}
+    for mode, t in times.items():
+        record = {"samples_per_s": samples / median_time(t), "x_sequential": median_ratio(times["sequential"], t)}
         if mode == "sequential":
-            busy = [b["busy_s"] for b in run.blocks]
+            busy = [b["busy_s"] for b in runs[mode].blocks]
             record["ideal"] = sum(busy) / max(busy)
-        else:
-            record["idle"] = [s["idle_fraction"] for s in run.stages]
-    benchmark.extra_info.update(record)
-    results.setdefault((name, batch), {})[mode] = record
+        elif mode in runs:
+            record["idle"] = [s["idle_fraction"] for s in runs[mode].stages]
+        out[mode] = record
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-batch{c[4]}")
+def test_epoch(benchmark, results, case):
+    name, in_features, hidden, label_dim, batch = case
+    model, opts, batches = setup(in_features, hidden, label_dim, batch, BATCHES)
+    pipelines = {"sequential": Pipeline(model, opts, pipelined=False), "pipeline": Pipeline(model, opts),
+                 "per-block": Pipeline(model, opts, stages=len(hidden))}
+    runs: dict[str, Any] = {}
+    benchmark.group = f"{name}, batch {batch}"
+    times = interleaved(benchmark, epochs(model, opts, batches, pipelines, runs), ROUNDS)
+    summary = summarise(times, runs, BATCHES * batch)
+    benchmark.extra_info.update(summary)
+    results[(name, batch)] = summary
