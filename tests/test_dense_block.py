@@ -98,18 +98,19 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default, sgd_args)
 
 
-def assert_update_form_matches_torch(fused_update, torch_optimizers, device="cpu", **config):
+def assert_update_form_matches_torch(fused_update, torch_optimizers, device="cpu", shape=(8, 10, 12, 24, 6, 4),
+                                     **config):
     """Four steps of a fused update form against torch optimisers fed the reference gradients.
 
     fused_update(s_prev, t_prev, params, step) updates params in place; torch_optimizers
     (fb_params, gh_params) gives the two torch optimisers it should equal.
     """
-    _, _, params = make_block(8, 10, 12, 24, 6, 4, device=device)
+    _, _, params = make_block(*shape, device=device)
     ours = [p.clone() for p in params]
     theirs = [p.clone().requires_grad_(True) for p in params]
     optimizers = torch_optimizers(theirs[:6], theirs[6:])
     for step in range(1, 5):
-        s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, device=device, seed=step)
+        s_prev, t_prev, _ = make_block(*shape, device=device, seed=step)
         out = fused_update(s_prev, t_prev, ours, step)
         want = reference.dense_block_step(s_prev, t_prev, theirs, **config)
         torch.testing.assert_close(out[2], want.loss_as)
@@ -139,6 +140,20 @@ def test_adam_form_equals_torch_adam_on_reference_gradients(device, variant, ae_
                         torch.optim.Adam(gh, lr=7e-3, betas=(0.8, 0.99), eps=1e-7)],
         device,
         **config,
+    )
+
+
+@pytest.mark.parametrize("batch", [40, 64])
+def test_adam_form_updates_weights_larger_than_one_tile(batch):
+    """The CPU update form computes weight gradients in tiles of rows, which grow with the
+    batch; here W_b1 (500 x 300) takes three tiles at batch 40 and two at batch 64, the last
+    one partial."""
+    shape = (batch, 30, 300, 500, 20, 6)
+    state = [[torch.zeros_like(p) for p in make_block(*shape)[2]] for _ in range(2)]
+    assert_update_form_matches_torch(
+        lambda s, t, params, step: fused.dense_block_adam_step_(s, t, params, *state, step, 3e-3, 7e-3),
+        lambda fb, gh: [torch.optim.Adam(fb, lr=3e-3), torch.optim.Adam(gh, lr=7e-3)],
+        shape=shape,
     )
 
 
@@ -296,6 +311,17 @@ def test_fused_optimiser_on_cuda_raises_for_a_refused_step():
         opt.train_step(x, model.label_targets(torch.tensor([0, 1, 2, 3])))
     assert all(torch.equal(a, b) for a, b in zip(before, model.blocks[0].parameters()))
     assert all(float(opt.state[p]["step"]) == 0 for p in model.blocks[0].parameters())
+
+
+@needs_cuda
+def test_cuda_step_repeats_bit_for_bit():
+    """Deterministic without a switch: fixed-order reductions and no atomics in our kernels,
+    cuBLAS (deterministic on one stream) for the GEMMs, ATen's sum for the bias gradients."""
+    args = make_block(64, 50, 31, 100, 13, 13, dtype=torch.float32, device="cuda")
+    first, second = (fused.dense_block_step(*args, variant="B") for _ in range(2))
+    for a, b in zip([first.s, first.t, first.loss_as, first.loss_ae, *first.grads],
+                    [second.s, second.t, second.loss_as, second.loss_ae, *second.grads]):
+        assert torch.equal(a, b)
 
 
 def max_error(a, b):

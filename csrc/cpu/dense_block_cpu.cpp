@@ -33,9 +33,10 @@
 namespace al_ext {
 namespace {
 
-// Weight-gradient tiles of about this many elements (256 KiB of float): small enough to
-// stay in L2 between the GEMM that writes them and the Adam update that reads them.
-constexpr int64_t kTileElements = 64 * 1024;
+// Weight-gradient tiles of about this many elements (256 KiB of float) at batch kTileBatch,
+// and proportionally more at larger batches: small enough to stay in cache between the GEMM
+// that writes them and the Adam update that reads them.
+constexpr int64_t kTileElements = 64 * 1024, kTileBatch = 32;
 // ...but never thinner than this: MKL's kernel is slow on a GEMM of a few rows.
 constexpr int64_t kMinTileRows = 32;
 
@@ -219,7 +220,11 @@ template <typename T> struct GradientSink {
     const OptimizerUpdate& u = w < kParamWg ? update_fb : update_gh;
     const at::Tensor& weight = params[w];
     const int64_t out = weight.size(0), in = weight.size(1);
-    const int64_t rows = std::min(out, std::max(kMinTileRows, kTileElements / in));
+    // Each tile's GEMM reads all of x (batch x in), so tiles grow with the batch: the passes
+    // over x stay as few as at batch 32, which the tile size was tuned for. (Fixed tiles made
+    // the step 1.15x slower at batch 128 and slower than eager PyTorch at batch 512.)
+    const int64_t tile_elements = kTileElements * std::max<int64_t>(1, dz.size(0) / kTileBatch);
+    const int64_t rows = std::min(out, std::max(kMinTileRows, tile_elements / in));
     const int64_t tiles = (out + rows - 1) / rows;
     at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
       at::Tensor tile = at::empty({rows, in}, weight.options());
