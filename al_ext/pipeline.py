@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import _C
-from ._extension import has_cuda_kernels
+from ._extension import _C, has_cuda_kernels
 from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
 from .validation import check_positive_int
@@ -154,10 +153,9 @@ class Pipeline:
             x = x.to(first_device, non_blocking=True) if isinstance(x, Tensor) else x
             prepared.append((self.model.check_input(x).detach(), self.model.label_targets(y)))
         starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else [0]
-        stage_devices = self._stage_devices(starts)
         with torch.no_grad() if self._fused is not None else torch.enable_grad():
-            out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts if self.pipelined else [],
-                                self.max_in_flight, self.threads_per_stage, stage_devices)
+            out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts, self.max_in_flight,
+                                self.threads_per_stage, self._stage_devices(starts))
         if "error" in out:
             block, batch, message = out["error"]
             raise PipelineError(block + 1, batch, message)
