@@ -112,5 +112,5 @@ def test_epoch(benchmark, results, case):
     benchmark.group = f"{name}, batch {batch}"
     times = interleaved(benchmark, epochs(model, opts, batches, pipelines, runs), ROUNDS)
     summary = summarise(times, runs, BATCHES * batch)
-    benchmark.extra_info.update(summary)
+    benchmark.extra_info.update(summary, round_times_s=times)  # --benchmark-json keeps each round
     results[(name, batch)] = summary

@@ -55,5 +55,5 @@ def test_epoch_cuda(benchmark, results, case):
     times = interleaved(benchmark, epochs(model, opts, batches, pipelines, runs), rounds=3,
                         sync=torch.cuda.synchronize)
     summary = summarise(times, runs, BATCHES * batch)
-    benchmark.extra_info.update(summary)
+    benchmark.extra_info.update(summary, round_times_s=times)
     results[(name, batch)] = summary
