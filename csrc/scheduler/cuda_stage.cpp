@@ -9,7 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/stack.h>
 #include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -22,8 +22,53 @@
 namespace al_ext::scheduler {
 namespace {
 
-using c10::cuda::CUDAEvent;
 using c10::cuda::CUDAStream;
+
+// A CUDA event of our own: torch's CUDAEvent moved from ATen to c10 between the releases
+// this builds against, and these few calls are all that is needed.
+class CudaEvent {
+ public:
+  CudaEvent(c10::DeviceIndex device, bool timing) : device_(device) {
+    const c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, timing ? cudaEventDefault : cudaEventDisableTiming));
+  }
+  ~CudaEvent() {
+    const c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK_WARN(cudaEventDestroy(event_));
+  }
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+
+  void record(const CUDAStream& stream) {
+    const c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream.stream()));
+  }
+  // `stream` (on any device) waits on the device for the work recorded before this event.
+  void block(const CUDAStream& stream) const {
+    const c10::cuda::CUDAGuard guard(stream.device_index());
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), event_, 0));
+  }
+  bool query() const {
+    const cudaError_t status = cudaEventQuery(event_);
+    if (status == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: clear it
+      return false;
+    }
+    C10_CUDA_CHECK(status);
+    return true;
+  }
+  void synchronize() const { C10_CUDA_CHECK(cudaEventSynchronize(event_)); }
+  // Both events timed and completed.
+  double seconds_since(const CudaEvent& start) const {
+    float ms = 0;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
+    return ms / 1e3;
+  }
+
+ private:
+  const c10::DeviceIndex device_;
+  cudaEvent_t event_ = nullptr;
+};
 
 void record_on(const CUDAStream& stream, const at::Tensor& t) {
   c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
@@ -35,7 +80,8 @@ class CudaStage final : public StageDevice {
       : device_(device),
         caller_(c10::cuda::getCurrentCUDAStream(device.index())),
         stream_(own_stream ? c10::cuda::getStreamFromPool(false, device.index()) : caller_),
-        lag_(lag) {
+        lag_(lag),
+        started_(device.index(), /*timing=*/false) {
     // The batches and the parameters were last written on the caller's stream.
     started_.record(caller_);
     c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
@@ -47,7 +93,7 @@ class CudaStage final : public StageDevice {
   }
 
   void receive(at::Tensor& s, at::Tensor& t, const ReadyMarker& ready) override {
-    auto& event = *static_cast<CUDAEvent*>(ready.get());
+    const auto& event = *static_cast<const CudaEvent*>(ready.get());
     if (s.device() == device_) {
       event.block(stream_);
       record_on(stream_, s);
@@ -72,12 +118,13 @@ class CudaStage final : public StageDevice {
   }
 
   void before_step() override {
-    step_start_ = std::make_unique<CUDAEvent>(cudaEventDefault);  // with timing
+    step_start_ = std::make_unique<CudaEvent>(device_.index(), /*timing=*/true);
     step_start_->record(stream_);
   }
 
   void after_step(int block, int batch, const StepResult& out) override {
-    Pending p{block, batch, std::move(step_start_), std::make_shared<CUDAEvent>(cudaEventDefault), at::Tensor()};
+    Pending p{block, batch, std::move(step_start_), std::make_shared<CudaEvent>(device_.index(), /*timing=*/true),
+              at::Tensor()};
     const at::Tensor losses = at::stack({out.loss_as.reshape({}), out.loss_ae.reshape({})});
     p.losses = at::empty({2}, losses.options().device(at::kCPU).pinned_memory(true));
     p.losses.copy_(losses, /*non_blocking=*/true);
@@ -95,7 +142,7 @@ class CudaStage final : public StageDevice {
       if (!all && !too_far_ahead && !p.end->query()) break;
       p.end->synchronize();
       const at::Tensor losses = p.losses.to(at::kDouble);
-      done.push_back({p.block, p.batch, p.start->elapsed_time(*p.end) / 1e3, losses[0].item<double>(),
+      done.push_back({p.block, p.batch, p.end->seconds_since(*p.start), losses[0].item<double>(),
                       losses[1].item<double>()});
       pending_.pop_front();
     }
@@ -103,12 +150,12 @@ class CudaStage final : public StageDevice {
   }
 
   void leave() override {
-    CUDAEvent done;
+    CudaEvent done(device_.index(), /*timing=*/false);
     done.record(stream_);
     done.block(caller_);  // whatever the caller enqueues next sees this stage's updates
-    peak_bytes_ = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index())
-                      .allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
-                      .peak;
+    // Entry 0 of a stat array is the aggregate over the allocator's pools (StatType::AGGREGATE,
+    // whose namespace differs between torch releases).
+    peak_bytes_ = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index()).allocated_bytes[0].peak;
     guard_.reset();
   }
 
@@ -117,8 +164,8 @@ class CudaStage final : public StageDevice {
  private:
   struct Pending {
     int block, batch;
-    std::unique_ptr<CUDAEvent> start;
-    std::shared_ptr<CUDAEvent> end;  // also the handoff's ready marker after a batch's last block
+    std::unique_ptr<CudaEvent> start;
+    std::shared_ptr<CudaEvent> end;  // also the handoff's ready marker after a batch's last block
     at::Tensor losses;               // pinned: (L_as, L_ae), valid once `end` has completed
   };
 
@@ -133,9 +180,9 @@ class CudaStage final : public StageDevice {
   const c10::Device device_;
   const CUDAStream caller_, stream_;
   const int lag_;
-  CUDAEvent started_;
+  CudaEvent started_;
   std::optional<c10::cuda::CUDAStreamGuard> guard_;
-  std::unique_ptr<CUDAEvent> step_start_;
+  std::unique_ptr<CudaEvent> step_start_;
   std::deque<Pending> pending_;
   std::map<c10::DeviceIndex, CUDAStream> copy_streams_;
   int64_t peak_bytes_ = 0;
