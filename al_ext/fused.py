@@ -210,7 +210,9 @@ class FusedBlockAdam(FusedBlockOptimizer):
         out = _raise_if_refused(dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq,
                                                        int(steps[0].item()) + 1, fb["lr"], gh["lr"], fb["betas"],
                                                        fb["eps"], *self._config()), check_finite)
-        for step in steps:  # only after the op succeeded: a refused step leaves the state as it was
+        # Only after the op succeeded: a refused step leaves the state as it was (except one
+        # that the device refused unchecked, check_finite=False, which still counts).
+        for step in steps:
             step += 1
         return out
 
