@@ -146,7 +146,7 @@ def build(impl: str, batch: int, width: int, device: str = "cpu", dtype: torch.d
 
 def summarise(times: dict[str, list[float]], batch: int, width: int) -> dict[str, dict[str, float]]:
     """Per implementation: median time, throughput and the ratios to eager and to the GEMMs."""
-    flops, bytes_ = step_cost(batch, width)
+    flops, _ = step_cost(batch, width)
     out = {}
     for impl, t in times.items():
         seconds = median_time(t)
