@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: each block's whole step as one fused op where it fits (dense blocks on the CPU), "
                        "else the compiled loss op; fused: insist on the fused op; reference: plain PyTorch")
     train.add_argument("--pipeline", action="store_true",
-                       help="train the AL blocks at the same time on consecutive batches (C++ scheduler); "
-                       "same parameters as without, bit for bit at equal intra-op thread counts")
+                       help="train the AL blocks at the same time on consecutive batches (C++ scheduler: threads "
+                       "on the CPU, a stream per block on CUDA); same parameters as without, bit for bit on the "
+                       "CPU at equal intra-op thread counts")
     train.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full results as JSON")
     train.add_argument("--save", type=Path, default=None, metavar="FILE", help="save the AL trainer's final checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
