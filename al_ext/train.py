@@ -216,10 +216,13 @@ class Trainer:
 
     def _fused_train_step(self, x: Tensor, y: Tensor) -> Tensor:
         s, t = self.model.check_input(x), self.model.label_targets(y)
+        # On CUDA each block's kernel refuses a non-finite step by itself, so the losses are
+        # checked once for the whole batch (one wait for the GPU), not after every block.
+        on_cuda = s.is_cuda
         losses = []
         for i, opt in enumerate(self.optimizers):
             try:
-                s, t, loss_as, loss_ae = opt.train_step(s, t)
+                s, t, loss_as, loss_ae = opt.train_step(s, t, check_finite=not on_cuda)
             except RuntimeError as exc:
                 if "non-finite loss" not in str(exc):
                     raise
@@ -228,7 +231,15 @@ class Trainer:
                     + (f", blocks 1-{i} were updated on this batch" if i else "") + f" ({exc})"
                 ) from exc
             losses.append(torch.stack([loss_as, loss_ae]))
-        return torch.stack(losses)
+        values = torch.stack(losses)
+        if on_cuda and not bool(torch.isfinite(values).all()):
+            block = int((~torch.isfinite(values)).any(dim=1).nonzero()[0])
+            raise FloatingPointError(
+                f"non-finite loss in block {block + 1} in epoch {self.epoch + 1}; the GPU refused that block's "
+                f"update (L_as = {values[block, 0].item()}, L_ae = {values[block, 1].item()})"
+                + (f", blocks 1-{block} were updated on this batch" if block else "")
+                + "; later blocks trained on its outputs only where their own losses were finite")
+        return values
 
     def _describe_non_finite(self, values: Tensor) -> str:
         where = f"epoch {self.epoch + 1}"

@@ -357,6 +357,19 @@ def test_trainer_reports_a_non_finite_fused_step_with_its_block():
         trainer.step(torch.randn(4, 20), torch.tensor([0, 1, 2, 3]))
 
 
+@needs_cuda
+def test_trainer_on_cuda_reports_a_non_finite_fused_step_with_its_block():
+    model = small_mlp(backend="fused")
+    trainer = al_ext.Trainer(model, progress=False, device="cuda")
+    with torch.no_grad():
+        model.blocks[1].b[0].weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.blocks[1].parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite loss in block 2 .*the GPU refused .*blocks 1-1 were updated"):
+        trainer.step(torch.randn(4, 20), torch.tensor([0, 1, 2, 3]))
+    for a, b in zip(before, model.blocks[1].parameters()):
+        assert torch.equal(a.nan_to_num(), b.detach().nan_to_num())
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_trainer_fused_and_reference_agree_for_each_optimizer(optimizer):
     x = torch.randn(48, 20, dtype=torch.float64)
