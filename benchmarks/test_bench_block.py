@@ -3,15 +3,18 @@
     python -m pytest benchmarks/test_bench_block.py --benchmark-only --benchmark-columns=mean,rounds -s
 
 Implementations, on the same model and batch, taking turns (benchmarks/interleave.py):
-- gemms:    only the step's GEMMs, with the same shapes, through torch.mm: what the GEMM
-            library gives at these shapes, the floor any implementation of the step sits on;
+- gemms:    only the step's GEMMs, with the same shapes and libraries as the fused step on
+            the CPU (forward and input gradients through oneDNN, weight gradients through
+            torch.mm; on CUDA all through torch.mm): what the GEMM libraries give at these shapes;
 - fused:    FusedBlockAdam.train_step, one al_ext::dense_block_adam_step_ call per block;
 - eager:    the reference (al_ext.reference via model.local_losses, one backward of the summed
             losses) with torch.optim.Adam(fused=True), torch's fastest optimiser;
 - compiled: the same with the losses' forward and backward from torch.compile.
 
 The floor of a step is the larger of its FLOPs over the GEMM rate (2048^3 float32) and its
-unavoidable bytes over the copy bandwidth, both measured in this run. The summary (shown
+unavoidable bytes over the copy bandwidth, both measured in this run. The GEMM rate is the
+better of torch.mm's (MKL) and oneDNN's; the summary also gives the fraction of the floor
+at torch.mm's rate alone. The summary (shown
 with -s) gives, per implementation, the median time, samples/s, GFLOP/s, the speed-up over
 eager (median of per-round ratios, and best time against best time), the fraction of the
 same-shape GEMMs' time, and the fraction of the floor reached.
@@ -62,14 +65,25 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def onednn_linear():
+    """x w^T through oneDNN, as the fused CPU step's forward and input gradients; None
+    where torch has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
 @pytest.fixture(scope="session")
 def machine() -> dict[str, float]:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    gemm = 2 * 2048**3 / timed(lambda: a @ b, 10)
+    flops = 2 * 2048**3
+    mm = flops / timed(lambda: a @ b, 10)
+    linear = onednn_linear()
+    onednn = flops / timed(lambda: linear(a, b), 10) if linear else 0.0
     src = torch.randn(32 * 1024 * 1024)
     dst = torch.empty_like(src)
     copy = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), 10)
-    return {"gemm_flops": gemm, "copy_bytes": copy}
+    return {"gemm_flops": max(mm, onednn), "mm_flops": mm, "onednn_flops": onednn, "copy_bytes": copy}
 
 
 @pytest.fixture(scope="session")
@@ -77,16 +91,16 @@ def results(machine):
     """Collects every measurement and prints the comparison at the end (run with -s)."""
     table: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
     yield table
-    print(f"\nmeasured in this run: GEMM {machine['gemm_flops'] / 1e9:.0f} GFLOP/s (2048^3 float32), "
-          f"copy {machine['copy_bytes'] / 1e9:.0f} GB/s")
+    print(f"\nmeasured in this run: GEMM (2048^3 float32) {machine['mm_flops'] / 1e9:.0f} GFLOP/s torch.mm, "
+          f"{machine['onednn_flops'] / 1e9:.0f} GFLOP/s oneDNN; copy {machine['copy_bytes'] / 1e9:.0f} GB/s")
     print("| batch | width | impl | ms/step | samples/s | GFLOP/s | x eager | x eager, best times | of GEMMs | "
-          "floor ms | of floor |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "floor ms | of floor | of floor at torch.mm's rate |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (batch, width), impls in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         for impl, r in impls.items():
             print(f"| {batch} | {width} | {impl} | {r['ms']:.1f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
                   f"{r['x_eager']:.2f} | {r['x_eager_best']:.2f} | {r['of_gemms']:.0%} | {r['floor_ms']:.1f} | "
-                  f"{r['of_floor']:.0%} |")
+                  f"{r['of_floor']:.0%} | {r['of_mm_floor']:.0%} |")
 
 
 def gemms_of_step(batch: int, width: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -95,13 +109,15 @@ def gemms_of_step(batch: int, width: int, device: str = "cpu", dtype: torch.dtyp
     for i, o, dx in linear_shapes(width):
         x, w, dz = (torch.randn(s, device=device, dtype=dtype) for s in ((batch, i), (o, i), (batch, o)))
         mats.append((x, w, dz, dx))
+    onednn = onednn_linear() if device == "cpu" and dtype == torch.float32 else None
+    linear = onednn or (lambda x, w: torch.mm(x, w.t()))
 
     def step():
         for x, w, dz, dx in mats:
-            torch.mm(x, w.t())
+            linear(x, w)
             torch.mm(dz.t(), x)
             if dx:
-                torch.mm(dz, w)
+                linear(dz, w.t())
 
     return step
 
@@ -170,7 +186,8 @@ def test_mlp_training_step(benchmark, machine, results, point):
     summary = summarise(times, batch, width)
     flops, bytes_ = step_cost(batch, width)
     floor = max(flops / machine["gemm_flops"], bytes_ / machine["copy_bytes"])
+    mm_floor = max(flops / machine["mm_flops"], bytes_ / machine["copy_bytes"])
     for info in summary.values():
-        info.update(floor_ms=floor * 1e3, of_floor=floor * 1e3 / info["ms"])
+        info.update(floor_ms=floor * 1e3, of_floor=floor * 1e3 / info["ms"], of_mm_floor=mm_floor * 1e3 / info["ms"])
     benchmark.extra_info.update({impl: {k: round(v, 3) for k, v in info.items()} for impl, info in summary.items()})
     results[point] = summary

@@ -3,7 +3,9 @@
 // the optimiser's update, in one call (see al_ext/reference.py: dense_block_step for the definition).
 //
 // The algorithm (order of the GEMMs, losses, refusal of a non-finite loss) is the shared
-// core in ../ops/dense_block_core.h; this file supplies the CPU passes between the GEMMs.
+// core in ../ops/dense_block_core.h; this file supplies the CPU passes between the GEMMs,
+// and the GEMMs: oneDNN's for the forward and input gradients (onednn_gemm.h), MKL's,
+// one thread per tile, for the weight gradients.
 // Each loss, its gradient and the output activation's derivative are one pass; each
 // activation derivative is one pass, written through the layer's output.
 // The update forms never materialise a weight gradient: each gradient is computed in
@@ -28,6 +30,7 @@
 #include "../ops/dense_block.h"
 #include "../ops/dense_block_core.h"
 #include "../ops/ops.h"
+#include "onednn_gemm.h"
 #include "simd.h"
 
 namespace al_ext {
@@ -213,8 +216,8 @@ template <typename T> struct GradientSink {
   // dW = dz^T x and dc = sum of dz over rows, for the weight at params[w] and bias params[w + 1].
   void linear(int w, const at::Tensor& dz, const at::Tensor& x) const {
     if (grads != nullptr) {
-      at::mm_out((*grads)[w], dz.t(), x);
-      at::sum_out((*grads)[w + 1], dz, {0});
+      (*grads)[w] = cpu_matmul(dz.t(), x);
+      (*grads)[w + 1] = dz.sum(0);
       return;
     }
     const OptimizerUpdate& u = w < kParamWg ? update_fb : update_gh;
@@ -247,6 +250,10 @@ template <typename T> struct GradientSink {
 template <typename T> struct CpuKernels {
   const GradientSink<T>& sink;
 
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) const {
+    return cpu_linear(x, w, c, act);
+  }
+  at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w) const { return cpu_matmul(dz, w); }
   at::Tensor output_mse(const at::Tensor& out, const at::Tensor& target, Activation act, at::Tensor& dz,
                         at::Tensor& dtarget) const {
     const double sum = mse_backward<T>(out, target, act, dz, dtarget);
@@ -284,8 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
       check_dense_block_call(op, s_prev_arg, t_prev_arg, params, x_activation, h_activation, variant, ae_loss);
   check_cpu(op, s_prev_arg);
   const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
-  std::vector<at::Tensor> grads;
-  for (const at::Tensor& p : params) grads.push_back(at::empty_like(p));
+  std::vector<at::Tensor> grads(params.size());  // filled by GradientSink::linear
   DenseBlockOutputs out;
   AT_DISPATCH_FLOATING_TYPES(s_prev.scalar_type(), "dense_block_step_cpu", [&] {
     GradientSink<scalar_t> sink{params, &grads};

@@ -40,6 +40,12 @@ struct CudaKernels {
   const cuda::MultiTensorUpdateParams* update = nullptr;  // the update forms: applied by finish()
   at::TensorList params, state1, state2;
 
+  // The GEMMs: cuBLAS through ATen (with cuBLASLt's bias+ReLU epilogue for ReLU).
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) const {
+    return linear_forward(x, w, c, act);
+  }
+  at::Tensor input_grad(const at::Tensor& dz, const at::Tensor& w) const { return at::mm(dz, w); }
+
   at::Tensor output_mse(const at::Tensor& out, const at::Tensor& target, Activation act, at::Tensor& dz,
                         at::Tensor& dtarget) const {
     at::Tensor loss = at::empty({}, out.options());

@@ -1,6 +1,8 @@
-// The dense block step as an algorithm, the same on every device: the GEMMs through ATen
-// (MKL on the CPU, cuBLAS on CUDA), and what lies between them supplied by a `Kernels`
+// The dense block step as an algorithm, the same on every device: the order of the GEMMs
+// and of the passes between them. What each step runs on is supplied by a `Kernels`
 // object of the device:
+//   at::Tensor linear(x, w, c, act)                        act(x w^T + c), a layer's forward
+//   at::Tensor input_grad(dz, w)                           dz w, a layer's input gradient
 //   at::Tensor output_mse(out, target, act, dz, dtarget)   loss (0-dim); dz = dL/dz, dtarget optional
 //   at::Tensor cross_entropy(logits, target, dz)           loss (0-dim); dz = dL/dlogits
 //   void activation_backward(grad, y, act, addend)         grad <- (grad + addend) * act'(y)
@@ -16,6 +18,7 @@
 #include <ATen/ops/elu.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/tanh.h>
 
@@ -25,16 +28,12 @@
 
 namespace al_ext {
 
-// act(x W^T + c): the bias rides in the GEMM (addmm), and the activation is ATen's own
-// in-place kernel, whose exp is vectorised (a scalar exp cost more than fusing it saved).
-// ReLU rides in the GEMM too: on CUDA, _addmm_activation is cuBLASLt's bias+ReLU epilogue
-// (cuBLASLt has none for ELU, sigmoid or tanh).
-inline at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) {
-  if (act == Activation::kRelu) return at::_addmm_activation(c, x, w.t());
-  at::Tensor z = at::addmm(c, x, w.t());
+// z <- act(z), in place, with ATen's own kernels (their exp is vectorised: a scalar exp
+// cost more than fusing it saved).
+inline at::Tensor& apply_activation_(at::Tensor& z, Activation act) {
   switch (act) {
     case Activation::kElu: at::elu_(z); break;
-    case Activation::kRelu: break;  // done above
+    case Activation::kRelu: at::relu_(z); break;
     case Activation::kSigmoid: at::sigmoid_(z); break;
     case Activation::kTanh: at::tanh_(z); break;
     case Activation::kIdentity: break;
@@ -42,15 +41,24 @@ inline at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const
   return z;
 }
 
+// act(x W^T + c) through ATen: the bias rides in the GEMM (addmm), and so does ReLU (on
+// CUDA, _addmm_activation is cuBLASLt's bias+ReLU epilogue; cuBLASLt has none for ELU,
+// sigmoid or tanh).
+inline at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) {
+  if (act == Activation::kRelu) return at::_addmm_activation(c, x, w.t());
+  at::Tensor z = at::addmm(c, x, w.t());
+  return apply_activation_(z, act);
+}
+
 template <typename Kernels>
 DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList P,
                                   const DenseBlockConfig& cfg, const Kernels& k) {
   // Forward: label side first, since the associative loss needs t.
-  const at::Tensor t = linear_forward(t_prev, P[kParamWg], P[kParamWg + 1], Activation::kSigmoid);
-  const at::Tensor r = linear_forward(t, P[kParamWh], P[kParamWh + 1], cfg.h_activation);
-  const at::Tensor s = linear_forward(s_prev, P[kParamWf], P[kParamWf + 1], cfg.x_activation);
-  const at::Tensor u = linear_forward(s, P[kParamWb1], P[kParamWb1 + 1], Activation::kSigmoid);
-  const at::Tensor bhat = linear_forward(u, P[kParamWb2], P[kParamWb2 + 1], Activation::kSigmoid);
+  const at::Tensor t = k.linear(t_prev, P[kParamWg], P[kParamWg + 1], Activation::kSigmoid);
+  const at::Tensor r = k.linear(t, P[kParamWh], P[kParamWh + 1], cfg.h_activation);
+  const at::Tensor s = k.linear(s_prev, P[kParamWf], P[kParamWf + 1], cfg.x_activation);
+  const at::Tensor u = k.linear(s, P[kParamWb1], P[kParamWb1 + 1], Activation::kSigmoid);
+  const at::Tensor bhat = k.linear(u, P[kParamWb2], P[kParamWb2 + 1], Activation::kSigmoid);
 
   // Both losses and their gradients at the outputs, before any parameter changes.
   at::Tensor dz2 = at::empty_like(bhat);
@@ -64,16 +72,16 @@ DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_
   k.refuse_non_finite(loss_as, loss_ae);
 
   // x side, top down; each input gradient (dX = dZ W) before its weight's gradient is used.
-  at::Tensor du = at::mm(dz2, P[kParamWb2]);
+  at::Tensor du = k.input_grad(dz2, P[kParamWb2]);
   k.linear_grad(kParamWb2, dz2, u);
   k.activation_backward(du, u, Activation::kSigmoid, at::Tensor());
-  at::Tensor ds = at::mm(du, P[kParamWb1]);
+  at::Tensor ds = k.input_grad(du, P[kParamWb1]);
   k.linear_grad(kParamWb1, du, s);
   k.activation_backward(ds, s, cfg.x_activation, at::Tensor());
   k.linear_grad(kParamWf, ds, s_prev);
 
   // Label side: h, then g (which in variant B also receives L_as's gradient through t).
-  at::Tensor dt = at::mm(dzh, P[kParamWh]);
+  at::Tensor dt = k.input_grad(dzh, P[kParamWh]);
   k.linear_grad(kParamWh, dzh, t);
   k.activation_backward(dt, t, Activation::kSigmoid, dt_from_as);
   k.linear_grad(kParamWg, dt, t_prev);

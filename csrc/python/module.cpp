@@ -9,6 +9,7 @@
 #include "../cuda/delay.cuh"
 #include "../cuda/glue.h"
 #endif
+#include "../cpu/onednn_gemm.h"
 #include "../scheduler/executor.h"
 #include "../scheduler/plan.h"
 #include "../scheduler/block_steps.h"
@@ -115,8 +116,10 @@ PYBIND11_MODULE(_C, m) {
 #else
     info["cuda"] = false;
 #endif
+    info["cpu_gemm"] = al_ext::cpu_gemm_library();
     return info;
-  }, "How this extension was built: the torch version it was compiled against and whether it has CUDA kernels.");
+  }, "How this extension was built: the torch version it was compiled against, whether it has CUDA kernels, "
+     "and the library of the fused CPU step's float32 GEMMs ('onednn', or 'aten' where torch lacks oneDNN).");
 
   m.def("pipeline_plan", [](int blocks, int batches) { return plan_to_python(pipeline_plan(blocks, batches)); },
         "Per tick, the (block, batch) pairs that run when every block works at once.");
