@@ -1,9 +1,9 @@
 // The dense block's float32 GEMMs on the CPU through oneDNN, which libtorch_cpu ships and
 // exposes as the operator mkldnn::_linear_pointwise (what torch.compile's CPU backend calls
-// for a Linear). On the project's AMD EPYC machines MKL's sgemm runs its AVX2 code and
-// splits a thin GEMM (batch 32-128 rows) poorly over two threads: oneDNN's was 1.3-1.7x
-// faster at the NECO MLP's shapes (benchmarks/RESULTS.md). Single-threaded the two are
-// alike, so the weight-gradient tiles, each computed by one thread, stay with at::mm.
+// for a Linear). On the project's 2-core AMD EPYC machines MKL's sgemm gains little from
+// the second thread on a thin GEMM (batch 32-128 rows), and oneDNN's was 1.3-1.7x faster
+// at the NECO MLP's shapes (benchmarks/RESULTS.md). Single-threaded the two are alike, so
+// the weight-gradient tiles, each computed by one thread, stay with at::mm.
 #pragma once
 
 #include <ATen/core/Tensor.h>
