@@ -12,12 +12,11 @@ Implementations, on the same model and batch, taking turns (benchmarks/interleav
 - compiled: the same with the losses' forward and backward from torch.compile.
 
 The floor of a step is the larger of its FLOPs over the GEMM rate (2048^3 float32) and its
-unavoidable bytes over the copy bandwidth, both measured in this run. The GEMM rate is the
-better of torch.mm's (MKL) and oneDNN's; the summary also gives the fraction of the floor
-at torch.mm's rate alone. The summary (shown
-with -s) gives, per implementation, the median time, samples/s, GFLOP/s, the speed-up over
-eager (median of per-round ratios, and best time against best time), the fraction of the
-same-shape GEMMs' time, and the fraction of the floor reached.
+unavoidable bytes over the copy bandwidth, both measured in this run; the GEMM rate is the
+better of torch.mm's (MKL) and oneDNN's. The summary (shown with -s) gives, per
+implementation, the median time, samples/s, GFLOP/s, the speed-up over eager (median of
+per-round ratios, and best time against best time), the fraction of the same-shape GEMMs'
+time, and the fraction of the floor reached, also at torch.mm's GEMM rate alone.
 """
 from __future__ import annotations
 
