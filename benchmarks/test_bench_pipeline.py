@@ -114,3 +114,23 @@ def test_epoch(benchmark, results, case):
     summary = summarise(times, runs, BATCHES * batch)
     benchmark.extra_info.update(summary, round_times_s=times)  # --benchmark-json keeps each round
     results[(name, batch)] = summary
+
+
+BUBBLE_BATCHES = 500
+
+
+def test_bubble_over_a_long_epoch(benchmark):
+    """Issue 4's bubble bound (2 % of an epoch of 500 batches at L = 8) on the CPU: the
+    pipeline alone, default stages. The bottleneck stage's idle fraction is the bubble
+    (filling, draining, waiting at handoffs); the other stages' idle fractions add the
+    imbalance of their blocks' costs."""
+    model, opts, batches = setup(256, (256,) * 8, 256, 32, BUBBLE_BATCHES)
+    pipeline = Pipeline(model, opts)
+    pipeline.run(batches[:48])  # measures the blocks' costs, which balance the stages of the timed run
+    run = benchmark.pedantic(pipeline.run, args=(batches,), rounds=2, iterations=1)
+    busiest = max(run.stages, key=lambda stage: 1.0 - stage["idle_fraction"])
+    benchmark.extra_info.update(stage_idle=[s["idle_fraction"] for s in run.stages], bubble=busiest["idle_fraction"])
+    idle = " ".join(f"{s['idle_fraction']:.4f}" for s in run.stages)
+    print(f"\nL8-equal, batch 32, {BUBBLE_BATCHES} batches, {len(run.stages)} stages: "
+          f"{BUBBLE_BATCHES * 32 / run.wall_s:,.0f} samples/s; stage idle fractions {idle}; "
+          f"bubble (idle fraction of the busiest stage) {busiest['idle_fraction']:.2%}")
