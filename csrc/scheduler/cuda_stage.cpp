@@ -129,10 +129,13 @@ class CudaStage final : public StageDevice {
     p.losses = at::empty({2}, losses.options().device(at::kCPU).pinned_memory(true));
     p.losses.copy_(losses, /*non_blocking=*/true);
     p.end->record(stream_);
+    last_end_ = p.end;
     pending_.push_back(std::move(p));
   }
 
-  ReadyMarker ready() override { return pending_.back().end; }
+  // Not pending_.back().end: finished() may already have retired that step (the GPU can be
+  // done with a small step before the host asks), which would leave pending_ empty.
+  ReadyMarker ready() override { return last_end_; }
 
   std::vector<StepRecord> finished(bool all) override {
     std::vector<StepRecord> done;
@@ -184,6 +187,7 @@ class CudaStage final : public StageDevice {
   std::optional<c10::cuda::CUDAStreamGuard> guard_;
   std::unique_ptr<CudaEvent> step_start_;
   std::deque<Pending> pending_;
+  std::shared_ptr<CudaEvent> last_end_;  // after the latest step: what a handoff waits for
   std::map<c10::DeviceIndex, CUDAStream> copy_streams_;
   int64_t peak_bytes_ = 0;
 };
