@@ -54,9 +54,11 @@ def test_float64_matches_reference(device, shape, config):
     assert_matches_reference(*make_block(*shape, device=device), tol=1e-10, **config)
 
 
+# float32 on the CPU takes its GEMMs from oneDNN, with ReLU, sigmoid and tanh fused into
+# them; float64 takes ATen's. So float32 gets every shape and every configuration too.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[4:5], ids=lambda c: "-".join(c.values()))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c.values()))
 def test_float32_matches_reference(device, shape, config):
     assert_matches_reference(*make_block(*shape, dtype=torch.float32, device=device), tol=2e-4, **config)
 
@@ -68,6 +70,15 @@ def test_float32_matches_reference(device, shape, config):
 )
 def test_property_any_shape_matches_reference(n, dx, h, b, d, dy, config, seed):
     assert_matches_reference(*make_block(n, dx, h, b, d, dy, seed=seed), tol=1e-9, **config)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40), dx=st.integers(1, 40), h=st.integers(1, 40), b=st.integers(1, 80), d=st.integers(1, 20),
+    dy=st.integers(2, 12), config=st.sampled_from(CONFIGS), seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_matches_reference_in_float32(n, dx, h, b, d, dy, config, seed):
+    assert_matches_reference(*make_block(n, dx, h, b, d, dy, dtype=torch.float32, seed=seed), tol=2e-4, **config)
 
 
 def test_non_contiguous_inputs():
@@ -98,19 +109,25 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default, sgd_args)
 
 
+# After four steps: float64 agrees to rounding; in float32 the gradients come from other GEMM
+# libraries than the reference's (oneDNN and MKL tiles on the CPU), and Adam divides by
+# their size, so parameters differ by up to a few 1e-6 (with a learning rate of 3e-3).
+UPDATE_TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-5, atol=2e-5)}
+
+
 def assert_update_form_matches_torch(fused_update, torch_optimizers, device="cpu", shape=(8, 10, 12, 24, 6, 4),
-                                     **config):
+                                     dtype=torch.float64, **config):
     """Four steps of a fused update form against torch optimisers fed the reference gradients.
 
     fused_update(s_prev, t_prev, params, step) updates params in place; torch_optimizers
     (fb_params, gh_params) gives the two torch optimisers it should equal.
     """
-    _, _, params = make_block(*shape, device=device)
+    _, _, params = make_block(*shape, dtype=dtype, device=device)
     ours = [p.clone() for p in params]
     theirs = [p.clone().requires_grad_(True) for p in params]
     optimizers = torch_optimizers(theirs[:6], theirs[6:])
     for step in range(1, 5):
-        s_prev, t_prev, _ = make_block(*shape, device=device, seed=step)
+        s_prev, t_prev, _ = make_block(*shape, dtype=dtype, device=device, seed=step)
         out = fused_update(s_prev, t_prev, ours, step)
         want = reference.dense_block_step(s_prev, t_prev, theirs, **config)
         torch.testing.assert_close(out[2], want.loss_as)
@@ -120,51 +137,58 @@ def assert_update_form_matches_torch(fused_update, torch_optimizers, device="cpu
         for opt in optimizers:
             opt.step()
         for name, a, b in zip(reference.DENSE_PARAMETER_NAMES, ours, theirs):
-            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"step {step} {name}: {m}")
+            torch.testing.assert_close(a, b.detach(), **UPDATE_TOLERANCES[dtype],
+                                       msg=lambda m: f"step {step} {name}: {m}")
 
 
-def zeros_like_block(device="cpu"):
-    return [torch.zeros_like(p) for p in make_block(8, 10, 12, 24, 6, 4, device=device)[2]]
+def zeros_like_block(device="cpu", dtype=torch.float64):
+    return [torch.zeros_like(p) for p in make_block(8, 10, 12, 24, 6, 4, dtype=dtype, device=device)[2]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("variant", ["A", "B"])
 @pytest.mark.parametrize("ae_loss", ["mse", "cross_entropy"])
-def test_adam_form_equals_torch_adam_on_reference_gradients(device, variant, ae_loss):
+def test_adam_form_equals_torch_adam_on_reference_gradients(device, dtype, variant, ae_loss):
     config = dict(variant=variant, ae_loss=ae_loss, h_activation="identity" if ae_loss == "cross_entropy" else "sigmoid")
-    exp_avg, exp_avg_sq = zeros_like_block(device), zeros_like_block(device)
+    exp_avg, exp_avg_sq = zeros_like_block(device, dtype), zeros_like_block(device, dtype)
     assert_update_form_matches_torch(
         lambda s, t, params, step: fused.dense_block_adam_step_(s, t, params, exp_avg, exp_avg_sq, step, 3e-3, 7e-3,
                                                                 betas=(0.8, 0.99), eps=1e-7, **config),
         lambda fb, gh: [torch.optim.Adam(fb, lr=3e-3, betas=(0.8, 0.99), eps=1e-7),
                         torch.optim.Adam(gh, lr=7e-3, betas=(0.8, 0.99), eps=1e-7)],
         device,
+        dtype=dtype,
         **config,
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("batch", [40, 64])
-def test_adam_form_updates_weights_larger_than_one_tile(batch):
+def test_adam_form_updates_weights_larger_than_one_tile(batch, dtype):
     """The CPU update form computes weight gradients in tiles of rows, which grow with the
     batch; here W_b1 (500 x 300) takes three tiles at batch 40 and two at batch 64, the last
     one partial."""
     shape = (batch, 30, 300, 500, 20, 6)
-    state = [[torch.zeros_like(p) for p in make_block(*shape)[2]] for _ in range(2)]
+    state = [[torch.zeros_like(p) for p in make_block(*shape, dtype=dtype)[2]] for _ in range(2)]
     assert_update_form_matches_torch(
         lambda s, t, params, step: fused.dense_block_adam_step_(s, t, params, *state, step, 3e-3, 7e-3),
         lambda fb, gh: [torch.optim.Adam(fb, lr=3e-3), torch.optim.Adam(gh, lr=7e-3)],
         shape=shape,
+        dtype=dtype,
     )
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("variant", ["A", "B"])
-def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(device, variant):
-    buffers = zeros_like_block(device)
+def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(device, dtype, variant):
+    buffers = zeros_like_block(device, dtype)
     assert_update_form_matches_torch(
         lambda s, t, params, step: fused.dense_block_sgd_step_(s, t, params, buffers, 0.05, 0.2, 0.8, variant=variant),
         lambda fb, gh: [torch.optim.SGD(fb, lr=0.05, momentum=0.8), torch.optim.SGD(gh, lr=0.2, momentum=0.8)],
         device,
+        dtype=dtype,
         variant=variant,
     )
 
