@@ -11,9 +11,8 @@ For each model and batch size, one epoch of the same batches is trained in turn 
 - per-block:  the same with one stage per block, more workers than cores when L > cores.
 The summary (shown with -s) gives samples/s (median epoch), the speed-up over the C++
 sequential mode (median of per-round ratios, and best time against best time), each
-stage's idle (bubble) fraction, and the
-ideal ratio: the sum of the blocks' busy times over the largest, measured in the
-sequential mode (what L workers could reach).
+stage's idle (bubble) fraction, and the ideal ratio: the sum of the blocks' busy times
+over the largest, measured in the sequential mode (what L workers could reach).
 """
 from __future__ import annotations
 

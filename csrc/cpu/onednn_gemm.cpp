@@ -57,10 +57,7 @@ const char* cpu_gemm_library() { return linear_pointwise_op() ? "onednn" : "aten
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, Activation act) {
   const auto& op = linear_pointwise_op();
-  if (!op || x.scalar_type() != at::kFloat) {
-    at::Tensor z = bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
-    return apply_activation_(z, act);
-  }
+  if (!op || x.scalar_type() != at::kFloat) return linear_forward(x, w, bias, act);
   const char* post_op = fused_post_op(act);
   at::Tensor z = onednn_linear(*op, x, w, bias, post_op ? post_op : "none");
   return post_op ? z : apply_activation_(z, act);

@@ -14,7 +14,7 @@ namespace al_ext {
 
 // act(x w^T + bias) for 2-D x (N, in), w (out, in), bias (out) or undefined. ReLU, sigmoid
 // and tanh ride in the GEMM as oneDNN post-ops; ELU is applied after it. Uses oneDNN for
-// float32 where torch has it, ATen's addmm/mm otherwise. Any strides.
+// float32 where torch has it, linear_forward (ATen) otherwise. Any strides.
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, Activation act);
 
 // "onednn" where the float32 GEMMs above go through oneDNN, "aten" where torch has no oneDNN.

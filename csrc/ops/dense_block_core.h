@@ -41,12 +41,12 @@ inline at::Tensor& apply_activation_(at::Tensor& z, Activation act) {
   return z;
 }
 
-// act(x W^T + c) through ATen: the bias rides in the GEMM (addmm), and so does ReLU (on
-// CUDA, _addmm_activation is cuBLASLt's bias+ReLU epilogue; cuBLASLt has none for ELU,
-// sigmoid or tanh).
+// act(x W^T + c) through ATen, c optional: the bias rides in the GEMM (addmm), and so does
+// ReLU (on CUDA, _addmm_activation is cuBLASLt's bias+ReLU epilogue; cuBLASLt has none for
+// ELU, sigmoid or tanh).
 inline at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) {
-  if (act == Activation::kRelu) return at::_addmm_activation(c, x, w.t());
-  at::Tensor z = at::addmm(c, x, w.t());
+  if (c.defined() && act == Activation::kRelu) return at::_addmm_activation(c, x, w.t());
+  at::Tensor z = c.defined() ? at::addmm(c, x, w.t()) : at::mm(x, w.t());
   return apply_activation_(z, act);
 }
 
