@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train the AL blocks at the same time on consecutive batches (C++ scheduler: threads "
                        "on the CPU, a stream per block on CUDA); same parameters as without, bit for bit on the "
                        "CPU at equal intra-op thread counts")
+    train.add_argument("--cuda-graphs", action="store_true",
+                       help="with --pipeline on CUDA and fused blocks: replay each block's step from a CUDA graph")
     train.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full results as JSON")
     train.add_argument("--save", type=Path, default=None, metavar="FILE", help="save the AL trainer's final checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -168,7 +170,7 @@ def _format_epoch(name: str, record: dict[str, Any], epochs: int) -> str:
 
 def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
     trainer = Trainer(model, lr=args.lr, ae_lr=args.ae_lr, batch_size=args.batch_size, device=args.device,
-                      pipeline=args.pipeline and name == "AL",
+                      pipeline=args.pipeline and name == "AL", cuda_graphs=args.cuda_graphs and name == "AL",
                       seed=args.seed, schedule=None if args.schedule == "none" else args.schedule,
                       progress=False if args.no_progress else None, optimizer=args.optimizer,
                       momentum=args.momentum)

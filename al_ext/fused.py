@@ -37,7 +37,7 @@ def dense_block_adam_step_(
     params: Sequence[Tensor],
     exp_avg: Sequence[Tensor],
     exp_avg_sq: Sequence[Tensor],
-    step: int,
+    step: int | Tensor,
     lr_fb: float,
     lr_gh: float,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -51,13 +51,22 @@ def dense_block_adam_step_(
     applied in place by Adam (torch.optim.Adam's update; ``step`` is the step number after
     this update), with ``lr_fb`` for (f, b) and ``lr_gh`` for (g, h). Returns (s, t, L_as, L_ae).
 
+    ``step`` may instead be a one-element float32 or float64 tensor on the parameters'
+    device holding the steps taken so far (as torch.optim.Adam's ``capturable`` state): the
+    op reads the step number from it and advances it in place when it takes the step. On
+    CUDA the number then never visits the host, so the call can be captured in a CUDA graph.
+
     A step whose loss is not finite changes nothing. On the CPU it raises; on CUDA the op
     never waits for the device, so it returns the non-finite losses for the caller to see
     (``FusedBlockAdam.train_step`` raises for them). The SGD form behaves the same.
     """
-    return torch.ops.al_ext.dense_block_adam_step_.default(
+    if isinstance(step, Tensor):
+        op, step_arg = torch.ops.al_ext.dense_block_adam_step_.step_tensor, step
+    else:
+        op, step_arg = torch.ops.al_ext.dense_block_adam_step_.default, float(step)
+    return op(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [m.detach() for m in exp_avg],
-        [v.detach() for v in exp_avg_sq], float(step), float(lr_fb), float(lr_gh), float(betas[0]),
+        [v.detach() for v in exp_avg_sq], step_arg, float(lr_fb), float(lr_gh), float(betas[0]),
         float(betas[1]), float(eps), x_activation, h_activation, variant, ae_loss,
     )
 
@@ -101,6 +110,12 @@ def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, v
 @torch.library.register_fake("al_ext::dense_block_adam_step_")
 def _dense_block_adam_step_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2,
                                 eps, x_activation, h_activation, variant, ae_loss):
+    return _outputs_like(s_prev, t_prev, params)
+
+
+@torch.library.register_fake("al_ext::dense_block_adam_step_.step_tensor")
+def _dense_block_adam_step_counted_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1,
+                                        beta2, eps, x_activation, h_activation, variant, ae_loss):
     return _outputs_like(s_prev, t_prev, params)
 
 
@@ -152,6 +167,12 @@ def _raise_if_refused(out: tuple[Tensor, Tensor, Tensor, Tensor], check: bool) -
     return out
 
 
+def _cuda_graph_step(step: Any) -> Any:
+    if not hasattr(_C, "cuda_graph_block_step"):
+        raise ValueError("cuda_graph=True needs al_ext built with CUDA; this build has no CUDA support")
+    return _C.cuda_graph_block_step(step)
+
+
 class FusedBlockOptimizer(torch.optim.Optimizer):
     """An optimiser for one dense ALMLP block whose whole step (forward, local losses,
     gradients and update) is one op call: ``train_step(s_prev, t_prev)``. Two parameter
@@ -178,10 +199,16 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         who sees the returned losses (the step was refused all the same)."""
         raise NotImplementedError
 
-    def scheduler_step(self) -> Any:
+    def scheduler_step(self, cuda_graph: bool = False) -> Any:
         """This block's step for the C++ scheduler (al_ext.Pipeline), which runs it with no
-        Python in the loop; the learning rates are those of the param groups now."""
+        Python in the loop; the learning rates are those of the param groups now.
+        ``cuda_graph=True`` (CUDA only): the step is replayed from a CUDA graph after its first
+        call; call ``scheduler_run_done()`` after the run."""
         raise NotImplementedError
+
+    def scheduler_run_done(self) -> None:
+        """After a run of ``scheduler_step()``'s step: brings the state up to date where the
+        step kept part of it on the device (Adam's step count, with ``cuda_graph=True``)."""
 
     def step(self, closure: Any = None) -> None:
         raise RuntimeError(f"{type(self).__name__} computes its own gradients: call train_step(s_prev, t_prev)")
@@ -193,6 +220,7 @@ class FusedBlockAdam(FusedBlockOptimizer):
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         super().__init__(block, lr, ae_lr, variant, ae_loss, {"betas": betas, "eps": eps})
+        self._step_count: Tensor | None = None  # the device's step count during a graphed scheduler run
 
     def _state_lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         params = self._params()
@@ -216,11 +244,22 @@ class FusedBlockAdam(FusedBlockOptimizer):
             step += 1
         return out
 
-    def scheduler_step(self) -> Any:
+    def scheduler_step(self, cuda_graph: bool = False) -> Any:
         params, exp_avg, exp_avg_sq, steps = self._state_lists()
         fb, gh = self.param_groups
-        return _C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, steps, fb["lr"], gh["lr"],
-                                   fb["betas"][0], fb["betas"][1], fb["eps"], *self._config())
+        # A replayed graph cannot take the step number from the host: it is counted on the device.
+        self._step_count = steps[0].to(params[0].device, torch.float64) if cuda_graph else None
+        step = _C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, steps, fb["lr"], gh["lr"],
+                                        fb["betas"][0], fb["betas"][1], fb["eps"], *self._config(),
+                                        step_count=self._step_count)
+        return _cuda_graph_step(step) if cuda_graph else step
+
+    def scheduler_run_done(self) -> None:
+        if self._step_count is not None:
+            count = self._step_count.item()  # waits for the device
+            for p in self._params():
+                self.state[p]["step"].fill_(count)
+            self._step_count = None
 
 
 class FusedBlockSGD(FusedBlockOptimizer):
@@ -244,8 +283,9 @@ class FusedBlockSGD(FusedBlockOptimizer):
         return _raise_if_refused(dense_block_sgd_step_(s_prev, t_prev, params, buffers, fb["lr"], gh["lr"],
                                                        fb["momentum"], *self._config()), check_finite)
 
-    def scheduler_step(self) -> Any:
+    def scheduler_step(self, cuda_graph: bool = False) -> Any:
         params, buffers = self._state_lists()
         fb, gh = self.param_groups
-        return _C.fused_sgd_block_step([p.detach() for p in params], buffers, fb["lr"], gh["lr"], fb["momentum"],
-                                  *self._config())
+        step = _C.fused_sgd_block_step([p.detach() for p in params], buffers, fb["lr"], gh["lr"], fb["momentum"],
+                                       *self._config())
+        return _cuda_graph_step(step) if cuda_graph else step

@@ -52,8 +52,8 @@ class Pipeline:
     ``optimizers`` is the Trainer's list: one fused optimiser per block (the block's step
     runs in C++ with no Python and the GIL released), or a pair (f, b) and (g, h) of torch
     optimisers per block (the step calls back into Python). ``pipelined=False`` runs the
-    same steps batch by batch, block by block (the C++ sequential mode; on CUDA, on the
-    caller's current stream).
+    same steps batch by batch, block by block (the C++ sequential mode; on CUDA, on one
+    stream).
 
     A pipeline stage is a worker thread that runs a group of consecutive blocks on each
     batch; on CUDA it also has a stream of its own. ``stages`` groups are balanced by cost:
@@ -64,6 +64,10 @@ class Pipeline:
     ``threads_per_stage`` is each CPU stage's intra-op thread count (default: the cores
     shared out among the stages; all of them in sequential mode).
 
+    ``cuda_graphs=True`` (CUDA, fused optimisers) replays each block's step from a CUDA
+    graph after its first batch: one launch instead of some thirty, for blocks small
+    enough that launching, not computing, bounds the step.
+
     ``devices`` (CUDA devices, for example ``["cuda:0", "cuda:1"]``) places the blocks
     first: consecutive groups, balanced by parameter count (the bridges dominate the cost),
     one group per device, with the optimisers' state moved along. Activations cross
@@ -72,7 +76,8 @@ class Pipeline:
 
     def __init__(self, model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer],
                  max_in_flight: int = 2, threads_per_stage: int | None = None, pipelined: bool = True,
-                 stages: int | None = None, devices: Sequence[str | torch.device] | None = None) -> None:
+                 stages: int | None = None, devices: Sequence[str | torch.device] | None = None,
+                 cuda_graphs: bool = False) -> None:
         if not isinstance(model, AssociatedLearning):
             raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
         self.model = model
@@ -108,6 +113,10 @@ class Pipeline:
         else:
             raise ValueError(f"optimizers must hold one fused optimiser per block ({model.depth}) or a pair per "
                              f"block ({2 * model.depth}), got {len(optimizers)}")
+        self.cuda_graphs = bool(cuda_graphs)
+        if self.cuda_graphs and not (self.on_cuda and self._fused is not None):
+            raise ValueError("cuda_graphs=True replays fused block steps on CUDA: it needs the blocks on CUDA "
+                             "devices and one fused optimiser (FusedBlockAdam or FusedBlockSGD) per block")
 
     def _python_step(self, index: int, pair: Sequence[torch.optim.Optimizer]) -> Any:
         model, block = self.model, self.model.blocks[index]
@@ -130,7 +139,7 @@ class Pipeline:
     def _block_steps(self) -> list[Any]:
         # Built for each run, so that the learning rates are the param groups' current ones.
         if self._fused is not None:
-            return [opt.scheduler_step() for opt in self._fused]
+            return [opt.scheduler_step(cuda_graph=self.cuda_graphs) for opt in self._fused]
         return [_C.python_block_step(step) for step in self._steps]
 
     def _stage_devices(self, starts: list[int]) -> list[str]:
@@ -153,9 +162,13 @@ class Pipeline:
             x = x.to(first_device, non_blocking=True) if isinstance(x, Tensor) else x
             prepared.append((self.model.check_input(x).detach(), self.model.label_targets(y)))
         starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else [0]
-        with torch.no_grad() if self._fused is not None else torch.enable_grad():
-            out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts, self.max_in_flight,
-                                self.threads_per_stage, self._stage_devices(starts))
+        try:
+            with torch.no_grad() if self._fused is not None else torch.enable_grad():
+                out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts, self.max_in_flight,
+                                    self.threads_per_stage, self._stage_devices(starts))
+        finally:
+            for opt in self._fused or []:
+                opt.scheduler_run_done()
         if "error" in out:
             block, batch, message = out["error"]
             raise PipelineError(block + 1, batch, message)

@@ -64,7 +64,8 @@ class Trainer:
     CPU the model's backend may fuse a block's whole step into one op. BP: one optimiser
     over all parameters with ``lr``. ``optimizer`` is "adam" or "sgd" (with ``momentum``).
     ``pipeline=True`` (AL only) trains all blocks at the same time on consecutive batches
-    (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage`` and ``pipeline_stages``);
+    (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,
+    on CUDA, ``cuda_graphs``);
     the parameters are those of the sequential loop. ``schedule`` is None, ``"neco"`` (step
     decay at 40/60/80/90 % of the run) or ``"plateau"`` (x0.1 when validation accuracy
     stalls for 5 epochs). ``seed`` fixes the order of the batches.
@@ -87,6 +88,7 @@ class Trainer:
         max_in_flight: int = 2,
         threads_per_stage: int | None = None,
         pipeline_stages: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -111,8 +113,10 @@ class Trainer:
         self.optimizers = self._make_optimizers()
         if pipeline and not self.is_al:
             raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
-        self.pipeline = (Pipeline(model, self.optimizers, max_in_flight, threads_per_stage, stages=pipeline_stages)
-                         if pipeline else None)
+        if cuda_graphs and not pipeline:
+            raise ValueError("cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True")
+        self.pipeline = (Pipeline(model, self.optimizers, max_in_flight, threads_per_stage, stages=pipeline_stages,
+                                  cuda_graphs=cuda_graphs) if pipeline else None)
         # Each parameter group's own starting lr, which the NECO schedule scales.
         self._base_lrs: list[list[float]] = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self._plateaus = (

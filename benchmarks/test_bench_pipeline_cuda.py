@@ -6,8 +6,11 @@ The CUDA counterpart of test_bench_pipeline.py (skipped without a GPU). One epoc
 batches, every block trained with its fused step (FusedBlockAdam), in turn three ways:
 - python:     the sequential loop in Python on the default stream (check_finite=False, so
               that it does not wait for the GPU after each block);
-- sequential: the C++ scheduler's sequential mode, every step on the caller's stream;
-- pipeline:   one stage, so one stream and one host thread, per block; events at the handoffs.
+- sequential: the C++ scheduler's sequential mode, every step on one stream;
+- pipeline:   one stage, so one stream and one host thread, per block; events at the handoffs;
+- graphs:     the same, each block's step replayed from a CUDA graph (cuda_graphs=True): one
+              launch per step instead of some thirty;
+- seq-graphs: the sequential mode with graphs, to tell what graphs give from what streams give.
 Blocks small enough to leave the GPU idle between launches are where streams pay: L = 8 blocks
 of width 512 at batch 64 (the case issue 4 sets its targets on), and the NECO MLP for scale.
 Each timed epoch ends with torch.cuda.synchronize(). The columns are those of the CPU file;
@@ -49,7 +52,9 @@ def results():
 def test_epoch_cuda(benchmark, results, case):
     name, in_features, hidden, label_dim, batch = case
     model, opts, batches = setup(in_features, hidden, label_dim, batch, BATCHES, device="cuda")
-    pipelines = {"sequential": Pipeline(model, opts, pipelined=False), "pipeline": Pipeline(model, opts)}
+    pipelines = {"sequential": Pipeline(model, opts, pipelined=False), "pipeline": Pipeline(model, opts),
+                 "graphs": Pipeline(model, opts, cuda_graphs=True),
+                 "seq-graphs": Pipeline(model, opts, pipelined=False, cuda_graphs=True)}
     runs: dict[str, Any] = {}
     benchmark.group = f"{name}, batch {batch}, CUDA"
     times = interleaved(benchmark, epochs(model, opts, batches, pipelines, runs), rounds=3,

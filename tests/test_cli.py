@@ -119,6 +119,8 @@ def test_train_on_idx_files(tmp_path):
         (["--variant", "C"], "invalid choice: 'C'"),
         (["--lr", "-1"], "lr must be a positive finite number"),
         (["--test", "0.9", "--val", "0.2"], "leave no training samples"),
+        (["--cuda-graphs"], "cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True"),
+        (["--cuda-graphs", "--pipeline"], "cuda_graphs=True replays fused block steps on CUDA"),
     ],
 )
 def test_bad_arguments_are_reported_without_a_traceback(args, message):

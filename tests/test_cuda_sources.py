@@ -17,7 +17,9 @@ from torch.utils.cpp_extension import CUDA_HOME, include_paths
 ROOT = Path(__file__).resolve().parent.parent
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 GLUE_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cpp")) + [ROOT / "csrc" / "ops" / "registration.cpp",
-                                                           ROOT / "csrc" / "scheduler" / "cuda_stage.cpp"]
+                                                           ROOT / "csrc" / "scheduler" / "cuda_stage.cpp",
+                                                           ROOT / "csrc" / "scheduler" / "cuda_graph_step.cpp",
+                                                           ROOT / "csrc" / "python" / "module.cpp"]
 
 
 def find_cuda_toolkit() -> Path | None:
@@ -57,7 +59,8 @@ def test_cuda_glue_compiles(source):
         pytest.skip("no host C++ compiler")
     includes = [f"-I{p}" for p in include_paths()] + [
         f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'tests' / 'cuda_compile_check'}", f"-I{CUDA_INCLUDE}"]
-    run([compiler, "-std=c++20", "-fsyntax-only", "-DAL_EXT_WITH_CUDA", *includes, source])
+    run([compiler, "-std=c++20", "-fsyntax-only", "-DAL_EXT_WITH_CUDA", "-DAL_EXT_TORCH_VERSION=\"check\"", *includes,
+         source])
 
 
 def test_every_cuda_source_is_checked():

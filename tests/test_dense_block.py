@@ -107,6 +107,9 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.default, adam_args)
     sgd_args = (s_prev, t_prev, params, state[0], 1e-3, 2e-3, 0.9, "elu", "sigmoid", "B", "mse")
     torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default, sgd_args)
+    step = torch.zeros((), dtype=torch.float64, device=device)
+    counted_args = (s_prev, t_prev, params, *state, step, 1e-3, 2e-3, 0.9, 0.999, 1e-8, "elu", "sigmoid", "A", "mse")
+    torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.step_tensor, counted_args)
 
 
 # After four steps: float64 agrees to rounding; in float32 the gradients come from other GEMM
@@ -161,6 +164,89 @@ def test_adam_form_equals_torch_adam_on_reference_gradients(device, dtype, varia
         dtype=dtype,
         **config,
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count_dtype", [torch.float32, torch.float64], ids=str)
+def test_adam_step_tensor_form_equals_the_step_number_form(device, count_dtype):
+    """The step number read from a tensor (on CUDA, on the device) and counted there: the
+    same updates as the host's step numbers, bit for bit on the CPU (on CUDA the device's pow
+    may round the bias corrections differently in the last place)."""
+    _, _, params = make_block(8, 10, 12, 24, 6, 4, dtype=torch.float32, device=device)
+    counted = [p.clone() for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+    count = torch.tensor(0.0, dtype=count_dtype, device=device)
+    for step in range(1, 5):
+        s_prev, t_prev, _ = make_block(8, 10, 12, 24, 6, 4, dtype=torch.float32, device=device, seed=step)
+        want = fused.dense_block_adam_step_(s_prev, t_prev, params, state[0], state[1], step, 3e-3, 7e-3)
+        got = fused.dense_block_adam_step_(s_prev, t_prev, counted, state[2], state[3], count, 3e-3, 7e-3)
+        assert float(count) == step
+        for a, b in zip([*got, *counted, *state[2], *state[3]], [*want, *params, *state[0], *state[1]]):
+            if device == "cpu":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_step_tensor_form_does_not_count_a_refused_step(device):
+    s_prev, t_prev, params = make_block(4, 6, 5, 7, 3, 2, dtype=torch.float32, device=device)
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    count = torch.tensor(3.0, device=device)
+    s_prev[1, 1] = float("nan")
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="non-finite loss"):
+            fused.dense_block_adam_step_(s_prev, t_prev, params, *state, count, 1e-3, 2e-3)
+    else:  # refused on the device, without raising (see test_cuda_update_forms_refuse_...)
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, count, 1e-3, 2e-3)
+    assert float(count) == 3.0
+
+
+def test_adam_step_tensor_form_refuses_a_bad_counter():
+    s_prev, t_prev, params = make_block(4, 6, 5, 7, 3, 2)
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    with pytest.raises(RuntimeError, match="step must be a one-element tensor"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, torch.zeros(2, dtype=torch.float64), 1e-3, 2e-3)
+    with pytest.raises(RuntimeError, match="step must be float32 or float64, got Long"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, torch.tensor(0), 1e-3, 2e-3)
+    if HAS_CUDA:
+        with pytest.raises(RuntimeError, match="step must be on the parameters' device cpu"):
+            fused.dense_block_adam_step_(s_prev, t_prev, params, *state, torch.tensor(0.0, device="cuda"), 1e-3, 2e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_update_forms_replay_from_a_cuda_graph_as_they_run_eagerly(optimizer):
+    """Nothing in a captured update step depends on the host: replaying the graph three times
+    equals three eager steps (Adam counting its steps on the device)."""
+    shape = (16, 10, 12, 24, 6, 4)
+    _, _, params = make_block(*shape, dtype=torch.float32, device="cuda")
+    graphed = [p.clone() for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+    counts = [torch.zeros((), device="cuda") for _ in range(2)]
+
+    def step(params, state, count, s_prev, t_prev):
+        if optimizer == "adam":
+            return fused.dense_block_adam_step_(s_prev, t_prev, params, *state, count, 3e-3, 7e-3)
+        return fused.dense_block_sgd_step_(s_prev, t_prev, params, state[0], 3e-3, 7e-3, 0.9)
+
+    batches = [make_block(*shape, dtype=torch.float32, device="cuda", seed=seed)[:2] for seed in range(1, 5)]
+    step(params, state[:2], counts[0], *batches[0])  # warm-up, on both copies
+    step(graphed, state[2:], counts[1], *batches[0])
+    static_s, static_t = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        out = step(graphed, state[2:], counts[1], static_s, static_t)
+    for s_prev, t_prev in batches[1:]:
+        want = step(params, state[:2], counts[0], s_prev, t_prev)
+        static_s.copy_(s_prev)
+        static_t.copy_(t_prev)
+        graph.replay()
+        for a, b in zip([*out, *graphed, *state[2][0:1]], [*want, *params, *state[0][0:1]]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert float(counts[1]) == float(counts[0]) == (4 if optimizer == "adam" else 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -59,6 +59,42 @@ def test_cpp_sequential_mode_on_one_stream_equals_pipelined_streams():
     assert all(s["peak_device_bytes"] > 0 for s in pipe_run.stages)
 
 
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("pipelined", [True, False], ids=["streams", "one-stream"])
+def test_cuda_graphs_train_as_eager_steps(optimizer, pipelined):
+    """Each block's step replayed from a graph from its second batch on, the short last batch
+    run eagerly, over two runs (the second captures anew): the eager run's parameters,
+    losses and Adam step counts, on streams and in the one-stream sequential mode."""
+    results = []
+    for graphs in (False, True):
+        model = small_mlp(hidden=(24, 16, 12), backend="fused").cuda()
+        make = al_ext.fused.FusedBlockAdam if optimizer == "adam" else al_ext.fused.FusedBlockSGD
+        opts = [make(b, 1e-3, 2e-3) for b in model.blocks]
+        pipeline = Pipeline(model, opts, pipelined=pipelined, cuda_graphs=graphs)
+        x, y = data(100)
+        batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 100, 8)]  # 13 batches, the last of 4
+        runs = [pipeline.run(batches) for _ in range(2)]
+        torch.cuda.synchronize()
+        results.append(([p.detach().cpu() for p in model.parameters()], runs, opts))
+    (eager, eager_runs, _), (graphed, graphed_runs, graphed_opts) = results
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager_runs, graphed_runs):
+        torch.testing.assert_close(a.losses, b.losses, rtol=1e-5, atol=1e-7)
+    if optimizer == "adam":
+        assert all(float(state["step"]) == 26 for opt in graphed_opts for state in opt.state.values())
+
+
+@needs_cuda
+def test_trainer_with_cuda_graphs_equals_the_sequential_loop():
+    sequential, _ = trained_on_cuda(False, "fused")
+    graphed, history = trained_on_cuda(True, "fused", cuda_graphs=True)
+    for a, b in zip(sequential, graphed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(history[-1]["stage_idle_fraction"]) == 3
+
+
 def late_producer(delay_us):
     """Block 1 of a two-block run: holds its stream, then writes s = 2 * s_prev. A consumer
     that does not wait for its event reads s before it is written."""

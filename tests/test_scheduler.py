@@ -170,3 +170,36 @@ def test_bad_pipeline_arguments():
         Pipeline(torch.nn.Linear(2, 2), opts)
     with pytest.raises(ValueError, match="pipeline=True trains the blocks"):
         Trainer(al_ext.bp_baseline(model), pipeline=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True replays fused block steps on CUDA"):
+        Pipeline(model, opts, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True .* needs pipeline=True"):
+        Trainer(model, progress=False, cuda_graphs=True)
+
+
+def test_adam_steps_counted_in_a_tensor_train_as_with_the_host_count():
+    """The scheduler's Adam step with step_count (what a CUDA graph replays; here on the CPU):
+    the same parameters bit for bit, the count advanced once per batch, the host counters
+    left for scheduler_run_done() to set."""
+    results = []
+    for counted in (False, True):
+        model = small_mlp(hidden=(24, 16, 12))
+        opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+        steps = []
+        for opt in opts:
+            params, exp_avg, exp_avg_sq, counters = opt._state_lists()
+            count = torch.zeros((), dtype=torch.float64) if counted else None
+            steps.append((_C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, counters, 1e-3,
+                                                   2e-3, 0.9, 0.999, 1e-8, *opt._config(), step_count=count),
+                          count, counters))
+        x, y = data()
+        batches = [(model.check_input(x[i : i + 8]), model.label_targets(y[i : i + 8])) for i in range(0, 96, 8)]
+        with torch.no_grad():
+            out = _C.run_blocks([step for step, _, _ in steps], batches, True, [0, 1, 2], 2, 1, [])
+        assert "error" not in out
+        for _, count, counters in steps:
+            if counted:
+                assert float(count) == 12 and all(float(c) == 0 for c in counters)
+            else:
+                assert all(float(c) == 12 for c in counters)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -101,22 +101,34 @@ __global__ void activation_backward_kernel(T* __restrict__ grad, const T* __rest
   }
 }
 
+template <typename T> __device__ __forceinline__ bool guard_losses_finite(const void* loss_as, const void* loss_ae) {
+  if (loss_as == nullptr || loss_ae == nullptr) return true;
+  return isfinite(widen(*static_cast<const T*>(loss_as))) && isfinite(widen(*static_cast<const T*>(loss_ae)));
+}
+
+__device__ __forceinline__ double read_step_count(const void* count, bool is_double) {
+  return is_double ? *static_cast<const double*>(count) : static_cast<double>(*static_cast<const float*>(count));
+}
+
 // blockIdx.y picks the tensor; the blocks of a row stride over its elements.
 template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpdateParams p) {
   if (static_cast<int>(blockIdx.y) >= p.count) return;
-  if (p.loss_as != nullptr && p.loss_ae != nullptr) {
-    const auto loss_as = widen(*static_cast<const T*>(p.loss_as));
-    const auto loss_ae = widen(*static_cast<const T*>(p.loss_ae));
-    if (!isfinite(loss_as) || !isfinite(loss_ae)) return;  // a refused step changes nothing
-  }
+  if (!guard_losses_finite<T>(p.loss_as, p.loss_ae)) return;  // a refused step changes nothing
   const UpdateTensor& u = p.tensors[blockIdx.y];
   T* param = static_cast<T*>(u.param);
   const T* grad = static_cast<const T*>(u.grad);
   T* s1 = static_cast<T*>(u.state1);
   T* s2 = static_cast<T*>(u.state2);
+  double step_size = p.step_size[u.group], inv_bias_correction2_sqrt = p.inv_bias_correction2_sqrt;
+  if (p.step_count != nullptr) {
+    // The host's adam_update (dense_block.h), in the same double arithmetic.
+    const double step = read_step_count(p.step_count, p.step_count_is_double) + 1.0;
+    step_size = p.lr[u.group] / (1.0 - pow(p.beta1, step));
+    inv_bias_correction2_sqrt = 1.0 / sqrt(1.0 - pow(p.beta2, step));
+  }
   using A = typename Accumulator<T>::type;  // float, or double for float64 (as torch.optim.Adam)
   const A beta1 = static_cast<A>(p.beta1), beta2 = static_cast<A>(p.beta2), eps = static_cast<A>(p.eps);
-  const A step_size = static_cast<A>(p.step_size[u.group]), inv_bc2_sqrt = static_cast<A>(p.inv_bias_correction2_sqrt);
+  const A step_size_a = static_cast<A>(step_size), inv_bc2_sqrt = static_cast<A>(inv_bias_correction2_sqrt);
   const A momentum = static_cast<A>(p.momentum), lr = static_cast<A>(p.lr[u.group]);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < u.n; i += stride) {
@@ -125,7 +137,7 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
     if (p.kind == UpdateKind::kAdam) {
       const A m = beta1 * widen(s1[i]) + (A(1) - beta1) * g;
       const A v = beta2 * widen(s2[i]) + (A(1) - beta2) * g * g;
-      w -= step_size * m / (sqrt(v) * inv_bc2_sqrt + eps);
+      w -= step_size_a * m / (sqrt(v) * inv_bc2_sqrt + eps);
       s1[i] = narrow<T>(m);
       s2[i] = narrow<T>(v);
     } else {
@@ -134,6 +146,16 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
       s1[i] = narrow<T>(buf);
     }
     param[i] = narrow<T>(w);
+  }
+}
+
+// One thread: counts a step that the update kernel before it took.
+template <typename T> __global__ void advance_step_count_kernel(AdvanceStepParams p) {
+  if (!guard_losses_finite<T>(p.loss_as, p.loss_ae)) return;
+  if (p.step_count_is_double) {
+    *static_cast<double*>(p.step_count) += 1.0;
+  } else {
+    *static_cast<float*>(p.step_count) += 1.0f;
   }
 }
 
@@ -186,6 +208,13 @@ template <typename T> struct MultiTensorUpdateLaunch {
   }
 };
 
+template <typename T> struct AdvanceStepLaunch {
+  static cudaError_t run(const AdvanceStepParams& p, cudaStream_t stream) {
+    advance_step_count_kernel<T><<<1, 1, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+};
+
 }  // namespace
 
 int reduction_blocks(int64_t n) { return grid_for(n); }
@@ -205,6 +234,11 @@ cudaError_t launch_activation_backward(const ActivationBackwardParams& p, cudaSt
 cudaError_t launch_multi_tensor_update(const MultiTensorUpdateParams& p, cudaStream_t stream) {
   if (p.count < 1 || p.count > kMaxUpdateTensors) return cudaErrorInvalidValue;
   return dispatch_float_type<MultiTensorUpdateLaunch>(p.type, p, stream);
+}
+
+cudaError_t launch_advance_step_count(const AdvanceStepParams& p, cudaStream_t stream) {
+  if (p.step_count == nullptr) return cudaErrorInvalidValue;
+  return dispatch_float_type<AdvanceStepLaunch>(p.type, p, stream);
 }
 
 }  // namespace al_ext::cuda

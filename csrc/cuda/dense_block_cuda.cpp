@@ -39,6 +39,7 @@ struct CudaKernels {
   std::vector<at::Tensor>& grads;      // where linear_grad writes
   const cuda::MultiTensorUpdateParams* update = nullptr;  // the update forms: applied by finish()
   at::TensorList params, state1, state2;
+  at::Tensor step_count;  // Adam's step_tensor form: read by the update, advanced after it
 
   // The GEMMs: cuBLAS through ATen (with cuBLASLt's bias+ReLU epilogue for ReLU).
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) const {
@@ -114,7 +115,20 @@ struct CudaKernels {
                       state2.empty() ? nullptr : state2[i].mutable_data_ptr(), params[i].numel(),
                       i < kParamWg ? 0 : 1};
     }
+    if (step_count.defined()) {
+      p.step_count = step_count.const_data_ptr();
+      p.step_count_is_double = step_count.scalar_type() == at::kDouble;
+    }
     check_launch(cuda::launch_multi_tensor_update(p, stream), op, "the multi-tensor update kernel");
+    if (step_count.defined()) {
+      cuda::AdvanceStepParams a;
+      a.step_count = step_count.mutable_data_ptr();
+      a.step_count_is_double = p.step_count_is_double;
+      a.loss_as = p.loss_as;
+      a.loss_ae = p.loss_ae;
+      a.type = p.type;
+      check_launch(cuda::launch_advance_step_count(a, stream), op, "the step-count kernel");
+    }
   }
 };
 
@@ -125,12 +139,12 @@ void check_cuda(const char* op, const at::Tensor& s_prev) {
 DenseBlockOutputs run_on_cuda(const char* op, const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg,
                               at::TensorList params, const DenseBlockConfig& cfg, std::vector<at::Tensor>& grads,
                               const cuda::MultiTensorUpdateParams* update, at::TensorList state1,
-                              at::TensorList state2) {
+                              at::TensorList state2, const at::Tensor& step_count = {}) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not to be recorded
   const c10::cuda::CUDAGuard guard(s_prev_arg.device());
   const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
   to_float_type(s_prev.scalar_type(), op);  // refuses other dtypes with the op's name
-  CudaKernels kernels{op, c10::cuda::getCurrentCUDAStream(), grads, update, params, state1, state2};
+  CudaKernels kernels{op, c10::cuda::getCurrentCUDAStream(), grads, update, params, state1, state2, step_count};
   return run_dense_block(s_prev, t_prev, params, cfg, kernels);
 }
 
@@ -156,15 +170,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   return {out.s, out.t, out.loss_as, out.loss_ae, grads};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cuda(
+namespace {
+
+// Both Adam forms: the step number from the host (`step`), or read on the device from
+// `step_count`, which the update then advances.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
-    at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
-    c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss) {
+    at::TensorList exp_avg_sq, double step, const at::Tensor& step_count, double lr_fb, double lr_gh, double beta1,
+    double beta2, double eps, c10::string_view x_activation, c10::string_view h_activation,
+    c10::string_view variant, c10::string_view ae_loss) {
   constexpr const char* op = "al_ext::dense_block_adam_step_";
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cuda(op, s_prev);
+  if (step_count.defined()) check_step_count(op, step_count, params);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
   const OptimizerUpdate fb = adam_update(step, lr_fb, beta1, beta2, eps);
   const OptimizerUpdate gh = adam_update(step, lr_gh, beta1, beta2, eps);
@@ -176,10 +195,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
   update.step_size[0] = fb.step_size;
   update.step_size[1] = gh.step_size;
   update.inv_bias_correction2_sqrt = fb.inv_bias_correction2_sqrt;
+  update.lr[0] = lr_fb;
+  update.lr[1] = lr_gh;
   update.type = param_type(params, op);
   std::vector<at::Tensor> grads = empty_like_each(params);
-  DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, exp_avg, exp_avg_sq);
+  DenseBlockOutputs out =
+      run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, exp_avg, exp_avg_sq, step_count);
   return {out.s, out.t, out.loss_as, out.loss_ae};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
+    c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss) {
+  return adam_step_cuda(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, at::Tensor(), lr_fb, lr_gh, beta1, beta2,
+                        eps, x_activation, h_activation, variant, ae_loss);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_counted_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
+    double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss) {
+  // The host's step number is only a placeholder here (1 passes the checks): the kernel reads `step`.
+  return adam_step_cuda(s_prev, t_prev, params, exp_avg, exp_avg_sq, 1.0, step, lr_fb, lr_gh, beta1, beta2, eps,
+                        x_activation, h_activation, variant, ae_loss);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cuda(

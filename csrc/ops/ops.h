@@ -27,6 +27,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
     c10::string_view ae_loss);
 
+// The same, with the step number kept in a tensor (`step`: the steps taken so far), which the
+// op advances when it takes the step. On CUDA the number never visits the host, so the step
+// can be captured in a CUDA graph and replayed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_counted_cpu(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
+    double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss);
+
 // The same, with torch.optim.SGD's momentum update applied in place.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cpu(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
@@ -43,6 +52,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
+    c10::string_view ae_loss);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_counted_cuda(
+    const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
+    at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
+    double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
     c10::string_view ae_loss);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,

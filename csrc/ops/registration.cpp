@@ -16,6 +16,11 @@ TORCH_LIBRARY(al_ext, m) {
       "str x_activation, str h_activation, str variant, str ae_loss) -> (Tensor s, Tensor t, Tensor loss_as, "
       "Tensor loss_ae)");
   m.def(
+      "dense_block_adam_step_.step_tensor(Tensor s_prev, Tensor t_prev, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
+      "Tensor(c!)[] exp_avg_sq, Tensor(d!) step, float lr_fb, float lr_gh, float beta1, float beta2, float eps, "
+      "str x_activation, str h_activation, str variant, str ae_loss) -> (Tensor s, Tensor t, Tensor loss_as, "
+      "Tensor loss_ae)");
+  m.def(
       "dense_block_sgd_step_(Tensor s_prev, Tensor t_prev, Tensor(a!)[] params, Tensor(b!)[] momentum_buffer, "
       "float lr_fb, float lr_gh, float momentum, str x_activation, str h_activation, str variant, str ae_loss) -> "
       "(Tensor s, Tensor t, Tensor loss_as, Tensor loss_ae)");
@@ -25,6 +30,7 @@ TORCH_LIBRARY_IMPL(al_ext, CPU, m) {
   m.impl("mse_loss_and_grad", &al_ext::mse_loss_and_grad_cpu);
   m.impl("dense_block_step", &al_ext::dense_block_step_cpu);
   m.impl("dense_block_adam_step_", &al_ext::dense_block_adam_step_cpu);
+  m.impl("dense_block_adam_step_.step_tensor", &al_ext::dense_block_adam_step_counted_cpu);
   m.impl("dense_block_sgd_step_", &al_ext::dense_block_sgd_step_cpu);
 }
 
@@ -33,6 +39,7 @@ TORCH_LIBRARY_IMPL(al_ext, CUDA, m) {
   m.impl("mse_loss_and_grad", &al_ext::mse_loss_and_grad_cuda);
   m.impl("dense_block_step", &al_ext::dense_block_step_cuda);
   m.impl("dense_block_adam_step_", &al_ext::dense_block_adam_step_cuda);
+  m.impl("dense_block_adam_step_.step_tensor", &al_ext::dense_block_adam_step_counted_cuda);
   m.impl("dense_block_sgd_step_", &al_ext::dense_block_sgd_step_cuda);
 }
 #endif

@@ -131,11 +131,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_adam_block_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avg, std::vector<at::Tensor> exp_avg_sq,
            std::vector<at::Tensor> steps, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
-           std::string x_activation, std::string h_activation, std::string variant, std::string ae_loss) {
+           std::string x_activation, std::string h_activation, std::string variant, std::string ae_loss,
+           std::optional<at::Tensor> step_count) {
           DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh};
-          return PyBlockStep{fused_adam_block_step(std::move(spec), std::move(exp_avg), std::move(exp_avg_sq), std::move(steps),
-                                        beta1, beta2, eps)};
-        });
+          return PyBlockStep{fused_adam_block_step(std::move(spec), std::move(exp_avg), std::move(exp_avg_sq),
+                                                   std::move(steps), beta1, beta2, eps,
+                                                   step_count.value_or(at::Tensor()))};
+        }, py::arg("params"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("steps"), py::arg("lr_fb"),
+        py::arg("lr_gh"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("x_activation"),
+        py::arg("h_activation"), py::arg("variant"), py::arg("ae_loss"), py::arg("step_count") = py::none(),
+        "A fused Adam block step; with step_count, the step number is read and advanced there, on the "
+        "parameters' device, and `steps` are left alone.");
   m.def("fused_sgd_block_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffer, double lr_fb, double lr_gh,
            double momentum, std::string x_activation, std::string h_activation, std::string variant,
@@ -151,6 +157,10 @@ PYBIND11_MODULE(_C, m) {
         "on CUDA its own stream) or sequentially. Returns {'losses', 'blocks', 'stages', 'wall_s'}, or "
         "{'error': (block, batch, message)} if a block failed.");
 #ifdef AL_EXT_WITH_CUDA
+  m.def("cuda_graph_block_step", [](const PyBlockStep& step) { return PyBlockStep{cuda_graph_block_step(step.step)}; },
+        py::arg("step"),
+        "The step replayed from a CUDA graph after its first call: for fused update steps whose state stays on "
+        "the device (Adam with step_count).");
   m.def("delay_current_stream", [](int64_t microseconds) {
           al_ext::check_launch(al_ext::cuda::launch_delay(microseconds * 1000, c10::cuda::getCurrentCUDAStream()),
                                "al_ext._C.delay_current_stream", "the delay kernel");

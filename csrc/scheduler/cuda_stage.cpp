@@ -76,10 +76,10 @@ void record_on(const CUDAStream& stream, const at::Tensor& t) {
 
 class CudaStage final : public StageDevice {
  public:
-  CudaStage(c10::Device device, bool own_stream, int lag)
+  CudaStage(c10::Device device, int lag)
       : device_(device),
         caller_(c10::cuda::getCurrentCUDAStream(device.index())),
-        stream_(own_stream ? c10::cuda::getStreamFromPool(false, device.index()) : caller_),
+        stream_(c10::cuda::getStreamFromPool(false, device.index())),
         lag_(lag),
         started_(device.index(), /*timing=*/false) {
     // The batches and the parameters were last written on the caller's stream.
@@ -194,8 +194,8 @@ class CudaStage final : public StageDevice {
 
 }  // namespace
 
-std::unique_ptr<StageDevice> make_cuda_stage(c10::Device device, bool own_stream, int lag) {
-  return std::make_unique<CudaStage>(device, own_stream, lag);
+std::unique_ptr<StageDevice> make_cuda_stage(c10::Device device, int lag) {
+  return std::make_unique<CudaStage>(device, lag);
 }
 
 }  // namespace al_ext::scheduler

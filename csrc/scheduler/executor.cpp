@@ -126,7 +126,7 @@ class Run {
   std::unique_ptr<StageDevice> make_stage(c10::Device device) const {
     if (device.is_cpu()) return make_cpu_stage(options_.threads_per_stage);
 #ifdef AL_EXT_WITH_CUDA
-    if (device.is_cuda()) return make_cuda_stage(device, options_.pipelined, options_.max_in_flight);
+    if (device.is_cuda()) return make_cuda_stage(device, options_.max_in_flight);
 #endif
     throw std::invalid_argument("the scheduler runs stages on the CPU or on CUDA devices, not on " + device.str());
   }

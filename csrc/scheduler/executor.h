@@ -38,7 +38,7 @@ struct RunOptions {
                                // the batches a stage's stream may run behind its worker
   int threads_per_stage = 1;   // intra-op threads of each worker (CPU)
   // Each stage's device (the device of its blocks); empty: every stage on the CPU. A CUDA
-  // stage runs on a stream of its own; in sequential mode, on the caller's current stream.
+  // stage runs on a stream of its own (in sequential mode too: one stream for every block).
   std::vector<c10::Device> stage_devices;
   // Polled by the calling thread while the run goes on; true stops the run.
   std::function<bool()> interrupted;

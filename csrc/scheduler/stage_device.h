@@ -61,10 +61,11 @@ class StageDevice {
 std::unique_ptr<StageDevice> make_cpu_stage(int threads);
 
 #ifdef AL_EXT_WITH_CUDA
-// A stage on a CUDA device: on a stream of its own (`own_stream`) or on the caller's current
-// stream (the single-stream sequential run). Construct it on the calling thread: it starts
-// after the work already enqueued on the caller's stream (the batches, the parameters).
-std::unique_ptr<StageDevice> make_cuda_stage(c10::Device device, bool own_stream, int lag);
+// A stage on a CUDA device, on a stream of its own: never the default stream, on which a
+// block step could not be captured in a CUDA graph. Construct it on the calling thread: it
+// starts after the work already enqueued on the caller's stream (the batches, the
+// parameters), and the caller's stream waits for it when it leaves.
+std::unique_ptr<StageDevice> make_cuda_stage(c10::Device device, int lag);
 #endif
 
 }  // namespace al_ext::scheduler
