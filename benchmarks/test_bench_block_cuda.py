@@ -6,9 +6,10 @@ The CUDA counterpart of test_bench_block.py (skipped without a GPU), with the sa
 implementations taking turns, in bfloat16 as issue 3 asks:
 gemms (the step's GEMMs alone through cuBLAS: "the cuBLAS GEMM rate for the same FLOPs"),
 fused (FusedBlockAdam, check_finite=False: the kernels refuse a non-finite step on the
-device, so nothing waits for the GPU), eager (the reference with Adam(fused=True)) and
-compiled (torch.compile of the losses). Each timed call runs enough steps to last about
-20 ms, then synchronises.
+device, so nothing waits for the GPU), fused-graph (the same two fused steps captured in one
+CUDA graph, Adam counting its steps on the device, one launch per training step), eager
+(the reference with Adam(fused=True)) and compiled (torch.compile of the losses). Each
+timed call runs enough steps to last about 20 ms, then synchronises.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 import al_ext
 
+from al_ext.fused import dense_block_adam_step_, dense_block_layout
 from interleave import interleaved, median_ratio
 from test_bench_block import build, summarise
 
@@ -42,6 +44,37 @@ def results():
                   f"{r.get('x_compiled', float('nan')):.2f} | {r['of_gemms']:.0%} |")
 
 
+def fused_graph_step(batch: int, width: int, dtype: torch.dtype):
+    """The 'fused' implementation's training step (both blocks, Adam, lr 1e-4 and 2e-4),
+    captured in one CUDA graph: each call replays it."""
+    torch.manual_seed(0)
+    model = al_ext.ALMLP(784, 10, hidden=(width, width), label_dim=width, backend="fused").to("cuda", dtype)
+    x = torch.rand(batch, 784, device="cuda", dtype=dtype)
+    t0 = model.label_targets(torch.randint(0, 10, (batch,), device="cuda"))
+    blocks = []
+    for block in model.blocks:
+        params, x_activation, h_activation = dense_block_layout(block)
+        params = [p.detach() for p in params]
+        state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        blocks.append((params, state, torch.zeros((), device="cuda"), x_activation, h_activation))
+
+    def step():
+        s, t = x, t0
+        for params, (exp_avg, exp_avg_sq), count, x_activation, h_activation in blocks:
+            s, t, _, _ = dense_block_adam_step_(s, t, params, exp_avg, exp_avg_sq, count, 1e-4, 2e-4,
+                                                x_activation=x_activation, h_activation=h_activation)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up (cuBLAS workspaces), outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def repeated(step, times: int):
     def run():
         for _ in range(times):
@@ -56,6 +89,7 @@ def test_mlp_training_step_cuda(benchmark, results, point):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         steps = {impl: build(impl, batch, width, "cuda", dtype) for impl in ("gemms", "fused", "eager", "compiled")}
+        steps["fused-graph"] = fused_graph_step(batch, width, dtype)
         for _ in range(3):  # warm-up; torch.compile compiles on the first call
             for step in steps.values():
                 step()
