@@ -2,10 +2,13 @@
 
     python -m pytest benchmarks/test_bench_pipeline.py --benchmark-only --benchmark-columns=mean,rounds -s
 
-For each model and batch size, one epoch of the same batches is trained in turn four ways
+For each model and batch size, one epoch of the same batches is trained in turn five ways
 (benchmarks/interleave.py), every block with its fused step (FusedBlockAdam):
 - python:     the sequential loop in Python (what Trainer does without pipeline=True);
 - sequential: the C++ scheduler's sequential mode, all intra-op threads on each step;
+- seq-1thread: the same on one thread: how much a step gains from the other cores, which
+              bounds what the pipeline can gain over the sequential mode (on c cores at
+              most c x seq-1thread);
 - pipeline:   all stages at once on consecutive batches, one stage (a worker running a
               group of consecutive blocks, balanced by measured cost) per core;
 - per-block:  the same with one stage per block, more workers than cores when L > cores.
@@ -29,15 +32,16 @@ from interleave import best_ratio, interleaved, median_ratio, median_time
 
 BATCHES = 48
 ROUNDS = 5
-# (name, in_features, hidden widths, label width, batch): equal-cost blocks (width 256,
-# bridges 1280, inputs as wide as the blocks) for L = 2, 4, 8, and the NECO MNIST MLP.
+# (name, in_features, hidden widths, label width, classes, batch): equal-cost blocks (width
+# 256, bridges 1280, inputs and one-hot labels as wide as the blocks, so that block 1's g
+# and h cost what the others' do) for L = 2, 4, 8, and the NECO MNIST MLP.
 CASES = [
-    ("L2-equal", 256, (256,) * 2, 256, 32),
-    ("L4-equal", 256, (256,) * 4, 256, 32),
-    ("L4-equal", 256, (256,) * 4, 256, 128),
-    ("L8-equal", 256, (256,) * 8, 256, 32),
-    ("NECO-MLP", 784, (1024, 1024), 1024, 32),
-    ("NECO-MLP", 784, (1024, 1024), 1024, 128),
+    ("L2-equal", 256, (256,) * 2, 256, 256, 32),
+    ("L4-equal", 256, (256,) * 4, 256, 256, 32),
+    ("L4-equal", 256, (256,) * 4, 256, 256, 128),
+    ("L8-equal", 256, (256,) * 8, 256, 256, 32),
+    ("NECO-MLP", 784, (1024, 1024), 1024, 10, 32),
+    ("NECO-MLP", 784, (1024, 1024), 1024, 10, 128),
 ]
 
 
@@ -61,12 +65,12 @@ def results():
     print_table(table, f"{BATCHES} batches per epoch, {torch.get_num_threads()} cores")
 
 
-def setup(in_features, hidden, label_dim, batch, batches, device="cpu"):
+def setup(in_features, hidden, label_dim, classes, batch, batches, device="cpu"):
     torch.manual_seed(0)
-    model = al_ext.ALMLP(in_features, 10, hidden=hidden, label_dim=label_dim, backend="fused").to(device)
+    model = al_ext.ALMLP(in_features, classes, hidden=hidden, label_dim=label_dim, backend="fused").to(device)
     opts = [FusedBlockAdam(b, 1e-4, 2e-4) for b in model.blocks]
     x = torch.rand(batches * batch, in_features, device=device)
-    y = torch.randint(0, 10, (batches * batch,), device=device)
+    y = torch.randint(0, classes, (batches * batch,), device=device)
     return model, opts, [(x[i : i + batch], y[i : i + batch]) for i in range(0, x.shape[0], batch)]
 
 
@@ -101,12 +105,13 @@ def summarise(times: dict[str, list[float]], runs: dict[str, Any], samples: int)
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-batch{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-batch{c[5]}")
 def test_epoch(benchmark, results, case):
-    name, in_features, hidden, label_dim, batch = case
-    model, opts, batches = setup(in_features, hidden, label_dim, batch, BATCHES)
-    pipelines = {"sequential": Pipeline(model, opts, pipelined=False), "pipeline": Pipeline(model, opts),
-                 "per-block": Pipeline(model, opts, stages=len(hidden))}
+    name, in_features, hidden, label_dim, classes, batch = case
+    model, opts, batches = setup(in_features, hidden, label_dim, classes, batch, BATCHES)
+    pipelines = {"sequential": Pipeline(model, opts, pipelined=False),
+                 "seq-1thread": Pipeline(model, opts, pipelined=False, threads_per_stage=1),
+                 "pipeline": Pipeline(model, opts), "per-block": Pipeline(model, opts, stages=len(hidden))}
     runs: dict[str, Any] = {}
     benchmark.group = f"{name}, batch {batch}"
     times = interleaved(benchmark, epochs(model, opts, batches, pipelines, runs), ROUNDS)
@@ -123,7 +128,7 @@ def test_bubble_over_a_long_epoch(benchmark):
     pipeline alone, default stages. The bottleneck stage's idle fraction is the bubble
     (filling, draining, waiting at handoffs); the other stages' idle fractions add the
     imbalance of their blocks' costs."""
-    model, opts, batches = setup(256, (256,) * 8, 256, 32, BUBBLE_BATCHES)
+    model, opts, batches = setup(256, (256,) * 8, 256, 256, 32, BUBBLE_BATCHES)
     pipeline = Pipeline(model, opts)
     pipeline.run(batches[:48])  # measures the blocks' costs, which balance the stages of the timed run
     run = benchmark.pedantic(pipeline.run, args=(batches,), rounds=2, iterations=1)
