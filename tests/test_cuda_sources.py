@@ -12,7 +12,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from torch.utils.cpp_extension import CUDA_HOME, include_paths
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, CUDA_HOME, include_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -48,7 +48,9 @@ def run(cmd):
 @needs_nvcc
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_torch_free_kernel_compiles_with_nvcc(source, tmp_path):
-    run([NVCC, "-std=c++17", "-O1", "-arch=sm_90", "-c", source, "-o", tmp_path / "kernel.o"])
+    # torch's own nvcc flags, as the real build passes them: they turn off the implicit
+    # float16/bfloat16 conversions, which a kernel must then not rely on.
+    run([NVCC, *COMMON_NVCC_FLAGS, "-std=c++20", "-O1", "-arch=sm_90", "-c", source, "-o", tmp_path / "kernel.o"])
 
 
 @needs_cuda_headers
