@@ -121,7 +121,7 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
   T* s2 = static_cast<T*>(u.state2);
   double step_size = p.step_size[u.group], inv_bias_correction2_sqrt = p.inv_bias_correction2_sqrt;
   if (p.step_count != nullptr) {
-    // The host's adam_update (dense_block.h), in the same double arithmetic.
+    // The host's adam_update (dense_block.h) in double; pow may round differently in the last place.
     const double step = read_step_count(p.step_count, p.step_count_is_double) + 1.0;
     step_size = p.lr[u.group] / (1.0 - pow(p.beta1, step));
     inv_bias_correction2_sqrt = 1.0 / sqrt(1.0 - pow(p.beta2, step));
