@@ -338,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
     double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
     c10::string_view ae_loss) {
-  check_dense_block_inputs("al_ext::dense_block_adam_step_", s_prev, t_prev, params);
-  check_step_count("al_ext::dense_block_adam_step_", step, params);
+  // Checked before it is read; the rest is checked by the step itself.
+  check_step_count("al_ext::dense_block_adam_step_", step, s_prev.device());
   auto out = dense_block_adam_step_cpu(s_prev, t_prev, params, exp_avg, exp_avg_sq, step.item<double>() + 1, lr_fb,
                                        lr_gh, beta1, beta2, eps, x_activation, h_activation, variant, ae_loss);
   step.add_(1);  // the step was taken: a refused one has thrown

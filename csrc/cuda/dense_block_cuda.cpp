@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cuda(op, s_prev);
-  if (step_count.defined()) check_step_count(op, step_count, params);
+  if (step_count.defined()) check_step_count(op, step_count, s_prev.device());
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
   const OptimizerUpdate fb = adam_update(step, lr_fb, beta1, beta2, eps);
   const OptimizerUpdate gh = adam_update(step, lr_gh, beta1, beta2, eps);

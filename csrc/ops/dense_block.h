@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -187,14 +188,15 @@ inline void check_adam_state(const char* op, at::TensorList params, at::TensorLi
 }
 
 // The step_tensor form's counter: the steps taken so far, one float32 (as torch.optim.Adam's
-// state["step"]) or float64 element on the parameters' device; the op advances it in place.
-inline void check_step_count(const char* op, const at::Tensor& step, at::TensorList params) {
+// state["step"]) or float64 element on the parameters' device (which the op's other checks
+// make s_prev's); the op advances it in place.
+inline void check_step_count(const char* op, const at::Tensor& step, c10::Device params_device) {
   TORCH_CHECK(step.defined() && step.numel() == 1, op, ": step must be a one-element tensor (the steps taken so "
               "far), got ", step.defined() ? step.sizes() : at::IntArrayRef{});
   TORCH_CHECK(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, op,
               ": step must be float32 or float64, got ", step.scalar_type());
-  TORCH_CHECK(step.device() == params[0].device(), op, ": step must be on the parameters' device ",
-              params[0].device(), ", got ", step.device());
+  TORCH_CHECK(step.device() == params_device, op, ": step must be on the parameters' device ", params_device,
+              ", got ", step.device());
 }
 
 }  // namespace al_ext
