@@ -57,7 +57,7 @@ PyBlockStep python_block_step(py::function fn) {
 
 py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
                     bool pipelined, std::vector<int> stage_starts, int max_in_flight, int threads_per_stage,
-                    const std::vector<std::string>& stage_devices) {
+                    const std::vector<std::string>& stage_devices, int hold_back_results) {
   std::vector<BlockStep> steps;
   for (const PyBlockStep& b : block_steps) steps.push_back(b.step);
   RunOptions options;
@@ -65,6 +65,7 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vect
   options.stage_starts = std::move(stage_starts);
   options.max_in_flight = max_in_flight;
   options.threads_per_stage = threads_per_stage;
+  options.hold_back_results = hold_back_results;
   for (const std::string& device : stage_devices) options.stage_devices.emplace_back(device);
   options.interrupted = [] {
     py::gil_scoped_acquire gil;
@@ -99,7 +100,7 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vect
   } catch (const Interrupted&) {
     throw py::error_already_set();
   } catch (const BlockError& e) {
-    result["error"] = py::make_tuple(e.stage, e.batch, e.what());
+    result["error"] = py::make_tuple(e.block, e.batch, e.what());
   }
   return result;
 }
@@ -153,9 +154,11 @@ PYBIND11_MODULE(_C, m) {
         "First block of each group of consecutive blocks, balanced so that the costliest group is cheapest.");
   m.def("run_blocks", &run_blocks, py::arg("blocks"), py::arg("batches"), py::arg("pipelined"),
         py::arg("stage_starts"), py::arg("max_in_flight"), py::arg("threads_per_stage"), py::arg("stage_devices"),
+        py::arg("hold_back_results") = 0,
         "Trains every block on every batch, pipelined (stages of consecutive blocks, each on its own thread, and "
         "on CUDA its own stream) or sequentially. Returns {'losses', 'blocks', 'stages', 'wall_s'}, or "
-        "{'error': (block, batch, message)} if a block failed.");
+        "{'error': (block, batch, message)} if a block failed. hold_back_results (tests): CPU stages read each "
+        "step's results that many batches late, as a CUDA stage's stream running behind makes them.");
 #ifdef AL_EXT_WITH_CUDA
   m.def("cuda_graph_block_step", [](const PyBlockStep& step) { return PyBlockStep{cuda_graph_block_step(step.step)}; },
         py::arg("step"),

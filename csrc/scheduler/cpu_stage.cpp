@@ -3,7 +3,7 @@
 #include <omp.h>
 
 #include <chrono>
-#include <utility>
+#include <deque>
 
 #include "stage_device.h"
 
@@ -14,7 +14,7 @@ using Clock = std::chrono::steady_clock;
 
 class CpuStage final : public StageDevice {
  public:
-  explicit CpuStage(int threads) : threads_(threads) {}
+  CpuStage(int threads, int hold_back) : threads_(threads), hold_back_(hold_back) {}
 
   void enter() override {
     caller_threads_ = omp_get_max_threads();
@@ -32,21 +32,31 @@ class CpuStage final : public StageDevice {
 
   ReadyMarker ready() override { return nullptr; }
 
-  std::vector<StepRecord> finished(bool) override { return std::exchange(done_, {}); }
+  // Held back as a CUDA stage's results are when its stream runs `hold_back` batches behind.
+  std::vector<StepRecord> finished(bool all) override {
+    std::vector<StepRecord> out;
+    while (!done_.empty() && (all || done_.back().batch - done_.front().batch >= hold_back_)) {
+      out.push_back(done_.front());
+      done_.pop_front();
+    }
+    return out;
+  }
 
   void leave() override { omp_set_num_threads(caller_threads_); }
 
   int64_t peak_device_bytes() const override { return 0; }
 
  private:
-  const int threads_;
+  const int threads_, hold_back_;
   int caller_threads_ = 1;
   Clock::time_point start_;
-  std::vector<StepRecord> done_;
+  std::deque<StepRecord> done_;
 };
 
 }  // namespace
 
-std::unique_ptr<StageDevice> make_cpu_stage(int threads) { return std::make_unique<CpuStage>(threads); }
+std::unique_ptr<StageDevice> make_cpu_stage(int threads, int hold_back) {
+  return std::make_unique<CpuStage>(threads, hold_back);
+}
 
 }  // namespace al_ext::scheduler

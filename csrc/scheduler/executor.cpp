@@ -124,7 +124,7 @@ class Run {
 
  private:
   std::unique_ptr<StageDevice> make_stage(c10::Device device) const {
-    if (device.is_cpu()) return make_cpu_stage(options_.threads_per_stage);
+    if (device.is_cpu()) return make_cpu_stage(options_.threads_per_stage, options_.hold_back_results);
 #ifdef AL_EXT_WITH_CUDA
     if (device.is_cuda()) return make_cuda_stage(device, options_.max_in_flight);
 #endif
@@ -144,23 +144,47 @@ class Run {
 
   void run_stage(size_t stage) {
     StageDevice& device = *devices_[stage];
-    capture_failure([&] {
+    capture_failure(device, [&] {
       device.enter();
       stage_loop(stage, device);
     });
-    capture_failure([&] { device.leave(); });
+    capture_failure(device, [&] { device.leave(); });
   }
 
-  template <typename F> void capture_failure(F&& body) {
+  template <typename F> void capture_failure(StageDevice& device, F&& body) {
+    std::optional<BlockError> error;
     try {
       body();
-    } catch (const BlockError&) {
-      fail(std::current_exception());
+      return;
+    } catch (const BlockError& e) {
+      error.emplace(e);
     } catch (const c10::Error& e) {
-      fail(std::make_exception_ptr(BlockError(current_block_, current_batch_, e.what_without_backtrace())));
+      error.emplace(current_block_, current_batch_, e.what_without_backtrace());
     } catch (const std::exception& e) {
-      fail(std::make_exception_ptr(BlockError(current_block_, current_batch_, e.what())));
+      error.emplace(current_block_, current_batch_, e.what());
     }
+    // A step enqueued before the failing one may hold a non-finite loss not read yet (CUDA):
+    // that failure came first.
+    if (std::optional<BlockError> earlier = unread_failure(device); earlier && comes_before(*earlier, *error)) {
+      error.emplace(*earlier);
+    }
+    fail(std::make_exception_ptr(*error));
+  }
+
+  // The first non-finite loss among the stage's steps whose results are not read yet.
+  std::optional<BlockError> unread_failure(StageDevice& device) {
+    try {
+      account(device.finished(true));
+    } catch (const BlockError& e) {
+      return e;
+    } catch (const std::exception&) {
+      // The device is broken (a CUDA error): what failed first is the error in hand.
+    }
+    return std::nullopt;
+  }
+
+  static bool comes_before(const BlockError& a, const BlockError& b) {
+    return a.batch < b.batch || (a.batch == b.batch && a.block < b.block);
   }
 
   void fail(std::exception_ptr error) {
@@ -296,6 +320,10 @@ RunResult run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<
       throw std::invalid_argument("stage_devices must name one device per stage (" + std::to_string(stages) +
                                   "), got " + std::to_string(options.stage_devices.size()));
     }
+  }
+  if (options.hold_back_results < 0) {
+    throw std::invalid_argument("hold_back_results must be at least 0, got " +
+                                std::to_string(options.hold_back_results));
   }
   if (options.threads_per_stage < 1) {
     throw std::invalid_argument("threads_per_stage must be at least 1, got " +

@@ -40,6 +40,9 @@ struct RunOptions {
   // Each stage's device (the device of its blocks); empty: every stage on the CPU. A CUDA
   // stage runs on a stream of its own (in sequential mode too: one stream for every block).
   std::vector<c10::Device> stage_devices;
+  // CPU stages read each step's results this many batches late, as CUDA stages may (see
+  // make_cpu_stage): for tests of late results on a machine without a GPU.
+  int hold_back_results = 0;
   // Polled by the calling thread while the run goes on; true stops the run.
   std::function<bool()> interrupted;
 };
@@ -51,15 +54,17 @@ struct RunResult {
   double wall_s = 0.0;
 };
 
-// A stage failed: which block, on which batch, and why. Nothing after it ran.
+// A stage failed: which block, on which batch, and why. On the CPU nothing after it ran in
+// that stage; on CUDA, steps enqueued before the failure was read (up to max_in_flight
+// batches) may have run.
 class BlockError : public std::runtime_error {
  public:
-  BlockError(int stage, int batch, const std::string& why)
-      : std::runtime_error("block " + std::to_string(stage + 1) + " failed on batch " + std::to_string(batch) +
+  BlockError(int block, int batch, const std::string& why)
+      : std::runtime_error("block " + std::to_string(block + 1) + " failed on batch " + std::to_string(batch) +
                            ": " + why),
-        stage(stage),
+        block(block),
         batch(batch) {}
-  const int stage, batch;
+  const int block, batch;
 };
 
 // The caller asked to stop (interrupted() returned true); the workers have been joined.

@@ -57,8 +57,11 @@ class StageDevice {
   virtual int64_t peak_device_bytes() const = 0;
 };
 
-// `threads`: this stage's intra-op (OpenMP) threads.
-std::unique_ptr<StageDevice> make_cpu_stage(int threads);
+// `threads`: this stage's intra-op (OpenMP) threads. `hold_back`: each step's results are
+// read only once the stage has stepped a batch that many batches later (or at the end), as
+// a CUDA stage's are when its stream runs behind: the executor's handling of late results
+// is then tested on the CPU. 0 (the CPU's own way): at once.
+std::unique_ptr<StageDevice> make_cpu_stage(int threads, int hold_back = 0);
 
 #ifdef AL_EXT_WITH_CUDA
 // A stage on a CUDA device, on a stream of its own: never the default stream, on which a
