@@ -208,7 +208,7 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
 
     def scheduler_run_done(self) -> None:
         """After a run of ``scheduler_step()``'s step: brings the state up to date where the
-        step kept part of it on the device (Adam's step count, with ``cuda_graph=True``)."""
+        step kept part of it on the device (Adam's step count, on CUDA)."""
 
     def step(self, closure: Any = None) -> None:
         raise RuntimeError(f"{type(self).__name__} computes its own gradients: call train_step(s_prev, t_prev)")
@@ -220,7 +220,7 @@ class FusedBlockAdam(FusedBlockOptimizer):
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         super().__init__(block, lr, ae_lr, variant, ae_loss, {"betas": betas, "eps": eps})
-        self._step_count: Tensor | None = None  # the device's step count during a graphed scheduler run
+        self._step_count: Tensor | None = None  # the device's step count during a scheduler run on CUDA
 
     def _state_lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         params = self._params()
@@ -247,8 +247,11 @@ class FusedBlockAdam(FusedBlockOptimizer):
     def scheduler_step(self, cuda_graph: bool = False) -> Any:
         params, exp_avg, exp_avg_sq, steps = self._state_lists()
         fb, gh = self.param_groups
-        # A replayed graph cannot take the step number from the host: it is counted on the device.
-        self._step_count = steps[0].to(params[0].device, torch.float64) if cuda_graph else None
+        # On CUDA the step number is counted on the device: a replayed graph cannot take it from
+        # the host, and a step that the device refuses (a non-finite loss, which the host
+        # learns of batches later) must not count.
+        on_device = cuda_graph or params[0].is_cuda
+        self._step_count = steps[0].to(params[0].device, torch.float64) if on_device else None
         step = _C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, steps, fb["lr"], gh["lr"],
                                         fb["betas"][0], fb["betas"][1], fb["eps"], *self._config(),
                                         step_count=self._step_count)

@@ -155,6 +155,8 @@ def test_non_finite_loss_on_cuda_stops_the_run_and_the_block_is_not_updated():
     torch.cuda.synchronize()
     for a, b in zip(before, model.blocks[2].parameters()):
         assert torch.equal(a.nan_to_num(), b.detach().nan_to_num()), "the device refused every non-finite step"
+    assert all(float(state["step"]) == 0 for state in opts[2].state.values()), "a refused step is not counted"
+    assert all(float(state["step"]) > 0 for state in opts[0].state.values())
 
 
 @needs_two_gpus
