@@ -69,9 +69,10 @@ class Pipeline:
     enough that launching, not computing, bounds the step.
 
     ``devices`` (CUDA devices, for example ``["cuda:0", "cuda:1"]``) places the blocks
-    first: consecutive groups, balanced by parameter count (the bridges dominate the cost),
-    one group per device, with the optimisers' state moved along. Activations cross
-    devices on a copy stream. Without it, every block stays where it is.
+    before each run: consecutive groups, one group per device, with the optimisers' state
+    moved along, balanced by cost like the stages (parameter count first, where the bridges
+    dominate; then the measured times). Activations cross devices on a copy stream. Without
+    it, every block stays where it is, and must still be there at each run.
     """
 
     def __init__(self, model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer],
@@ -85,9 +86,11 @@ class Pipeline:
         self.pipelined = bool(pipelined)
         self.block_costs = [float(sum(p.numel() for p in block.parameters())) for block in model.blocks]
         optimizers = list(optimizers)
-        if devices is not None:
-            _place_blocks(model, optimizers, _cuda_devices(devices), self.block_costs)
-        self.block_devices = [next(block.parameters()).device for block in model.blocks]
+        self._devices = _cuda_devices(devices) if devices is not None else None
+        self._optimizers = optimizers
+        if self._devices is not None:
+            _place_blocks(model, optimizers, self._devices, self.block_costs)
+        self.block_devices = _block_devices(model)
         kinds = {d.type for d in self.block_devices}
         if not (kinds == {"cpu"} or kinds == {"cuda"}):
             raise ValueError("the pipeline runs every block on the CPU or every block on CUDA devices; the blocks are "
@@ -156,6 +159,13 @@ class Pipeline:
     def run(self, batches: Sequence[Batch]) -> PipelineRun:
         """Trains every block on every (inputs, labels) batch, in order. Raises PipelineError
         (which block, which batch) if a block fails; KeyboardInterrupt stops every block."""
+        if self._devices is not None:
+            _place_blocks(self.model, self._optimizers, self._devices, self.block_costs)
+            self.block_devices = _block_devices(self.model)
+        elif _block_devices(self.model) != self.block_devices:
+            raise ValueError("the model's blocks moved since this Pipeline was made (from "
+                             f"{', '.join(str(d) for d in self.block_devices)} to "
+                             f"{', '.join(str(d) for d in _block_devices(self.model))}); make a new Pipeline")
         first_device = self.block_devices[0]
         prepared = []
         for x, y in batches:
@@ -181,6 +191,10 @@ class Pipeline:
             busy = sum(b["busy_s"] for b in out["blocks"][first:end])
             stages.append(dict(stage, idle_fraction=max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0))
         return PipelineRun(out["losses"], out["blocks"], stages, wall)
+
+
+def _block_devices(model: AssociatedLearning) -> list[torch.device]:
+    return [next(block.parameters()).device for block in model.blocks]
 
 
 def _cuda_devices(devices: Sequence[str | torch.device]) -> list[torch.device]:

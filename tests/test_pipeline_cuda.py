@@ -176,6 +176,23 @@ def test_blocks_on_two_gpus_train_as_on_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@needs_two_gpus
+def test_blocks_are_placed_again_by_measured_cost_before_each_run():
+    model = small_mlp(hidden=(24, 16, 12, 8), backend="fused")
+    opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+    pipeline = Pipeline(model, opts, devices=["cuda:0", "cuda:1"])
+    x, y = data()
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 96, 8)]
+    pipeline.run(batches)
+    pipeline.block_costs = [10.0, 1.0, 1.0, 1.0]  # as if block 1 had been measured the costliest
+    pipeline.run(batches)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert pipeline.block_devices == [cuda0, cuda1, cuda1, cuda1]
+    for block, opt in zip(model.blocks, opts):
+        device = next(block.parameters()).device
+        assert all(state["exp_avg"].device == device for state in opt.state.values())
+
+
 def test_bad_devices_are_refused():
     model = small_mlp()
     opts = Trainer(model, progress=False).optimizers

@@ -176,6 +176,14 @@ def test_bad_pipeline_arguments():
         Trainer(model, progress=False, cuda_graphs=True)
 
 
+def test_a_run_after_the_blocks_moved_is_refused():
+    model = small_mlp()
+    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers)
+    model.blocks[1].to("meta")
+    with pytest.raises(ValueError, match="the model's blocks moved since this Pipeline was made .*make a new Pipeline"):
+        pipeline.run([(torch.rand(4, 20), torch.randint(0, 5, (4,)))])
+
+
 def test_adam_steps_counted_in_a_tensor_train_as_with_the_host_count():
     """The scheduler's Adam step with step_count (what a CUDA graph replays; here on the CPU):
     the same parameters bit for bit, the count advanced once per batch, the host counters
