@@ -149,8 +149,8 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
   }
 }
 
-// One thread: counts a step that the update kernel before it took.
-template <typename T> __global__ void advance_step_count_kernel(AdvanceStepParams p) {
+// One thread, after the update kernel: counts the step if that kernel took it.
+template <typename T> __global__ void advance_step_count_kernel(MultiTensorUpdateParams p) {
   if (!guard_losses_finite<T>(p.loss_as, p.loss_ae)) return;
   if (p.step_count_is_double) {
     *static_cast<double*>(p.step_count) += 1.0;
@@ -204,12 +204,8 @@ template <typename T> struct MultiTensorUpdateLaunch {
     int64_t largest = 0;
     for (int i = 0; i < p.count; ++i) largest = std::max(largest, p.tensors[i].n);
     multi_tensor_update_kernel<T><<<dim3(grid_for(largest), p.count), kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
-};
-
-template <typename T> struct AdvanceStepLaunch {
-  static cudaError_t run(const AdvanceStepParams& p, cudaStream_t stream) {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.step_count == nullptr) return err;
     advance_step_count_kernel<T><<<1, 1, 0, stream>>>(p);
     return cudaGetLastError();
   }
@@ -234,11 +230,6 @@ cudaError_t launch_activation_backward(const ActivationBackwardParams& p, cudaSt
 cudaError_t launch_multi_tensor_update(const MultiTensorUpdateParams& p, cudaStream_t stream) {
   if (p.count < 1 || p.count > kMaxUpdateTensors) return cudaErrorInvalidValue;
   return dispatch_float_type<MultiTensorUpdateLaunch>(p.type, p, stream);
-}
-
-cudaError_t launch_advance_step_count(const AdvanceStepParams& p, cudaStream_t stream) {
-  if (p.step_count == nullptr) return cudaErrorInvalidValue;
-  return dispatch_float_type<AdvanceStepLaunch>(p.type, p, stream);
 }
 
 }  // namespace al_ext::cuda

@@ -56,9 +56,9 @@ struct ActivationBackwardParams {
 // If loss_as and loss_ae are set, the kernel reads them first and changes nothing unless both
 // are finite: the step refuses a bad batch on the device, so the host need not wait for it.
 // If step_count is set (Adam), the step number is read from the device too (the steps taken
-// so far, plus one) and the bias corrections are computed there from lr: nothing in the
-// launch depends on the step, so a CUDA graph can replay it (launch_advance_step_count then
-// counts the step).
+// so far, plus one) and the bias corrections are computed there from lr; a kernel after the
+// update then counts the step, if it was taken. Nothing in the launch depends on the step,
+// so a CUDA graph can replay it.
 constexpr int kMaxUpdateTensors = 10;
 enum class UpdateKind : int { kAdam, kSgd };
 struct UpdateTensor {
@@ -79,18 +79,9 @@ struct MultiTensorUpdateParams {
   double lr[2] = {0.0, 0.0};                  // SGD, per group
   const void* loss_as = nullptr;              // optional guard: one element of `type` each
   const void* loss_ae = nullptr;
-  const void* step_count = nullptr;           // Adam, optional: one float32 or float64 element
+  void* step_count = nullptr;                 // Adam, optional: one float32 or float64 element
   bool step_count_is_double = false;          // (lr[] is then Adam's lr, step_size[] unused)
   FloatType type = FloatType::kFloat32;
-};
-
-// step_count += 1, unless the guard losses (as in MultiTensorUpdateParams) are not finite.
-struct AdvanceStepParams {
-  void* step_count = nullptr;
-  bool step_count_is_double = false;
-  const void* loss_as = nullptr;
-  const void* loss_ae = nullptr;
-  FloatType type = FloatType::kFloat32;  // of the losses
 };
 
 // Scratch (doubles) that launch_output_mse_backward needs; a function of n alone, so that
@@ -101,6 +92,5 @@ cudaError_t launch_output_mse_backward(const OutputMseParams& params, cudaStream
 cudaError_t launch_cross_entropy_backward(const CrossEntropyParams& params, cudaStream_t stream);
 cudaError_t launch_activation_backward(const ActivationBackwardParams& params, cudaStream_t stream);
 cudaError_t launch_multi_tensor_update(const MultiTensorUpdateParams& params, cudaStream_t stream);
-cudaError_t launch_advance_step_count(const AdvanceStepParams& params, cudaStream_t stream);
 
 }  // namespace al_ext::cuda

@@ -39,7 +39,7 @@ struct CudaKernels {
   std::vector<at::Tensor>& grads;      // where linear_grad writes
   const cuda::MultiTensorUpdateParams* update = nullptr;  // the update forms: applied by finish()
   at::TensorList params, state1, state2;
-  at::Tensor step_count;  // Adam's step_tensor form: read by the update, advanced after it
+  at::Tensor step_count;  // Adam's step_tensor form: read and advanced by the update's launch
 
   // The GEMMs: cuBLAS through ATen (with cuBLASLt's bias+ReLU epilogue for ReLU).
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) const {
@@ -116,19 +116,10 @@ struct CudaKernels {
                       i < kParamWg ? 0 : 1};
     }
     if (step_count.defined()) {
-      p.step_count = step_count.const_data_ptr();
+      p.step_count = step_count.mutable_data_ptr();
       p.step_count_is_double = step_count.scalar_type() == at::kDouble;
     }
-    check_launch(cuda::launch_multi_tensor_update(p, stream), op, "the multi-tensor update kernel");
-    if (step_count.defined()) {
-      cuda::AdvanceStepParams a;
-      a.step_count = step_count.mutable_data_ptr();
-      a.step_count_is_double = p.step_count_is_double;
-      a.loss_as = p.loss_as;
-      a.loss_ae = p.loss_ae;
-      a.type = p.type;
-      check_launch(cuda::launch_advance_step_count(a, stream), op, "the step-count kernel");
-    }
+    check_launch(cuda::launch_multi_tensor_update(p, stream), op, "the multi-tensor update kernels");
   }
 };
 
