@@ -4,7 +4,9 @@ Importing the package loads the compiled core (al_ext._C) and registers its ops 
 torch.ops.al_ext.
 """
 from ._extension import build_info
-from . import data, ops, reference
+from . import callbacks, data, engines, models, ops, reference, text
+from .engines import make_engine
+from .errors import NonFiniteLossError
 from .nn import ALBlock, ALMLP, AssociatedLearning, BPNetwork, bp_baseline
 from .pipeline import Pipeline, PipelineError
 from .train import Trainer
@@ -16,12 +18,18 @@ __all__ = [
     "ALMLP",
     "AssociatedLearning",
     "BPNetwork",
+    "NonFiniteLossError",
     "Pipeline",
     "PipelineError",
     "Trainer",
     "bp_baseline",
     "build_info",
+    "callbacks",
     "data",
+    "engines",
+    "make_engine",
+    "models",
     "ops",
     "reference",
+    "text",
 ]

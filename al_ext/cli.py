@@ -16,6 +16,8 @@ from . import data, text
 from ._extension import build_info
 from .models import ALCNN, LSTM_AL, VGG_AL, ResNet_AL, Transformer_AL
 from .nn import ALMLP, AssociatedLearning, bp_baseline
+from .callbacks import loggers_for
+from .optim import OPTIMIZERS, SCHEDULES
 from .train import Trainer
 
 DATASET_HELP = (
@@ -28,6 +30,7 @@ TEXT_MODELS = ("lstm", "transformer")
 
 
 MODELS = ("mlp", "cnn", "vgg", "resnet20", "resnet32", *TEXT_MODELS)
+STEP_SCHEDULES = ("cosine", "onecycle")
 
 
 def load_texts(spec: str) -> tuple[list[str], torch.Tensor] | None:
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train an AL model (and optionally its BP baseline) and report accuracy and throughput",
         description="Train an Associated Learning model with its local losses; with --compare-bp also train "
-        "the parameter-matched end-to-end (BP) network on the same split and compare accuracy and samples/s.",
+        "the BP baseline (the same inference path trained end to end) on the same split and compare accuracy "
+        "and samples/s.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train.add_argument("--dataset", default="digits", help=DATASET_HELP)
@@ -115,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "resnet20 / resnet32 (ResNet_AL) on images; lstm (LSTM_AL) or transformer (Transformer_AL) "
                        "on text. --hidden gives the MLP's and the LSTM's widths, and the Transformer's block count")
     train.add_argument("--epochs", type=int, default=20, help="training epochs (the same for AL and BP)")
-    train.add_argument("--compare-bp", action="store_true", help="also train the parameter-matched BP baseline")
+    train.add_argument("--compare-bp", action="store_true", help="also train the BP baseline: the AL model's inference path trained end to end with "
+                       "cross-entropy (matched on that path; AL also trains its label side and every bridge)")
     train.add_argument("--variant", default="A", choices=["A", "B"],
                        help="A: L_as updates f and b; B: L_as also updates g (its target is not detached)")
     train.add_argument("--hidden", type=_widths, default=(1024, 1024),
@@ -129,11 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate of (f, b) and of the BP baseline")
     train.add_argument("--ae-lr", type=float, default=None, help="learning rate of (g, h); default 2 x lr")
     train.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    train.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimiser of every parameter group")
+    train.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS), help="optimiser of every parameter group")
     train.add_argument("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
-    train.add_argument("--schedule", default="none", choices=["none", "neco", "plateau"],
+    train.add_argument("--weight-decay", type=float, default=None,
+                       help="weight decay (adam, sgd: L2; adamw: decoupled); default torch's (0; adamw 0.01)")
+    train.add_argument("--schedule", default="none", choices=["none", *SCHEDULES, *STEP_SCHEDULES],
                        help="learning-rate schedule: neco steps x0.1 at 40/60/80%% and x0.5 at 90%% of the run; "
-                       "plateau cuts x0.1 when validation accuracy stalls")
+                       "plateau cuts x0.1 when validation accuracy stalls; cosine anneals to 0 over the run, and "
+                       "onecycle warms up to 10 x lr and anneals, both stepped every batch")
     train.add_argument("--val", type=_size, default=0.1, help="validation part: fraction (0.1) or count (1000)")
     train.add_argument("--test", type=_size, default=0.2, help="test part: fraction (0.2) or count (2000)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the batch order")
@@ -148,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cuda-graphs", action="store_true",
                        help="with --pipeline on CUDA and fused blocks: replay each block's step from a CUDA graph")
     train.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full results as JSON")
-    train.add_argument("--save", type=Path, default=None, metavar="FILE", help="save the AL trainer's final checkpoint")
+    train.add_argument("--save", type=Path, default=None, metavar="FILE",
+                       help="save the AL trainer's final state: a checkpoint that Trainer.load resumes")
+    train.add_argument("--save-best", type=Path, default=None, metavar="FILE",
+                       help="save the AL model's weights of the best epoch on validation (a state_dict)")
+    train.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
+                       help="log every step and epoch there: JSON lines and CSV, and TensorBoard where installed "
+                       "(pip install al-ext[tensorboard])")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -168,14 +182,34 @@ def _format_epoch(name: str, record: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
+def _step_scheduler(name: str, total_steps: int) -> Any:
+    """A per-batch schedule over the whole run, for every optimiser."""
+    if name == "cosine":
+        return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[10 * g["lr"] for g in opt.param_groups], total_steps=total_steps)
+
+
 def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
+    al = name == "AL"
+    schedule = None if args.schedule == "none" else args.schedule
+    steps = args.epochs * -(-splits.train[0].shape[0] // args.batch_size)
+    per_step = _step_scheduler(schedule, steps) if schedule in STEP_SCHEDULES else None
+    log_dir = None if args.log_dir is None else args.log_dir / name
     trainer = Trainer(model, lr=args.lr, ae_lr=args.ae_lr, batch_size=args.batch_size, device=args.device,
-                      pipeline=args.pipeline and name == "AL", cuda_graphs=args.cuda_graphs and name == "AL",
-                      seed=args.seed, schedule=None if args.schedule == "none" else args.schedule,
+                      pipeline=args.pipeline and al, cuda_graphs=args.cuda_graphs and al, seed=args.seed,
+                      schedule=None if per_step is not None else schedule, scheduler=per_step,
                       progress=False if args.no_progress else None, optimizer=args.optimizer,
-                      momentum=args.momentum)
-    history = trainer.fit(splits.train, splits.val, epochs=args.epochs,
-                          on_epoch=lambda r: print(_format_epoch(name, r, args.epochs), flush=True))
+                      momentum=args.momentum, weight_decay=args.weight_decay,
+                      callbacks=[] if log_dir is None else loggers_for(log_dir))
+    try:
+        history = trainer.fit(splits.train, splits.val, epochs=args.epochs,
+                              on_epoch=lambda r: print(_format_epoch(name, r, args.epochs), flush=True),
+                              save_best=args.save_best if al else None)
+    finally:
+        trainer.close_callbacks()
+    if al and args.save is not None:
+        trainer.save(args.save)  # the final state, before the best weights are restored below
     train_time = sum(r["train_time_s"] for r in history)
     result: dict[str, Any] = {
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -197,12 +231,14 @@ def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, ar
 
 
 def _print_comparison(results: dict[str, dict[str, Any]]) -> None:
-    print("\nresult          params   test acc (final)   best val (epoch)   test acc @ best val   samples/s")
+    # "trained params": AL trains its label side and every bridge as well as the inference
+    # path that BP trains, so the two counts differ although the inference paths match.
+    print("\nresult  trained params   test acc (final)   best val (epoch)   test acc @ best val   samples/s")
     for name, r in results.items():
         test = f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else "-"
         best = f"{r['best_val']['val_accuracy']:.4f} ({r['best_val']['epoch']})" if "best_val" in r else "-"
         at_best = f"{r['test_accuracy_at_best_val']:.4f}" if "test_accuracy_at_best_val" in r else "-"
-        print(f"{name:<12} {r['parameters'] / 1e6:>7.2f}M   {test:>16}   {best:>16}   {at_best:>19}   {r['samples_per_s']:>9,.0f}")
+        print(f"{name:<7} {r['parameters'] / 1e6:>13.2f}M   {test:>16}   {best:>16}   {at_best:>19}   {r['samples_per_s']:>9,.0f}")
     if "AL" in results and "BP" in results and "test_accuracy" in results["AL"]:
         gap = 100 * (results["AL"]["test_accuracy"] - results["BP"]["test_accuracy"])
         ratio = results["AL"]["samples_per_s"] / results["BP"]["samples_per_s"]
@@ -227,9 +263,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args, image_shape, num_classes, vocab_size)
     baseline = bp_baseline(model) if args.compare_bp else None  # same initial weights on the shared path
     results: dict[str, dict[str, Any]] = {}
-    trainer, results["AL"] = _train_one("AL", model, splits, args)
-    if args.save is not None:
-        trainer.save(args.save)
+    _, results["AL"] = _train_one("AL", model, splits, args)
     if baseline is not None:
         _, results["BP"] = _train_one("BP", baseline, splits, args)
     _print_comparison(results)
@@ -255,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         run_train(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError) as exc:
         print(f"al-ext: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

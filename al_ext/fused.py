@@ -3,13 +3,14 @@ dense_block_adam_step_ and dense_block_sgd_step_, their fake kernels, and FusedB
 and FusedBlockSGD, the optimisers that train one ALMLP block with one op call per step."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._extension import _C  # loading the extension registers the ops
-from .reference import DENSE_PARAMETER_NAMES, DenseBlockStep
+from .errors import NonFiniteLossError
+from .reference import ACTIVATION_MODULES, DENSE_PARAMETER_NAMES, X_ACTIVATIONS, DenseBlockStep
 
 
 def dense_block_step(
@@ -46,19 +47,23 @@ def dense_block_adam_step_(
     h_activation: str = "sigmoid",
     variant: str = "A",
     ae_loss: str = "mse",
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole training step of one dense block: the gradients of ``dense_block_step``
     applied in place by Adam (torch.optim.Adam's update; ``step`` is the step number after
     this update), with ``lr_fb`` for (f, b) and ``lr_gh`` for (g, h). Returns (s, t, L_as, L_ae).
+    ``weight_decay`` is torch.optim.Adam's (L2), or AdamW's with ``decoupled_weight_decay``.
 
     ``step`` may instead be a one-element float32 or float64 tensor on the parameters'
     device holding the steps taken so far (as torch.optim.Adam's ``capturable`` state): the
     op reads the step number from it and advances it in place when it takes the step. On
     CUDA the number then never visits the host, so the call can be captured in a CUDA graph.
 
-    A step whose loss is not finite changes nothing. On the CPU it raises; on CUDA the op
-    never waits for the device, so it returns the non-finite losses for the caller to see
-    (``FusedBlockAdam.train_step`` raises for them). The SGD form behaves the same.
+    A step whose loss is not finite changes nothing (nor does it count): the op returns
+    the non-finite losses for the caller to see, without raising, on every device (on CUDA
+    it never waits for the device). ``FusedBlockAdam.train_step`` raises for them. The SGD
+    form behaves the same.
     """
     if isinstance(step, Tensor):
         op, step_arg = torch.ops.al_ext.dense_block_adam_step_.step_tensor, step
@@ -67,7 +72,8 @@ def dense_block_adam_step_(
     return op(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [m.detach() for m in exp_avg],
         [v.detach() for v in exp_avg_sq], step_arg, float(lr_fb), float(lr_gh), float(betas[0]),
-        float(betas[1]), float(eps), x_activation, h_activation, variant, ae_loss,
+        float(betas[1]), float(eps), x_activation, h_activation, variant, ae_loss, float(weight_decay),
+        bool(decoupled_weight_decay),
     )
 
 
@@ -83,12 +89,15 @@ def dense_block_sgd_step_(
     h_activation: str = "sigmoid",
     variant: str = "A",
     ae_loss: str = "mse",
+    weight_decay: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole training step of one dense block with torch.optim.SGD's momentum update (no
-    dampening; zero buffers make the first step use the plain gradient, as torch does)."""
+    dampening; zero buffers make the first step use the plain gradient, as torch does) and
+    its L2 ``weight_decay``."""
     return torch.ops.al_ext.dense_block_sgd_step_.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [b.detach() for b in momentum_buffer],
         float(lr_fb), float(lr_gh), float(momentum), x_activation, h_activation, variant, ae_loss,
+        float(weight_decay),
     )
 
 
@@ -109,25 +118,27 @@ def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, v
 
 @torch.library.register_fake("al_ext::dense_block_adam_step_")
 def _dense_block_adam_step_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2,
-                                eps, x_activation, h_activation, variant, ae_loss):
+                                eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
+                                decoupled_weight_decay=False):
     return _outputs_like(s_prev, t_prev, params)
 
 
 @torch.library.register_fake("al_ext::dense_block_adam_step_.step_tensor")
 def _dense_block_adam_step_counted_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1,
-                                        beta2, eps, x_activation, h_activation, variant, ae_loss):
+                                        beta2, eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
+                                        decoupled_weight_decay=False):
     return _outputs_like(s_prev, t_prev, params)
 
 
 @torch.library.register_fake("al_ext::dense_block_sgd_step_")
 def _dense_block_sgd_step_fake(s_prev, t_prev, params, momentum_buffer, lr_fb, lr_gh, momentum, x_activation,
-                               h_activation, variant, ae_loss):
+                               h_activation, variant, ae_loss, weight_decay=0.0):
     return _outputs_like(s_prev, t_prev, params)
 
 
 # ---- ALMLP blocks ----------------------------------------------------------------------
 
-_ACTIVATION_NAMES = {nn.ELU: "elu", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+_ACTIVATION_NAMES = {module: name for name, module in ACTIVATION_MODULES.items()}
 
 
 def _linear_then(seq: nn.Module, what: str, activations: tuple[str, ...]) -> tuple[nn.Linear, str]:
@@ -143,7 +154,7 @@ def _linear_then(seq: nn.Module, what: str, activations: tuple[str, ...]) -> tup
 def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     """(params in DENSE_PARAMETER_NAMES order, x_activation, h_activation) of an ALMLP-style
     block; ValueError, saying what does not fit, for any other block."""
-    f, x_act = _linear_then(block.f, "f", ("elu", "relu", "sigmoid", "tanh"))
+    f, x_act = _linear_then(block.f, "f", X_ACTIVATIONS)
     g, _ = _linear_then(block.g, "g", ("sigmoid",))
     h, h_act = _linear_then(block.h, "h", ("sigmoid", "identity"))
     b = list(block.b.children()) if isinstance(block.b, nn.Sequential) else []
@@ -155,22 +166,21 @@ def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     return params, x_act, h_act
 
 
-def _raise_if_refused(out: tuple[Tensor, Tensor, Tensor, Tensor], check: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The CUDA update ops refuse a non-finite step on the device, without waiting for it
-    (the pipeline reads the losses later); a step taken from Python says so at once, as the
-    CPU kernel does, unless the caller checks the losses itself."""
-    _, _, loss_as, loss_ae = out
-    if check and loss_as.is_cuda and not bool(torch.isfinite(loss_as) & torch.isfinite(loss_ae)):
-        raise RuntimeError(f"al_ext::dense_block_step: non-finite loss (L_as = {loss_as.item()}, L_ae = "
-                           f"{loss_ae.item()}): s_prev, t_prev or the parameters hold NaN or inf, or training "
-                           "diverged; no parameter was changed")
-    return out
+def _refused(loss_as: Tensor, loss_ae: Tensor, check: bool) -> bool | None:
+    """Whether the op refused the step (a non-finite loss): read on the CPU, where it costs
+    nothing, and on CUDA only if ``check`` (it waits for the device); None where unknown."""
+    if not (check or loss_as.device.type == "cpu"):
+        return None
+    return not bool(torch.isfinite(loss_as) & torch.isfinite(loss_ae))
 
 
 def _cuda_graph_step(step: Any) -> Any:
     if not hasattr(_C, "cuda_graph_block_step"):
         raise ValueError("cuda_graph=True needs al_ext built with CUDA; this build has no CUDA support")
     return _C.cuda_graph_block_step(step)
+
+
+NextLearningRates = Callable[[], tuple[float, float]]
 
 
 class FusedBlockOptimizer(torch.optim.Optimizer):
@@ -191,19 +201,35 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     def _config(self) -> tuple[str, str, str, str]:
         return self.x_activation, self.h_activation, self.variant, self.ae_loss
 
+    def _lrs(self) -> tuple[float, float]:
+        fb, gh = self.param_groups
+        return fb["lr"], gh["lr"]
+
+    def _finish(self, out: tuple[Tensor, Tensor, Tensor, Tensor], check: bool) -> bool | None:
+        """After the op: raises NonFiniteLossError for a refused step if ``check``; returns
+        whether it was refused (None where unknown). Marks the optimiser as stepped, for
+        torch's learning-rate schedulers."""
+        self._opt_called = True  # type: ignore[attr-defined]
+        refused = _refused(out[2], out[3], check)
+        if refused and check:
+            which = "L_as" if not bool(torch.isfinite(out[2])) else "L_ae"
+            raise NonFiniteLossError(which, (out[2] if which == "L_as" else out[3]).item())
+        return refused
+
     def train_step(self, s_prev: Tensor, t_prev: Tensor, check_finite: bool = True
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One training step of the block on a batch: returns (s, t, L_as, L_ae). A step whose
-        loss is not finite changes nothing, and raises RuntimeError ("non-finite loss"). On
-        CUDA that check waits for the device; ``check_finite=False`` leaves it to the caller,
-        who sees the returned losses (the step was refused all the same)."""
+        loss is not finite changes nothing, and raises NonFiniteLossError. On CUDA that check
+        waits for the device; ``check_finite=False`` leaves it to the caller, who sees the
+        returned losses (the step was refused all the same)."""
         raise NotImplementedError
 
-    def scheduler_step(self, cuda_graph: bool = False) -> Any:
+    def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:
         """This block's step for the C++ scheduler (al_ext.Pipeline), which runs it with no
-        Python in the loop; the learning rates are those of the param groups now.
-        ``cuda_graph=True`` (CUDA only): the step is replayed from a CUDA graph after its first
-        call; call ``scheduler_run_done()`` after the run."""
+        Python in the loop; the learning rates are those of the param groups now, and, with
+        ``next_lrs``, what it returns after each step taken (a schedule stepped by the block's
+        own stage). ``cuda_graph=True`` (CUDA only, constant rates): the step is replayed from a
+        CUDA graph after its first call; call ``scheduler_run_done()`` after the run."""
         raise NotImplementedError
 
     def scheduler_run_done(self) -> None:
@@ -215,11 +241,15 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
 
 
 class FusedBlockAdam(FusedBlockOptimizer):
-    """torch.optim.Adam (state: step, exp_avg, exp_avg_sq) for one dense block, fused."""
+    """torch.optim.Adam (state: step, exp_avg, exp_avg_sq) for one dense block, fused; with
+    ``decoupled_weight_decay=True``, torch.optim.AdamW."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        super().__init__(block, lr, ae_lr, variant, ae_loss, {"betas": betas, "eps": eps})
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False) -> None:
+        super().__init__(block, lr, ae_lr, variant, ae_loss,
+                         {"betas": betas, "eps": eps, "weight_decay": weight_decay,
+                          "decoupled_weight_decay": decoupled_weight_decay})
         self._step_count: Tensor | None = None  # the device's step count during a scheduler run on CUDA
 
     def _state_lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
@@ -231,30 +261,35 @@ class FusedBlockAdam(FusedBlockOptimizer):
         states = [self.state[p] for p in params]
         return params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states]
 
+    def _hyper(self) -> dict[str, Any]:
+        d = self.defaults
+        return {"beta1": d["betas"][0], "beta2": d["betas"][1], "eps": d["eps"], "weight_decay": d["weight_decay"],
+                "decoupled_weight_decay": d["decoupled_weight_decay"]}
+
     def train_step(self, s_prev: Tensor, t_prev: Tensor, check_finite: bool = True
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         params, exp_avg, exp_avg_sq, steps = self._state_lists()
-        fb, gh = self.param_groups
-        out = _raise_if_refused(dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq,
-                                                       int(steps[0].item()) + 1, fb["lr"], gh["lr"], fb["betas"],
-                                                       fb["eps"], *self._config()), check_finite)
-        # Only after the op succeeded: a refused step leaves the state as it was (except one
-        # that the device refused unchecked, check_finite=False, which still counts).
-        for step in steps:
-            step += 1
+        h = self._hyper()
+        out = dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq, int(steps[0].item()) + 1,
+                                     *self._lrs(), (h["beta1"], h["beta2"]), h["eps"], *self._config(),
+                                     h["weight_decay"], h["decoupled_weight_decay"])
+        if not self._finish(out, check_finite):  # a refused step does not count (unknown: CUDA, unchecked)
+            for step in steps:
+                step += 1
         return out
 
-    def scheduler_step(self, cuda_graph: bool = False) -> Any:
+    def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:
         params, exp_avg, exp_avg_sq, steps = self._state_lists()
-        fb, gh = self.param_groups
         # On CUDA the step number is counted on the device: a replayed graph cannot take it from
         # the host, and a step that the device refuses (a non-finite loss, which the host
         # learns of batches later) must not count.
         on_device = cuda_graph or params[0].is_cuda
         self._step_count = steps[0].to(params[0].device, torch.float64) if on_device else None
-        step = _C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, steps, fb["lr"], gh["lr"],
-                                        fb["betas"][0], fb["betas"][1], fb["eps"], *self._config(),
-                                        step_count=self._step_count)
+        self._opt_called = True  # type: ignore[attr-defined]
+        step = _C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, steps, *self._lrs(),
+                                        **self._hyper(), x_activation=self.x_activation,
+                                        h_activation=self.h_activation, variant=self.variant, ae_loss=self.ae_loss,
+                                        step_count=self._step_count, next_lrs=next_lrs)
         return _cuda_graph_step(step) if cuda_graph else step
 
     def scheduler_run_done(self) -> None:
@@ -266,11 +301,12 @@ class FusedBlockAdam(FusedBlockOptimizer):
 
 
 class FusedBlockSGD(FusedBlockOptimizer):
-    """torch.optim.SGD with momentum (state: momentum_buffer) for one dense block, fused."""
+    """torch.optim.SGD with momentum and L2 weight decay (state: momentum_buffer) for one
+    dense block, fused."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
-                 momentum: float = 0.9) -> None:
-        super().__init__(block, lr, ae_lr, variant, ae_loss, {"momentum": momentum})
+                 momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+        super().__init__(block, lr, ae_lr, variant, ae_loss, {"momentum": momentum, "weight_decay": weight_decay})
 
     def _state_lists(self) -> tuple[list[Tensor], list[Tensor]]:
         params = self._params()
@@ -282,13 +318,45 @@ class FusedBlockSGD(FusedBlockOptimizer):
     def train_step(self, s_prev: Tensor, t_prev: Tensor, check_finite: bool = True
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         params, buffers = self._state_lists()
-        fb, gh = self.param_groups
-        return _raise_if_refused(dense_block_sgd_step_(s_prev, t_prev, params, buffers, fb["lr"], gh["lr"],
-                                                       fb["momentum"], *self._config()), check_finite)
+        d = self.defaults
+        out = dense_block_sgd_step_(s_prev, t_prev, params, buffers, *self._lrs(), d["momentum"], *self._config(),
+                                    d["weight_decay"])
+        self._finish(out, check_finite)
+        return out
 
-    def scheduler_step(self, cuda_graph: bool = False) -> Any:
+    def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:
         params, buffers = self._state_lists()
-        fb, gh = self.param_groups
-        step = _C.fused_sgd_block_step([p.detach() for p in params], buffers, fb["lr"], gh["lr"], fb["momentum"],
-                                       *self._config())
+        d = self.defaults
+        self._opt_called = True  # type: ignore[attr-defined]
+        step = _C.fused_sgd_block_step([p.detach() for p in params], buffers, *self._lrs(), d["momentum"],
+                                       *self._config(), weight_decay=d["weight_decay"], next_lrs=next_lrs)
         return _cuda_graph_step(step) if cuda_graph else step
+
+
+def fused_block_optimizer(block: nn.Module, fb: torch.optim.Optimizer, gh: torch.optim.Optimizer, variant: str,
+                          ae_loss: str) -> FusedBlockOptimizer:
+    """The fused optimiser that does what the torch optimisers ``fb`` (over f and b) and
+    ``gh`` (over g and h) would: Adam, AdamW or SGD with momentum, with their learning rates
+    and hyperparameters. ValueError, saying what does not fit, for any other."""
+    if type(fb) is not type(gh):
+        raise ValueError(f"the two optimisers of a block must be of one type, got {type(fb).__name__} and "
+                         f"{type(gh).__name__}")
+    shared = {k: v for k, v in fb.defaults.items() if k not in ("lr", "foreach", "fused", "capturable")}
+    if shared != {k: v for k, v in gh.defaults.items() if k not in ("lr", "foreach", "fused", "capturable")}:
+        raise ValueError("the two optimisers of a block must differ in their learning rate alone")
+    d, lr, ae_lr = fb.defaults, fb.param_groups[0]["lr"], gh.param_groups[0]["lr"]
+    if d.get("maximize") or d.get("differentiable"):
+        raise ValueError("maximize=True and differentiable=True have no fused form")
+    if type(fb) in (torch.optim.Adam, torch.optim.AdamW):
+        if d.get("amsgrad"):
+            raise ValueError("amsgrad=True has no fused form")
+        if isinstance(d["lr"], Tensor) or isinstance(d["betas"][0], Tensor):
+            raise ValueError("tensor learning rates or betas have no fused form")
+        decoupled = type(fb) is torch.optim.AdamW or bool(d.get("decoupled_weight_decay", False))
+        return FusedBlockAdam(block, lr, ae_lr, variant, ae_loss, tuple(d["betas"]), d["eps"], d["weight_decay"],
+                              decoupled)
+    if type(fb) is torch.optim.SGD:
+        if d.get("nesterov") or d.get("dampening", 0) != 0:
+            raise ValueError("SGD with nesterov=True or dampening has no fused form")
+        return FusedBlockSGD(block, lr, ae_lr, variant, ae_loss, d["momentum"], d["weight_decay"])
+    raise ValueError(f"{type(fb).__name__} has no fused form (the fused step has torch.optim.Adam, AdamW and SGD)")

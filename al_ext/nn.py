@@ -1,4 +1,4 @@
-"""Model API: ALBlock, AssociatedLearning, the NECO MLP and the parameter-matched BP baseline."""
+"""Model API: ALBlock, AssociatedLearning, the NECO MLP and the BP baseline on the same inference path."""
 from __future__ import annotations
 
 import copy
@@ -166,11 +166,15 @@ class AssociatedLearning(nn.Module):
         mse = self.mse_function(s.device)
         out = []
         for i, block in enumerate(self.blocks):
-            ae_loss: AELoss = self.first_ae_loss if i == 0 else "mse"
-            losses = reference.local_losses(block, s, t, self.variant, ae_loss, mse)
+            losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i), mse)
             out.append(losses)
             s, t = losses.s, losses.t
         return out
+
+    def ae_loss_of(self, index: int) -> AELoss:
+        """The auto-encoder loss of block ``index`` (from 0): ``first_ae_loss`` for the first
+        block, whose h decodes the labels themselves; MSE for every later one."""
+        return self.first_ae_loss if index == 0 else "mse"
 
     def parameter_groups(self) -> list[tuple[list[nn.Parameter], list[nn.Parameter]]]:
         """Per block: (parameters of f and b, parameters of g and h), the two optimisers' shares."""
@@ -230,8 +234,8 @@ class AssociatedLearning(nn.Module):
 
         Returns (classes, depths), depths counted from 1.
         """
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be a confidence in (0, 1], got {threshold!r}")
         s = self.check_input(x)
         n = s.shape[0]
         classes = torch.empty(n, dtype=torch.long, device=s.device)
@@ -258,9 +262,6 @@ def he_normal_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-_X_ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
-
-
 class ALMLP(AssociatedLearning):
     """The NECO MLP: per block f = Linear + ELU (or ``activation``), g = Linear + sigmoid, h = Linear + sigmoid,
     b = Linear(d_x -> bridge_factor * label_dim) + sigmoid + Linear(-> label_dim) + sigmoid.
@@ -282,7 +283,7 @@ class ALMLP(AssociatedLearning):
         activation: str = "elu",
     ) -> None:
         check_positive_int(in_features, "in_features")
-        act = _X_ACTIVATIONS[check_choice(activation, "activation", tuple(_X_ACTIVATIONS))]
+        act = reference.ACTIVATION_MODULES[check_choice(activation, "activation", reference.X_ACTIVATIONS)]
         check_positive_int(num_classes, "num_classes")
         check_positive_int(label_dim, "label_dim")
         check_positive_int(bridge_factor, "bridge_factor")
@@ -341,8 +342,10 @@ class BPNetwork(nn.Module):
 
 
 def bp_baseline(model: AssociatedLearning) -> BPNetwork:
-    """The parameter-matched end-to-end network: the same inference path, to be trained with
-    softmax cross-entropy. Its modules are copies of the model's, so a baseline taken from an
+    """The BP baseline: the AL model's inference path (f_1..f_L, b_L, h_L..h_1) as one network,
+    to be trained end to end with softmax cross-entropy. It is matched to AL on the inference
+    path only: AL also trains the label encoders g and every bridge but the last, so it
+    trains more parameters (the NECO MLP: 24.96 M against 13.41 M). Its modules are copies of the model's, so a baseline taken from an
     untrained model starts from the same weights. A trailing Sigmoid on h_1 is dropped, so that
     cross-entropy sees logits (softmax over sigmoid outputs saturates); argmax is unchanged.
     """

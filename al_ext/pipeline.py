@@ -1,5 +1,7 @@
 """Pipelined training: every block of an AL network trains at the same time, block i on
-batch j while block i+1 trains on batch j-1, in the C++ scheduler (csrc/scheduler/).
+batch j while block i+1 trains on batch j-1, in the C++ scheduler (csrc/scheduler/). The
+batches come from any iterable, pulled only as the first stage reaches them, so memory is
+bounded by ``max_in_flight``, not by the length of the stream.
 
 A block needs only the (s, t) that the block below produced for the same batch, with the
 parameters that block had before its own update on that batch; so a pipelined pass gives
@@ -12,6 +14,9 @@ host does not wait for the device, and blocks may sit on several GPUs (``devices
 """
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,11 +25,15 @@ from torch import Tensor
 
 from . import reference
 from ._extension import _C, has_cuda_kernels
+from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
 from .validation import check_positive_int
 
 Batch = tuple[Tensor, Tensor]
+Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler (ReduceLROnPlateau has no per-step form)
+# on_batch(batch index, losses (blocks, 2) float64); a true result stops the run gracefully.
+BatchCallback = Callable[[int, Tensor], Any]
 
 
 class PipelineError(RuntimeError):
@@ -40,20 +49,26 @@ class PipelineRun:
     """What a run did: each block's losses on each batch, per-block busy times, and per
     stage (a worker running consecutive blocks) its blocks, waits, bubble and queue use."""
 
-    losses: Tensor  # (batches, blocks, 2) float64: (L_as, L_ae)
+    losses: Tensor  # (batches trained, blocks, 2) float64: (L_as, L_ae)
     blocks: list[dict[str, float]]  # busy_s, batches
     stages: list[dict[str, Any]]  # blocks, wait_s, idle_fraction, peak_queued_bytes, peak_device_bytes
     wall_s: float
 
 
 class Pipeline:
-    """Runs the training steps of ``model``'s blocks over a list of batches.
+    """Runs the training steps of ``model``'s blocks over a stream of batches.
 
     ``optimizers`` is the Trainer's list: one fused optimiser per block (the block's step
     runs in C++ with no Python and the GIL released), or a pair (f, b) and (g, h) of torch
-    optimisers per block (the step calls back into Python). ``pipelined=False`` runs the
-    same steps batch by batch, block by block (the C++ sequential mode; on CUDA, on one
-    stream).
+    optimisers per block (the step calls back into Python). ``schedulers``, if given, holds
+    one learning-rate scheduler per optimiser, stepped after each batch by the stage that
+    runs the optimiser's block: block i trains on batch j with the rates the sequential loop
+    would give it, so per-step schedules keep pipelined training equal to sequential
+    training. ``pipelined=False`` runs the same steps batch by batch, block by block (the C++
+    sequential mode; on CUDA, on one stream).
+
+    ``run(batches)`` trains on every batch and returns a PipelineRun; ``train(batches)``
+    yields each batch's losses as it completes, for a loop of your own.
 
     A pipeline stage is a worker thread that runs a group of consecutive blocks on each
     batch; on CUDA it also has a stream of its own. ``stages`` groups are balanced by cost:
@@ -78,7 +93,7 @@ class Pipeline:
     def __init__(self, model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer],
                  max_in_flight: int = 2, threads_per_stage: int | None = None, pipelined: bool = True,
                  stages: int | None = None, devices: Sequence[str | torch.device] | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, schedulers: Sequence[Scheduler] | None = None) -> None:
         if not isinstance(model, AssociatedLearning):
             raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
         self.model = model
@@ -107,42 +122,68 @@ class Pipeline:
         self.stages = check_positive_int(stages or default_stages, "stages")
         default_threads = max(1, cores // self.stages) if pipelined else cores
         self.threads_per_stage = check_positive_int(threads_per_stage or default_threads, "threads_per_stage")
+        schedulers = list(schedulers) if schedulers is not None else [None] * len(optimizers)
+        if len(schedulers) != len(optimizers):
+            raise ValueError(f"schedulers must hold one scheduler per optimiser ({len(optimizers)}), got {len(schedulers)}")
+        self._schedulers = schedulers
         if all(isinstance(o, FusedBlockOptimizer) for o in optimizers) and len(optimizers) == model.depth:
             self._steps = [None] * model.depth
             self._fused = optimizers
         elif len(optimizers) == 2 * model.depth:
             self._fused = None
-            self._steps = [self._python_step(i, optimizers[2 * i : 2 * i + 2]) for i in range(model.depth)]
+            self._steps = [self._python_step(i, optimizers[2 * i : 2 * i + 2], schedulers[2 * i : 2 * i + 2])
+                           for i in range(model.depth)]
         else:
             raise ValueError(f"optimizers must hold one fused optimiser per block ({model.depth}) or a pair per "
                              f"block ({2 * model.depth}), got {len(optimizers)}")
         self.cuda_graphs = bool(cuda_graphs)
+        if self.cuda_graphs and any(s is not None for s in schedulers):
+            raise ValueError("cuda_graphs=True replays each step with the learning rates it was captured with; a "
+                             "per-step schedule needs cuda_graphs=False (or a schedule stepped per epoch)")
         if self.cuda_graphs and not (self.on_cuda and self._fused is not None):
             raise ValueError("cuda_graphs=True replays fused block steps on CUDA: it needs the blocks on CUDA "
                              "devices and one fused optimiser (FusedBlockAdam or FusedBlockSGD) per block")
+        self.last_run: PipelineRun | None = None
 
-    def _python_step(self, index: int, pair: Sequence[torch.optim.Optimizer]) -> Any:
+    def _python_step(self, index: int, pair: Sequence[torch.optim.Optimizer],
+                     schedulers: Sequence[Scheduler | None]) -> Any:
         model, block = self.model, self.model.blocks[index]
-        ae_loss = model.first_ae_loss if index == 0 else "mse"
+        ae_loss = model.ae_loss_of(index)
 
         def step(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             for opt in pair:
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
             out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss, model.mse_function(s_prev.device))
             (out.loss_as + out.loss_ae).backward()
-            if not bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):
-                raise FloatingPointError(f"non-finite loss (L_as = {out.loss_as.item()}, L_ae = {out.loss_ae.item()}); "
-                                         "this block was not updated")
-            for opt in pair:
-                opt.step()
+            # A non-finite loss changes nothing, as in the fused step: the scheduler reports it.
+            if bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):
+                for opt in pair:
+                    opt.step()
+                for scheduler in schedulers:
+                    if scheduler is not None:
+                        scheduler.step()
             return out.s.detach(), out.t.detach(), out.loss_as.detach(), out.loss_ae.detach()
 
         return step
 
+    def _next_lrs(self, index: int) -> Callable[[], tuple[float, float]] | None:
+        """For fused block ``index``: steps its scheduler and returns the new rates (f, b), (g, h)."""
+        scheduler, opt = self._schedulers[index], self._fused[index]
+        if scheduler is None:
+            return None
+
+        def next_lrs() -> tuple[float, float]:
+            scheduler.step()
+            fb, gh = opt.param_groups
+            return fb["lr"], gh["lr"]
+
+        return next_lrs
+
     def _block_steps(self) -> list[Any]:
         # Built for each run, so that the learning rates are the param groups' current ones.
         if self._fused is not None:
-            return [opt.scheduler_step(cuda_graph=self.cuda_graphs) for opt in self._fused]
+            return [opt.scheduler_step(cuda_graph=self.cuda_graphs, next_lrs=self._next_lrs(i))
+                    for i, opt in enumerate(self._fused)]
         return [_C.python_block_step(step) for step in self._steps]
 
     def _stage_devices(self, starts: list[int]) -> list[str]:
@@ -156,9 +197,34 @@ class Pipeline:
             devices.append(held.pop())
         return devices
 
-    def run(self, batches: Sequence[Batch]) -> PipelineRun:
-        """Trains every block on every (inputs, labels) batch, in order. Raises PipelineError
-        (which block, which batch) if a block fails; KeyboardInterrupt stops every block."""
+    def _prepared(self, batches: Iterable[Batch]) -> Iterator[tuple[Tensor, Tensor]]:
+        """(s_0, t_0) of each (inputs, labels) batch, made as the first stage pulls it: the
+        inputs copied to the first block's device without waiting (from pinned memory, the
+        copy overlaps the work already queued)."""
+        device = self.block_devices[0]
+        for batch in batches:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"each batch must be an (inputs, labels) pair, got {type(batch).__name__}")
+            x, y = batch
+            x = x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+            yield self.model.check_input(x).detach(), self.model.label_targets(y)
+
+    def run(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None,
+            should_stop: Callable[[], bool] | None = None) -> PipelineRun:
+        """Trains every block on every (inputs, labels) batch of ``batches``, in order; any
+        iterable will do (a list, a generator, a DataLoader), and it is read lazily.
+
+        ``on_batch(index, losses)`` is called on this thread, in batch order, as each batch
+        completes on every block (losses: (blocks, 2) float64). If it returns a true value, no
+        further batch is pulled; those already pulled still train on every block, so the
+        parameters are those of sequential training on the batches trained
+        (``len(run.losses)``). ``should_stop()``, polled, stops the run at once
+        (KeyboardInterrupt), as Ctrl-C does.
+
+        Raises NonFiniteLossError (a block's loss was NaN or inf: that block's step was
+        refused) or PipelineError (a block failed) naming the block and the batch, and
+        re-raises what the iterable or on_batch raised, once every stage has stopped.
+        """
         if self._devices is not None:
             _place_blocks(self.model, self._optimizers, self._devices, self.block_costs)
             self.block_devices = _block_devices(self.model)
@@ -166,21 +232,19 @@ class Pipeline:
             raise ValueError("the model's blocks moved since this Pipeline was made (from "
                              f"{', '.join(str(d) for d in self.block_devices)} to "
                              f"{', '.join(str(d) for d in _block_devices(self.model))}); make a new Pipeline")
-        first_device = self.block_devices[0]
-        prepared = []
-        for x, y in batches:
-            x = x.to(first_device, non_blocking=True) if isinstance(x, Tensor) else x
-            prepared.append((self.model.check_input(x).detach(), self.model.label_targets(y)))
         starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else [0]
         try:
             with torch.no_grad() if self._fused is not None else torch.enable_grad():
-                out = _C.run_blocks(self._block_steps(), prepared, self.pipelined, starts, self.max_in_flight,
-                                    self.threads_per_stage, self._stage_devices(starts))
+                out = _C.run_blocks(self._block_steps(), self._prepared(batches), self.pipelined, starts,
+                                    self.max_in_flight, self.threads_per_stage, self._stage_devices(starts),
+                                    on_batch=on_batch, should_stop=should_stop)
         finally:
             for opt in self._fused or []:
                 opt.scheduler_run_done()
         if "error" in out:
-            block, batch, message = out["error"]
+            block, batch, message, loss = out["error"]
+            if loss is not None:
+                raise NonFiniteLossError(loss, block=block + 1, batch=batch)
             raise PipelineError(block + 1, batch, message)
         wall = out["wall_s"]
         if all(b["busy_s"] > 0 for b in out["blocks"]):
@@ -190,7 +254,53 @@ class Pipeline:
             first, end = stage["blocks"]
             busy = sum(b["busy_s"] for b in out["blocks"][first:end])
             stages.append(dict(stage, idle_fraction=max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0))
-        return PipelineRun(out["losses"], out["blocks"], stages, wall)
+        self.last_run = PipelineRun(out["losses"], out["blocks"], stages, wall)
+        return self.last_run
+
+    def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
+        """Trains on ``batches`` as ``run`` does, yielding each batch's losses ((blocks, 2):
+        L_as, L_ae) as it completes, for a loop of your own::
+
+            for step, losses in enumerate(pipeline.train(loader)):
+                log(step, losses)
+                if step == 999:
+                    break   # the batches already started finish; then the run ends
+
+        Leaving the loop (break, an exception) stops the run gracefully: every block ends
+        having trained on the same batches. The run goes on in a helper thread while the loop
+        body runs; ``last_run`` holds its PipelineRun afterwards.
+        """
+        results: queue.Queue[Any] = queue.Queue()
+        stop, abort = threading.Event(), threading.Event()
+        done = object()
+
+        def on_batch(index: int, losses: Tensor) -> bool:
+            results.put(losses)
+            return stop.is_set()
+
+        def target() -> None:
+            try:
+                self.run(batches, on_batch=on_batch, should_stop=abort.is_set)
+                results.put(done)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+                results.put(exc)
+
+        worker = threading.Thread(target=target, name="al_ext-pipeline", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = results.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        except KeyboardInterrupt:
+            abort.set()
+            raise
+        finally:
+            stop.set()
+            worker.join()
 
 
 def _block_devices(model: AssociatedLearning) -> list[torch.device]:

@@ -133,7 +133,10 @@ def local_gradients(
 # ---- the dense (MLP) block, as the fused op al_ext::dense_block_step computes it ----------
 
 DENSE_PARAMETER_NAMES: tuple[str, ...] = ("W_f", "c_f", "W_b1", "c_b1", "W_b2", "c_b2", "W_g", "c_g", "W_h", "c_h")
-X_ACTIVATIONS: tuple[str, ...] = ("elu", "relu", "sigmoid", "tanh")
+# The x-side activations by name, as modules: the one table that the model builders, the
+# fused block's layout check and the CLI read.
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"elu": nn.ELU, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+X_ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_MODULES)
 H_ACTIVATIONS: tuple[str, ...] = ("sigmoid", "identity")
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": F.elu, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda z: z,

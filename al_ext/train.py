@@ -1,22 +1,26 @@
-"""Trainer: one loop for Associated Learning (local losses, per-loss Adam) and for ordinary
-networks trained end to end with cross-entropy, so that AL and its BP baseline are measured alike."""
+"""Trainer: one loop (epochs, batches, validation, hooks, checkpoints, progress) for every
+engine (al_ext.engines): Associated Learning through autograd, fused or pipelined, and
+ordinary networks trained end to end, so that AL and its BP baseline are measured alike."""
 from __future__ import annotations
 
+import collections
 import copy
+import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .fused import FusedBlockAdam, FusedBlockSGD
+from .callbacks import Callback
+from .engines import Engine, PipelinedALEngine, make_engine
+from .errors import NonFiniteLossError
 from .nn import AssociatedLearning, check_token_batch
-from .pipeline import Pipeline, PipelineError
+from .optim import SCHEDULER_INTERVALS, OptimizerSpec, SchedulerFactory, named_schedule, neco_lr_factor, optimizer_factory
 from .validation import (
     check_choice,
     check_finite,
@@ -28,21 +32,9 @@ from .validation import (
 )
 
 Data = Union[tuple[Tensor, Tensor], DataLoader]
-Schedule = Literal["neco", "plateau"]
-SCHEDULES: tuple[str, ...] = ("neco", "plateau")
-OptimizerName = Literal["adam", "sgd"]
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
-CHECKPOINT_FORMAT = "al_ext.checkpoint/1"
+CHECKPOINT_FORMAT = "al_ext.checkpoint/2"
 
-
-def neco_lr_factor(epoch: int, total_epochs: int) -> float:
-    """The NECO step schedule: x0.1 at 40, 60 and 80 % of the run, then x0.5 at 90 %."""
-    progress = epoch / total_epochs
-    factor = 1.0
-    for milestone, step in ((0.4, 0.1), (0.6, 0.1), (0.8, 0.1), (0.9, 0.5)):
-        if progress >= milestone:
-            factor *= step
-    return factor
+__all__ = ["Trainer", "neco_lr_factor"]
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -59,16 +51,23 @@ class Trainer:
     """Trains an ``AssociatedLearning`` model with its local losses, or any classifier
     ``nn.Module`` end to end with cross-entropy.
 
-    AL: per block one optimiser over (f, b) with ``lr`` and one over (g, h) with ``ae_lr``
-    (2 x lr by default), both stepped from the same forward pass; for dense blocks on the
-    CPU the model's backend may fuse a block's whole step into one op. BP: one optimiser
-    over all parameters with ``lr``. ``optimizer`` is "adam" or "sgd" (with ``momentum``).
-    ``pipeline=True`` (AL only) trains all blocks at the same time on consecutive batches
+    ``optimizer``: "adam", "adamw", "sgd" (with ``momentum``; ``weight_decay`` for any name),
+    or a callable ``(params, lr) -> torch.optim.Optimizer``. AL gets one per block over
+    (f, b) with ``lr`` and one over (g, h) with ``ae_lr`` (2 x lr by default); BP one over
+    all parameters. Dense blocks train with one fused op per block (the model's backend
+    decides) when the optimiser is Adam, AdamW or SGD; any other takes the general path.
+
+    ``scheduler``: a callable ``optimizer -> LRScheduler``, applied to every optimiser and
+    stepped after every batch (``scheduler_interval="epoch"``: after every epoch;
+    ReduceLROnPlateau then steps on the validation accuracy). ``schedule`` names the NECO
+    code's per-epoch schedules instead: "neco" (x0.1 at 40/60/80 % of the run, x0.5 at 90 %)
+    or "plateau".
+
+    ``pipeline=True`` (AL only) trains every block at once on consecutive batches
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,
-    on CUDA, ``cuda_graphs``);
-    the parameters are those of the sequential loop. ``schedule`` is None, ``"neco"`` (step
-    decay at 40/60/80/90 % of the run) or ``"plateau"`` (x0.1 when validation accuracy
-    stalls for 5 epochs). ``seed`` fixes the order of the batches.
+    on CUDA, ``cuda_graphs``); the parameters are those of the sequential loop, per-step
+    schedules included. ``callbacks``: objects with ``on_step``, ``on_validation`` and
+    ``on_epoch`` (al_ext.callbacks). ``seed`` fixes the order of the batches.
     """
 
     def __init__(
@@ -79,16 +78,20 @@ class Trainer:
         batch_size: int = 128,
         device: str | torch.device = "cpu",
         seed: int = 0,
-        schedule: Schedule | None = None,
+        schedule: str | None = None,
         progress: bool | None = None,
         eval_batch_size: int = 1024,
-        optimizer: OptimizerName = "adam",
+        optimizer: OptimizerSpec = "adam",
         momentum: float = 0.9,
+        weight_decay: float | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
         pipeline: bool = False,
         max_in_flight: int = 2,
         threads_per_stage: int | None = None,
         pipeline_stages: int | None = None,
         cuda_graphs: bool = False,
+        callbacks: Sequence[Any] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -96,11 +99,23 @@ class Trainer:
         self.ae_lr = 2.0 * self.lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.eval_batch_size = check_positive_int(eval_batch_size, "eval_batch_size")
-        self.schedule = None if schedule is None else check_choice(schedule, "schedule", SCHEDULES)
-        self.optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        if weight_decay is not None and (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
+                                         or not weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        if not (optimizer is None or isinstance(optimizer, str) or callable(optimizer)):
+            raise TypeError(f"optimizer must be a name or a callable (params, lr) -> Optimizer, got {optimizer!r}")
+        if scheduler is not None and not callable(scheduler):
+            raise TypeError(f"scheduler must be a callable optimizer -> LRScheduler, got {scheduler!r}")
+        check_choice(scheduler_interval, "scheduler_interval", SCHEDULER_INTERVALS)
+        if schedule is not None:
+            if scheduler is not None:
+                raise ValueError("give schedule (a named per-epoch schedule) or scheduler (your own), not both")
+            scheduler, scheduler_interval = named_schedule(schedule, lambda: self._fit_epochs), "epoch"
+        if cuda_graphs and not pipeline:
+            raise ValueError("cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True")
+        self.schedule = schedule
         self.device = _resolve_device(device)
         self.progress = progress
         self.model = model.to(self.device)
@@ -108,49 +123,34 @@ class Trainer:
         self.num_classes: int = getattr(model, "num_classes", 0)
         if self.num_classes < 2:
             raise ValueError("model must have a num_classes attribute of at least 2 (the number of classes)")
-
-        self.fused = self.is_al and model.uses_fused_step()
-        self.optimizers = self._make_optimizers()
-        if pipeline and not self.is_al:
-            raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
-        if cuda_graphs and not pipeline:
-            raise ValueError("cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True")
-        self.pipeline = (Pipeline(model, self.optimizers, max_in_flight, threads_per_stage, stages=pipeline_stages,
-                                  cuda_graphs=cuda_graphs) if pipeline else None)
-        # Each parameter group's own starting lr, which the NECO schedule scales.
-        self._base_lrs: list[list[float]] = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
-        self._plateaus = (
-            [torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=5) for opt in self.optimizers]
-            if self.schedule == "plateau"
-            else []
-        )
+        self._fit_epochs = 1  # the run's length, for the "neco" schedule; set by fit
+        pipeline_options = (dict(max_in_flight=max_in_flight, threads_per_stage=threads_per_stage,
+                                 stages=pipeline_stages, cuda_graphs=cuda_graphs) if pipeline else {})
+        self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay), self.lr,
+                                          self.ae_lr, scheduler, scheduler_interval, pipeline, **pipeline_options)
+        self.callbacks = list(callbacks)
+        self.should_stop = False  # set by a callback to end the run after the batches already started
         self._generator = torch.Generator().manual_seed(seed)
+        # Where the run is: epochs done, batches done in the current epoch, batches in all.
         self.epoch = 0
+        self.position = 0
+        self.global_step = 0
+        self._epoch_start: dict[str, Tensor] | None = None  # RNG states at the start of this epoch
+        self._totals: dict[str, Any] = {}  # this epoch's running sums
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # {"epoch", "val_accuracy"} of the best epoch on validation
         self._best_state: dict[str, Tensor] | None = None
+        self._best_path: Path | None = None  # where this fit writes the best weights
+        self._best_file: Path | None = None  # where the best weights so far were written
+        self._in_run = False  # inside engine.run (a pipelined one cannot be saved then)
 
-    def _make_optimizers(self) -> list[torch.optim.Optimizer]:
-        model = self.model
-        if self.fused:  # one op per block does forward, local losses, gradients and the update
-            fused_optimizers: list[torch.optim.Optimizer] = []
-            for i, block in enumerate(model.blocks):
-                ae_loss = model.first_ae_loss if i == 0 else "mse"
-                if self.optimizer == "adam":
-                    fused_optimizers.append(FusedBlockAdam(block, self.lr, self.ae_lr, model.variant, ae_loss))
-                else:
-                    fused_optimizers.append(
-                        FusedBlockSGD(block, self.lr, self.ae_lr, model.variant, ae_loss, self.momentum))
-            return fused_optimizers
-        if self.is_al:
-            return [opt for fb, gh in model.parameter_groups()
-                    for opt in (self._torch_optimizer(fb, self.lr), self._torch_optimizer(gh, self.ae_lr))]
-        return [self._torch_optimizer(model.parameters(), self.lr)]
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.engine.optimizers
 
-    def _torch_optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=self.momentum)
-        return torch.optim.Adam(params, lr=lr)
+    @property
+    def pipeline(self) -> Any:
+        return self.engine.pipeline if isinstance(self.engine, PipelinedALEngine) else None
 
     # ---- data -------------------------------------------------------------------------
 
@@ -166,7 +166,7 @@ class Trainer:
             raise ValueError(f"{name} inputs must have samples along dim 0 and features after, got shape {tuple(x.shape)}")
         check_finite(x, f"{name} inputs")
         dtype = next(self.model.parameters()).dtype
-        return x.to(self.device, dtype), y.to(self.device)
+        return x.to(self.device, dtype, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _prepared(self, data: Data, name: str) -> Data:
         if isinstance(data, DataLoader):
@@ -176,6 +176,7 @@ class Trainer:
         raise TypeError(f"{name} must be an (inputs, labels) pair of tensors or a DataLoader, got {type(data).__name__}")
 
     def _batches(self, data: Data, name: str, batch_size: int, shuffle: bool) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches, made one at a time as they are asked for."""
         if isinstance(data, DataLoader):
             for batch in data:
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -189,166 +190,174 @@ class Trainer:
             idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
             yield x[idx], y[idx]
 
+    def _epoch_batches(self, train: Data) -> Iterator[tuple[Tensor, Tensor]]:
+        """This epoch's training batches from ``self.position`` on: the order is drawn from the
+        RNG states of the epoch's start, so a run resumed mid-epoch sees the batches that the
+        uninterrupted run would have."""
+        if self._epoch_start is None:
+            self._epoch_start = {"generator": self._generator.get_state(), "torch": torch.get_rng_state()}
+        now = torch.get_rng_state()
+        self._generator.set_state(self._epoch_start["generator"])
+        torch.set_rng_state(self._epoch_start["torch"])  # a DataLoader draws its shuffle from torch's RNG
+        batches = self._batches(train, "train", self.batch_size, shuffle=True)
+        skipped = list(itertools.islice(batches, self.position)) if self.position else []
+        if len(skipped) < self.position:
+            raise ValueError(f"the checkpoint is {self.position} batches into an epoch, but train has {len(skipped)}")
+        del skipped
+        if self.position:
+            torch.set_rng_state(now)
+        return batches
+
     @staticmethod
     def _num_batches(data: Data, batch_size: int) -> int:
         return len(data) if isinstance(data, DataLoader) else -(-data[0].shape[0] // batch_size)
 
     # ---- training ----------------------------------------------------------------------
 
-    def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One update; returns the losses, (L, 2) of (L_as, L_ae) for AL or (1,) for BP."""
-        self.model.train()
-        if self.fused:
-            return self._fused_train_step(x, y)
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        if self.is_al:
-            blocks = self.model.local_losses(x, y)
-            # One backward pass of the sum: the blocks' inputs are detached, so each loss
-            # still reaches only its own block's parameters.
-            sum(b.loss_as + b.loss_ae for b in blocks).backward()
-            values = torch.stack([torch.stack([b.loss_as, b.loss_ae]) for b in blocks]).detach()
-        else:
-            loss = F.cross_entropy(self.model(x), y)
-            loss.backward()
-            values = loss.detach().reshape(1)
-        if not bool(torch.isfinite(values).all()):
-            raise FloatingPointError(self._describe_non_finite(values))
-        for opt in self.optimizers:
-            opt.step()
-        return values
-
-    def _fused_train_step(self, x: Tensor, y: Tensor) -> Tensor:
-        s, t = self.model.check_input(x), self.model.label_targets(y)
-        # On CUDA each block's kernel refuses a non-finite step by itself, so the losses are
-        # checked once for the whole batch (one wait for the GPU), not after every block.
-        on_cuda = s.is_cuda
-        losses = []
-        for i, opt in enumerate(self.optimizers):
-            try:
-                s, t, loss_as, loss_ae = opt.train_step(s, t, check_finite=not on_cuda)
-            except RuntimeError as exc:
-                if "non-finite loss" not in str(exc):
-                    raise
-                raise FloatingPointError(
-                    f"non-finite loss in block {i + 1} in epoch {self.epoch + 1}; that block was not updated"
-                    + (f", blocks 1-{i} were updated on this batch" if i else "") + f" ({exc})"
-                ) from exc
-            losses.append(torch.stack([loss_as, loss_ae]))
-        values = torch.stack(losses)
-        if on_cuda and not bool(torch.isfinite(values).all()):
-            block = int((~torch.isfinite(values)).any(dim=1).nonzero()[0])
-            raise FloatingPointError(
-                f"non-finite loss in block {block + 1} in epoch {self.epoch + 1}; the GPU refused that block's "
-                f"update (L_as = {values[block, 0].item()}, L_ae = {values[block, 1].item()})"
-                + (f", blocks 1-{block} were updated on this batch" if block else "")
-                + "; later blocks trained on its outputs only where their own losses were finite")
-        return values
-
-    def _describe_non_finite(self, values: Tensor) -> str:
-        where = f"epoch {self.epoch + 1}"
-        if not self.is_al:
-            return f"non-finite cross-entropy loss ({values.item()}) in {where}; no update was applied"
-        block, which = (int(i) for i in (~torch.isfinite(values)).nonzero()[0])
-        name = ("L_as", "L_ae")[which]
-        return (f"non-finite loss {name} = {values[block, which].item()} in block {block + 1} in {where}; "
-                "no update was applied (lower the learning rate or check the data)")
-
     def step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
         """One update on one batch. Returns {"loss_as": [...], "loss_ae": [...]} per block for AL,
         {"loss": float} for BP."""
         x, y = self._check_pair(x, y, "batch")
-        return self._loss_record(self._train_step(x, y))
-
-    def _loss_record(self, values: Tensor) -> dict[str, Any]:
-        if self.is_al:
-            return {"loss_as": values[:, 0].tolist(), "loss_ae": values[:, 1].tolist()}
-        return {"loss": values.item()}
-
-    def _apply_lr_schedule(self, total_epochs: int) -> None:
-        if self.schedule != "neco":
-            return
-        factor = neco_lr_factor(self.epoch, total_epochs)
-        for opt, bases in zip(self.optimizers, self._base_lrs):
-            for group, base in zip(opt.param_groups, bases):
-                group["lr"] = base * factor
+        return self.engine.loss_record(self.engine.step(x, y))
 
     def fit(
         self,
         train: Data,
         val: Data | None = None,
         epochs: int = 10,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        on_epoch: Any = None,
         checkpoint: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        save_best: str | Path | None = None,
     ) -> list[dict[str, Any]]:
         """Train until ``epochs`` epochs are done in all (so a resumed run continues where it stopped).
 
         Returns the history, one record per epoch: mean losses (per block for AL), samples/s
         and wall time of the training pass, learning rate, and validation accuracy (per
         shortcut depth for AL) when ``val`` is given. The best epoch on ``val`` is kept in
-        ``self.best`` and restored by ``restore_best()``; the test split is never looked at.
-        With ``checkpoint``, the state is saved there after every epoch: ``load`` it into a
-        new trainer and call ``fit`` with the same ``epochs`` to finish an interrupted run
-        exactly as it would have finished.
+        ``self.best`` and restored by ``restore_best()`` (``save_best``: its weights are also
+        written there); the test split is never looked at. With ``checkpoint``, the state is
+        saved there after every epoch, and every ``checkpoint_every`` batches: ``load`` it into
+        a new trainer and call ``fit`` with the same arguments to finish an interrupted run
+        exactly as it would have finished (pipelined runs drain the pipeline at each
+        checkpoint). ``on_epoch(record)`` is called after each epoch, as are the callbacks.
         """
         check_positive_int(epochs, "epochs")
+        if checkpoint_every is not None:
+            check_positive_int(checkpoint_every, "checkpoint_every")
+            if checkpoint is None:
+                raise ValueError("checkpoint_every needs checkpoint= (the file to write)")
         train = self._prepared(train, "train")
         val = None if val is None else self._prepared(val, "val")
-        while self.epoch < epochs:
-            self._apply_lr_schedule(epochs)
-            record = self._train_epoch(train, epochs)
+        self._fit_epochs = epochs
+        self._best_path = None if save_best is None else Path(save_best)
+        self.should_stop = False
+        while self.epoch < epochs and not self.should_stop:
+            finished = self._train_epoch(train, epochs, checkpoint, checkpoint_every)
+            if not finished:
+                break
+            record = self._epoch_record()
             if val is not None:
                 self._validate(val, record)
+            self.engine.end_epoch(record.get("val_accuracy"))
             self.epoch += 1
+            self.position = 0
+            self._epoch_start = None
             self.history.append(record)
             if checkpoint is not None:
                 self.save(checkpoint)
+            for callback in self._hooks("on_epoch"):
+                callback(self, record)
             if on_epoch is not None:
                 on_epoch(record)
         return self.history
 
-    def _train_epoch(self, train: Data, total_epochs: int) -> dict[str, Any]:
-        if self.pipeline is not None:
-            return self._train_epoch_pipelined(train)
-        total: Tensor | None = None
-        samples = 0
-        # progress None: a bar only when writing to a terminal (tqdm's disable=None).
-        bar = tqdm(total=self._num_batches(train, self.batch_size), desc=f"epoch {self.epoch + 1}/{total_epochs}",
-                   unit="batch", leave=False, disable=None if self.progress is None else not self.progress)
-        start = time.perf_counter()
-        for x, y in self._batches(train, "train", self.batch_size, shuffle=True):
-            values = self._train_step(x, y)
-            total = values * x.shape[0] if total is None else total + values * x.shape[0]
-            samples += x.shape[0]
-            bar.update(1)
-        elapsed = time.perf_counter() - start
-        bar.close()
-        if total is None:
-            raise ValueError("train holds no samples")
-        record: dict[str, Any] = {"epoch": self.epoch + 1}
-        record.update(self._loss_record(total / samples))
-        record.update(samples_per_s=samples / elapsed, train_time_s=elapsed, lr=self.optimizers[0].param_groups[0]["lr"])
-        return record
+    def _hooks(self, name: str) -> list[Any]:
+        return [getattr(c, name) for c in self.callbacks if hasattr(c, name)]
 
-    def _train_epoch_pipelined(self, train: Data) -> dict[str, Any]:
-        batches = list(self._batches(train, "train", self.batch_size, shuffle=True))
-        if not batches:
-            raise ValueError("train holds no samples")
-        start = time.perf_counter()
+    def _train_epoch(self, train: Data, total_epochs: int, checkpoint: str | Path | None,
+                     checkpoint_every: int | None) -> bool:
+        """Trains the rest of the epoch; False if a callback stopped it first."""
+        if self.position == 0:
+            self._totals = {"losses": None, "samples": 0, "train_time_s": 0.0}
+        batches = self._epoch_batches(train)
+        total = self._num_batches(train, self.batch_size)
+        # progress None: a bar only when writing to a terminal (tqdm's disable=None).
+        bar = tqdm(total=total, initial=self.position, desc=f"epoch {self.epoch + 1}/{total_epochs}", unit="batch",
+                   leave=False, disable=None if self.progress is None else not self.progress)
+        sizes: collections.deque[int] = collections.deque()  # of the batches handed to the engine, not yet reported
+        exhausted = [False]
+
+        def counted() -> Iterator[tuple[Tensor, Tensor]]:
+            for x, y in batches:
+                sizes.append(int(x.shape[0]))
+                yield x, y
+            exhausted[0] = True
+
+        stream = counted()
+        last = [time.perf_counter()]
+
+        def on_batch(_: int, losses: Tensor) -> bool:
+            now = time.perf_counter()
+            self._account(sizes.popleft(), losses, now - last[0], bar)
+            last[0] = now
+            return self.should_stop or (checkpoint_every is not None and self.position % checkpoint_every == 0)
+
         try:
-            run = self.pipeline.run(batches)
-        except PipelineError as exc:
-            if "non-finite loss" in str(exc):
-                raise FloatingPointError(f"{exc} (epoch {self.epoch + 1}; earlier batches were trained)") from exc
-            raise
-        elapsed = time.perf_counter() - start
-        sizes = torch.tensor([float(x.shape[0]) for x, _ in batches], dtype=torch.float64)
-        mean = (run.losses * sizes[:, None, None]).sum(0) / sizes.sum()
+            while True:
+                before = self.position
+                start = time.perf_counter()
+                last[0] = start
+                self._in_run = True
+                try:
+                    self.engine.run(stream, on_batch)
+                except NonFiniteLossError as exc:
+                    raise exc.in_epoch(self.epoch + 1, before + (exc.batch or 0)) from None
+                finally:
+                    self._in_run = False
+                self._totals["train_time_s"] += time.perf_counter() - start
+                if exhausted[0] or self.position == before:
+                    break
+                if checkpoint is not None:  # stopped at checkpoint_every, or by a callback
+                    self.save(checkpoint)
+                if self.should_stop:
+                    break
+        finally:
+            bar.close()
+        if self._totals["samples"] == 0:
+            raise ValueError("train holds no samples")
+        return not self.should_stop or self.position >= total
+
+    def _account(self, size: int, losses: Tensor, seconds: float, bar: Any) -> None:
+        """A batch is done: the epoch's sums, the step hooks, the progress bar."""
+        losses = losses.double()
+        t = self._totals
+        t["losses"] = losses * size if t["losses"] is None else t["losses"] + losses * size
+        t["samples"] += size
+        self.position += 1
+        self.global_step += 1
+        hooks = self._hooks("on_step")
+        show = not bar.disable
+        if hooks or show:
+            record: dict[str, Any] = {"epoch": self.epoch + 1, "batch": self.position - 1, "step": self.global_step,
+                                      "samples": size, "lr": self.engine.lr,
+                                      "samples_per_s": size / seconds if seconds > 0 else 0.0}
+            record.update(self.engine.loss_record(losses))
+            for hook in hooks:
+                hook(self, record)
+            if show:
+                bar.set_postfix_str(_progress_text(record), refresh=False)
+        bar.update(1)
+
+    def _epoch_record(self) -> dict[str, Any]:
+        t = self._totals
         record: dict[str, Any] = {"epoch": self.epoch + 1}
-        record.update(self._loss_record(mean))
-        record.update(samples_per_s=float(sizes.sum()) / elapsed, train_time_s=elapsed,
-                      lr=self.optimizers[0].param_groups[0]["lr"],
-                      stage_idle_fraction=[s["idle_fraction"] for s in run.stages])
+        record.update(self.engine.loss_record(t["losses"] / t["samples"]))
+        elapsed = t["train_time_s"]
+        record.update(samples_per_s=t["samples"] / elapsed if elapsed > 0 else 0.0, train_time_s=elapsed,
+                      lr=self.engine.lr)
+        if isinstance(self.engine, PipelinedALEngine):
+            record["stage_idle_fraction"] = self.engine.stage_idle_fraction
         return record
 
     def _validate(self, val: Data, record: dict[str, Any]) -> None:
@@ -357,15 +366,22 @@ class Trainer:
         if self.is_al:
             record["val_shortcut_accuracy"] = metrics["shortcut_accuracy"]
         if self.best is None or metrics["accuracy"] > self.best["val_accuracy"]:
-            self.best = {"epoch": self.epoch + 1, "val_accuracy": metrics["accuracy"]}
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        for plateau in self._plateaus:
-            plateau.step(metrics["accuracy"])
+            if self._best_path is not None:
+                torch.save(self._best_state, self._best_path)
+            self.best = {"epoch": self.epoch + 1, "val_accuracy": metrics["accuracy"]}
+            self._best_file = self._best_path
+        for hook in self._hooks("on_validation"):
+            hook(self, {"epoch": self.epoch + 1, **metrics})
 
     def restore_best(self) -> None:
-        """Load the parameters of the best epoch on the validation data."""
+        """Load the parameters of the best epoch on the validation data (from memory, or after
+        ``load`` from the file that ``fit(save_best=...)`` wrote)."""
+        if self._best_state is None and self._best_file is not None:
+            self._best_state = torch.load(self._best_file, map_location=self.device, weights_only=True)
         if self._best_state is None:
-            raise RuntimeError("no validation data has been seen: pass val= to fit() to select a best epoch")
+            raise RuntimeError("no best epoch is known: pass val= to fit() to select one (and save_best= to keep "
+                               "its weights across a resume)")
         self.model.load_state_dict(self._best_state)
 
     @torch.no_grad()
@@ -391,35 +407,49 @@ class Trainer:
             result["shortcut_accuracy"] = accuracy
         return result
 
+    def close_callbacks(self) -> None:
+        """Closes the callbacks that hold files (the loggers)."""
+        for close in self._hooks("close"):
+            close()
+
     # ---- checkpoints -------------------------------------------------------------------
 
     def _signature(self) -> dict[str, list[int]]:
         return {name: list(t.shape) for name, t in self.model.state_dict().items()}
 
     def save(self, path: str | Path) -> None:
-        """Everything needed to continue the run exactly: parameters, optimiser and schedule
-        states, epoch, history, best epoch, and the random number generators' states."""
+        """Everything needed to continue the run exactly, from any batch: parameters, optimiser
+        and scheduler states, where the run is (epoch, batch, step), this epoch's sums, history,
+        best epoch (its weights are in their own file, ``fit(save_best=...)``), and the random
+        number generators' states (CPU and CUDA)."""
+        if self._in_run and isinstance(self.engine, PipelinedALEngine):
+            raise RuntimeError("save() was called while the pipeline is running, when its blocks stand at different "
+                               "batches: use fit(checkpoint=..., checkpoint_every=N), which drains it first")
         torch.save(
             {
                 "format": CHECKPOINT_FORMAT,
                 "model_class": type(self.model).__name__,
                 "signature": self._signature(),
                 "model": self.model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "plateaus": [p.state_dict() for p in self._plateaus],
-                "base_lrs": self._base_lrs,
+                "engine": self.engine.state_dict(),
                 "epoch": self.epoch,
+                "position": self.position,
+                "global_step": self.global_step,
+                "totals": self._totals if self.position else {},
+                "epoch_start": self._epoch_start if self.position else None,
                 "history": self.history,
                 "best": self.best,
-                "best_state": self._best_state,
+                "best_file": None if self._best_file is None else str(self._best_file),
                 "generator": self._generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             },
             path,
         )
 
     def load(self, path: str | Path) -> None:
-        """Continue from a checkpoint written by ``save`` for a model of the same architecture."""
+        """Continue from a checkpoint written by ``save`` for a model of the same architecture,
+        trained by the same kind of engine."""
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -427,20 +457,23 @@ class Trainer:
         except Exception as exc:
             raise ValueError(f"{path} is not a readable al_ext checkpoint ({exc})") from exc
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an al_ext checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+            found = ckpt.get("format") if isinstance(ckpt, dict) else None
+            raise ValueError(f"{path} is not an al_ext checkpoint of format {CHECKPOINT_FORMAT!r} (found {found!r}; "
+                             "a checkpoint of an older al_ext cannot be resumed by this one)")
         self._check_architecture(ckpt, path)
         self.model.load_state_dict(ckpt["model"])
-        for opt, state in zip(self.optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        for plateau, state in zip(self._plateaus, ckpt["plateaus"]):
-            plateau.load_state_dict(state)
-        self._base_lrs = [list(bases) for bases in ckpt["base_lrs"]]
-        self.epoch = ckpt["epoch"]
+        self.engine.load_state_dict(ckpt["engine"])
+        self.epoch, self.position, self.global_step = ckpt["epoch"], ckpt["position"], ckpt["global_step"]
+        self._totals = copy.deepcopy(ckpt["totals"])
+        self._epoch_start = ckpt["epoch_start"]
         self.history = copy.deepcopy(ckpt["history"])
         self.best = ckpt["best"]
-        self._best_state = ckpt["best_state"]
+        self._best_file = None if ckpt["best_file"] is None else Path(ckpt["best_file"])
+        self._best_state = None
         self._generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
 
     def _check_architecture(self, ckpt: dict[str, Any], path: str | Path) -> None:
         if ckpt["model_class"] != type(self.model).__name__:
@@ -452,6 +485,11 @@ class Trainer:
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise ValueError(f"{path} holds a model of another architecture: {shown}")
-        if len(ckpt["optimizers"]) != len(self.optimizers) or len(ckpt["plateaus"]) != len(self._plateaus):
-            raise ValueError(f"{path} was saved by a trainer with other optimisers or schedule "
-                             f"({len(ckpt['optimizers'])} optimisers, schedule {'plateau' if ckpt['plateaus'] else 'none/neco'})")
+
+
+def _progress_text(record: dict[str, Any]) -> str:
+    if "loss_as" in record:
+        losses = f"L_as {' '.join(f'{v:.3f}' for v in record['loss_as'])} L_ae {' '.join(f'{v:.3f}' for v in record['loss_ae'])}"
+    else:
+        losses = f"loss {record['loss']:.3f}"
+    return f"{losses} {record['samples_per_s']:,.0f} samples/s"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, then train the NECO MLP with Associated Learning and its
-# parameter-matched BP baseline on scikit-learn's digits, and compare. Extra arguments go
+# BP baseline (the same inference path, trained end to end) on scikit-learn's digits, and compare. Extra arguments go
 # to `al-ext train` (try --help).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -54,8 +54,8 @@ def test_every_late_result_is_read(pipelined):
 def test_a_non_finite_loss_read_late_names_its_block_and_batch(pipelined):
     ran = []
     out = run(tracing_steps(ran, non_finite=(1, 3)), pipelined, hold_back=2)
-    block, batch, message = out["error"]
-    assert (block, batch) == (1, 3) and "block 2 failed on batch 3: non-finite loss" in message
+    block, batch, message, loss = out["error"]
+    assert (block, batch, loss) == (1, 3, "L_as") and "block 2 failed on batch 3: non-finite loss" in message
     # Read once its stage stepped batch 5, and nothing ran after that in the stage: in the
     # sequential mode (one stage) block 1 on batch 5 was the last step; pipelined, block 2's
     # own stage stopped after batch 5.

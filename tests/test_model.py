@@ -28,7 +28,7 @@ def test_full_path_is_the_composition_of_the_parts():
     assert len(scores) == 2 and torch.equal(scores[-1], model(x))
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.01])
+@pytest.mark.parametrize("threshold", [1e-9, 0.3, 0.5, 0.7, 1.0])
 def test_adaptive_path_exits_at_the_first_confident_depth(threshold):
     model = small_mlp(hidden=(24, 16, 12))
     x = x_batch(64)
@@ -41,10 +41,8 @@ def test_adaptive_path_exits_at_the_first_confident_depth(threshold):
             assert model.confidence(scores[shallower][i : i + 1]) < threshold
         if k < model.depth:
             assert model.confidence(scores[k - 1][i : i + 1]) >= threshold
-    if threshold == 0.0:
+    if threshold == 1e-9:
         assert (depths == 1).all()
-    if threshold > 1:
-        assert (depths == model.depth).all() and torch.equal(classes, model.predict(x))
 
 
 def test_any_four_modules_make_a_block():
@@ -118,7 +116,7 @@ def test_cross_entropy_model_keeps_logits_and_softmax_confidence():
         (lambda m: m(torch.randn(0, 20)), ValueError, "non-empty batch"),
         (lambda m: m([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
         (lambda m: m.predict(torch.randn(4, 20), depth=3), ValueError, r"depth must be an integer in \[1, 2\]"),
-        (lambda m: m.predict_adaptive(torch.randn(4, 20), float("nan")), ValueError, "threshold must be a finite"),
+        (lambda m: m.predict_adaptive(torch.randn(4, 20), float("nan")), ValueError, "threshold must be a confidence in"),
     ],
 )
 def test_bad_model_input(call, error, message):

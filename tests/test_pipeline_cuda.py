@@ -149,7 +149,7 @@ def test_non_finite_loss_on_cuda_stops_the_run_and_the_block_is_not_updated():
         model.blocks[2].g[0].weight[0, 0] = float("nan")
     before = [p.detach().clone() for p in model.blocks[2].parameters()]
     x, y = data()
-    with pytest.raises(PipelineError, match="block 3 failed on batch 0: .*non-finite loss") as err:
+    with pytest.raises(al_ext.NonFiniteLossError, match="non-finite loss L_as in block 3, batch 0") as err:
         Pipeline(model, opts).run([(x[i : i + 8], y[i : i + 8]) for i in range(0, 96, 8)])
     assert (err.value.block, err.value.batch) == (3, 0)
     torch.cuda.synchronize()

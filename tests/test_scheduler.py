@@ -1,4 +1,5 @@
-"""The C++ scheduler: its plan, pipelined training equal to sequential training, and faults."""
+"""The C++ scheduler: stage balancing, the order every block sees the batches in, pipelined
+training equal to sequential training, streaming, and faults."""
 import os
 import shutil
 import signal
@@ -19,23 +20,37 @@ from conftest import small_mlp
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_plan_cpp_unit_tests(tmp_path):
+def test_balance_cpp_unit_tests(tmp_path):
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
-    binary = tmp_path / "test_plan"
-    subprocess.run([compiler, "-std=c++20", "-O1", ROOT / "tests/cpp/test_plan.cpp", ROOT / "csrc/scheduler/plan.cpp",
-                    "-o", binary], check=True, timeout=120)
+    binary = tmp_path / "test_balance"
+    subprocess.run([compiler, "-std=c++20", "-O1", ROOT / "tests/cpp/test_balance.cpp",
+                    ROOT / "csrc/scheduler/balance.cpp", "-o", binary], check=True, timeout=120)
     result = subprocess.run([binary], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "plan tests passed" in result.stdout, result.stdout
+    assert result.returncode == 0 and "balance tests passed" in result.stdout, result.stdout
 
 
-def test_plans_exactly():
-    assert _C.pipeline_plan(2, 3) == [[(0, 0)], [(0, 1), (1, 0)], [(0, 2), (1, 1)], [(1, 2)]]
-    assert _C.sequential_plan(2, 2) == [[(0, 0)], [(1, 0)], [(0, 1)], [(1, 1)]]
-    assert len(_C.pipeline_plan(8, 500)) == 507  # n + L - 1 ticks
-    with pytest.raises(ValueError, match="num_blocks must be at least 1"):
-        _C.pipeline_plan(0, 3)
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+def test_every_block_sees_every_batch_once_in_order_after_the_block_below(pipelined):
+    ran, lock = [], threading.Lock()
+
+    def make(block):
+        def step(s, t):
+            with lock:
+                ran.append((block, int(s[0])))
+            return s, t, torch.tensor(0.0), torch.tensor(0.0)
+        return _C.python_block_step(step)
+
+    blocks, batches = 4, 25
+    stream = ((torch.tensor([float(j)]), torch.zeros(1)) for j in range(batches))
+    out = _C.run_blocks([make(b) for b in range(blocks)], stream, pipelined, list(range(blocks)) if pipelined else [],
+                        2, 1, [])
+    assert out["losses"].shape == (batches, blocks, 2)
+    for b in range(blocks):
+        assert [j for block, j in ran if block == b] == list(range(batches))
+    position = {task: i for i, task in enumerate(ran)}
+    assert all(position[(b - 1, j)] < position[(b, j)] for b in range(1, blocks) for j in range(batches))
 
 
 def data(n=96, seed=0):
@@ -115,8 +130,9 @@ def test_non_finite_loss_in_a_fused_block_stops_the_run():
     trainer = Trainer(model, batch_size=8, progress=False, pipeline=True)
     with torch.no_grad():
         model.blocks[2].g[0].weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="block 3 failed on batch 0: .*non-finite loss"):
+    with pytest.raises(al_ext.NonFiniteLossError, match="non-finite loss L_as in block 3, batch 0, epoch 1") as err:
         trainer.fit(data(), epochs=1)
+    assert (err.value.block, err.value.batch, err.value.epoch, err.value.loss) == (3, 0, 1, "L_as")
 
 
 def test_ctrl_c_stops_every_block_and_a_later_run_works():

@@ -172,21 +172,23 @@ inline __attribute__((always_inline)) void adam_update_body(T* __restrict__ p, c
                                                             const OptimizerUpdate& u) {
   const T beta1 = u.beta1, beta2 = u.beta2, eps = u.eps;
   const T step_size = u.step_size, inv_bc2_sqrt = u.inv_bias_correction2_sqrt;
+  const T wd = u.l2_weight_decay, decay = u.decay_factor;
   for (int64_t i = 0; i < n; ++i) {
-    m[i] = beta1 * m[i] + (T(1) - beta1) * g[i];
-    v[i] = beta2 * v[i] + (T(1) - beta2) * g[i] * g[i];
-    p[i] -= step_size * m[i] / (std::sqrt(v[i]) * inv_bc2_sqrt + eps);
+    const T grad = g[i] + wd * p[i];
+    m[i] = beta1 * m[i] + (T(1) - beta1) * grad;
+    v[i] = beta2 * v[i] + (T(1) - beta2) * grad * grad;
+    p[i] = p[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_bc2_sqrt + eps);
   }
 }
 
-// torch.optim.SGD with momentum and no dampening: buf = momentum * buf + g; p -= lr * buf
-// (a zero buffer makes the first step buf = g, as torch's does).
+// torch.optim.SGD with momentum and no dampening: g += wd p; buf = momentum * buf + g;
+// p -= lr * buf (a zero buffer makes the first step buf = g, as torch's does).
 template <typename T>
 inline __attribute__((always_inline)) void sgd_update_body(T* __restrict__ p, const T* __restrict__ g,
                                                            T* __restrict__ buf, int64_t n, const OptimizerUpdate& u) {
-  const T lr = u.lr, momentum = u.momentum;
+  const T lr = u.lr, momentum = u.momentum, wd = u.l2_weight_decay;
   for (int64_t i = 0; i < n; ++i) {
-    buf[i] = momentum * buf[i] + g[i];
+    buf[i] = momentum * buf[i] + (g[i] + wd * p[i]);
     p[i] -= lr * buf[i];
   }
 }
@@ -266,8 +268,12 @@ template <typename T> struct CpuKernels {
   void activation_backward(at::Tensor& grad, const at::Tensor& y, Activation act, const at::Tensor& addend) const {
     activation_backward_<T>(grad, y, act, addend);
   }
-  void refuse_non_finite(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
-    refuse_non_finite_losses(loss_as, loss_ae);
+  bool proceed(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
+    if (sink.grads != nullptr) {
+      refuse_non_finite_losses(loss_as, loss_ae);
+      return true;
+    }
+    return losses_are_finite(loss_as, loss_ae);
   }
   void linear_grad(int w, const at::Tensor& dz, const at::Tensor& x) const { sink.linear(w, dz, x); }
   void finish(const at::Tensor&, const at::Tensor&) const {}
@@ -322,41 +328,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss) {
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
   constexpr const char* op = "al_ext::dense_block_adam_step_";
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cpu(op, s_prev);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
+  check_weight_decay(op, weight_decay);
   return dense_block_update_step(s_prev, t_prev, params, exp_avg, exp_avg_sq,
-                                 adam_update(step, lr_fb, beta1, beta2, eps),
-                                 adam_update(step, lr_gh, beta1, beta2, eps), cfg);
+                                 adam_update(step, lr_fb, beta1, beta2, eps, weight_decay, decoupled_weight_decay),
+                                 adam_update(step, lr_gh, beta1, beta2, eps, weight_decay, decoupled_weight_decay),
+                                 cfg);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_counted_cpu(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
     double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss) {
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
   // Checked before it is read; the rest is checked by the step itself.
   check_step_count("al_ext::dense_block_adam_step_", step, s_prev.device());
   auto out = dense_block_adam_step_cpu(s_prev, t_prev, params, exp_avg, exp_avg_sq, step.item<double>() + 1, lr_fb,
-                                       lr_gh, beta1, beta2, eps, x_activation, h_activation, variant, ae_loss);
-  step.add_(1);  // the step was taken: a refused one has thrown
+                                       lr_gh, beta1, beta2, eps, x_activation, h_activation, variant, ae_loss,
+                                       weight_decay, decoupled_weight_decay);
+  if (losses_are_finite(std::get<2>(out), std::get<3>(out))) step.add_(1);  // a refused step does not count
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cpu(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
     double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
-    c10::string_view variant, c10::string_view ae_loss) {
+    c10::string_view variant, c10::string_view ae_loss, double weight_decay) {
   constexpr const char* op = "al_ext::dense_block_sgd_step_";
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cpu(op, s_prev);
   check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
+  check_weight_decay(op, weight_decay);
   return dense_block_update_step(s_prev, t_prev, params, momentum_buffer, {},
-                                 sgd_update(lr_fb, momentum), sgd_update(lr_gh, momentum), cfg);
+                                 sgd_update(lr_fb, momentum, weight_decay), sgd_update(lr_gh, momentum, weight_decay),
+                                 cfg);
 }
 
 }  // namespace al_ext

@@ -95,8 +95,9 @@ struct CudaKernels {
   // The gradient form returns gradients, so it must say on the host that they are unusable.
   // The update forms never wait for the device: their update kernel reads the losses and
   // refuses a non-finite step itself (finish), and the caller sees the returned losses.
-  void refuse_non_finite(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
+  bool proceed(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
     if (update == nullptr) refuse_non_finite_losses(loss_as, loss_ae);
+    return true;
   }
 
   void linear_grad(int w, const at::Tensor& dz, const at::Tensor& x) const {

@@ -115,8 +115,13 @@ inline DenseBlockConfig check_dense_block_call(const char* op, const at::Tensor&
   return cfg;
 }
 
-// Refuses a step whose loss is not finite, in words the caller can act on. Reading the
-// losses waits for the device, so the CUDA update ops check on the device instead.
+// Whether both losses are finite (reads them: on a device, waits for it).
+inline bool losses_are_finite(const at::Tensor& loss_as, const at::Tensor& loss_ae) {
+  return std::isfinite(loss_as.item<double>()) && std::isfinite(loss_ae.item<double>());
+}
+
+// Refuses a step whose loss is not finite, in words the caller can act on: the gradient form,
+// which has no update to leave out. Reading the losses waits for the device.
 inline void refuse_non_finite_losses(const at::Tensor& loss_as, const at::Tensor& loss_ae) {
   const double as_value = loss_as.item<double>(), ae_value = loss_ae.item<double>();
   TORCH_CHECK(std::isfinite(as_value) && std::isfinite(ae_value), "al_ext::dense_block_step: non-finite loss (L_as = ",
@@ -124,8 +129,9 @@ inline void refuse_non_finite_losses(const at::Tensor& loss_as, const at::Tensor
               "diverged; no parameter was changed");
 }
 
-// The optimiser step applied to a parameter group: torch.optim.Adam's (no weight decay, no
-// amsgrad) for one step number, or torch.optim.SGD's with momentum (no dampening).
+// The optimiser step applied to a parameter group: torch.optim.Adam's (no amsgrad; weight
+// decay as L2 or, as AdamW, decoupled) for one step number, or torch.optim.SGD's with
+// momentum (no dampening, no Nesterov) and L2 weight decay.
 enum class OptimizerKind { kAdam, kSgd };
 struct OptimizerUpdate {
   OptimizerKind kind = OptimizerKind::kAdam;
@@ -133,24 +139,36 @@ struct OptimizerUpdate {
   double step_size = 0.0;                  // Adam: lr / (1 - beta1^step)
   double inv_bias_correction2_sqrt = 1.0;  // Adam: 1 / sqrt(1 - beta2^step)
   double lr = 0.0, momentum = 0.0;         // SGD
+  // Both are exact no-ops at their defaults (g + 0 p, 1 p), so the loops need no branch.
+  double l2_weight_decay = 0.0;  // g <- g + wd p, before the moments (Adam, SGD)
+  double decay_factor = 1.0;     // p <- (1 - lr wd) p, before the update (AdamW)
 };
 
-inline OptimizerUpdate adam_update(double step, double lr, double beta1, double beta2, double eps) {
+inline OptimizerUpdate adam_update(double step, double lr, double beta1, double beta2, double eps,
+                                   double weight_decay = 0.0, bool decoupled_weight_decay = false) {
   OptimizerUpdate u;
   u.beta1 = beta1;
   u.beta2 = beta2;
   u.eps = eps;
   u.step_size = lr / (1.0 - std::pow(beta1, step));
   u.inv_bias_correction2_sqrt = 1.0 / std::sqrt(1.0 - std::pow(beta2, step));
+  if (decoupled_weight_decay) u.decay_factor = 1.0 - lr * weight_decay;
+  else u.l2_weight_decay = weight_decay;
   return u;
 }
 
-inline OptimizerUpdate sgd_update(double lr, double momentum) {
+inline OptimizerUpdate sgd_update(double lr, double momentum, double weight_decay = 0.0) {
   OptimizerUpdate u;
   u.kind = OptimizerKind::kSgd;
   u.lr = lr;
   u.momentum = momentum;
+  u.l2_weight_decay = weight_decay;
   return u;
+}
+
+inline void check_weight_decay(const char* op, double weight_decay) {
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0, op,
+              ": weight_decay must be a finite number >= 0, got ", weight_decay);
 }
 
 inline void check_state_like_params(const char* op, at::TensorList params, at::TensorList state, const char* name) {

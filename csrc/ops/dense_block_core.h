@@ -6,8 +6,11 @@
 //   at::Tensor output_mse(out, target, act, dz, dtarget)   loss (0-dim); dz = dL/dz, dtarget optional
 //   at::Tensor cross_entropy(logits, target, dz)           loss (0-dim); dz = dL/dlogits
 //   void activation_backward(grad, y, act, addend)         grad <- (grad + addend) * act'(y)
-//   void refuse_non_finite(loss_as, loss_ae)               throws (on the host) or arranges (on the
-//                                                          device) that a non-finite loss changes nothing
+//   bool proceed(loss_as, loss_ae)                         whether to go on to the gradients: a
+//                                                          non-finite loss must change nothing, so
+//                                                          it throws (gradient form), returns false
+//                                                          (update form, host), or arranges it on
+//                                                          the device and returns true (CUDA)
 //   void linear_grad(w, dz, x)                             the gradient of params[w] (= dz^T x) and its bias
 //   void finish(loss_as, loss_ae)                          after the last linear_grad
 #pragma once
@@ -68,8 +71,9 @@ DenseBlockOutputs run_dense_block(const at::Tensor& s_prev, const at::Tensor& t_
   at::Tensor none;
   const at::Tensor loss_ae = cfg.cross_entropy ? k.cross_entropy(r, t_prev, dzh)
                                                : k.output_mse(r, t_prev, cfg.h_activation, dzh, none);
-  // A step with a non-finite loss is refused whole, before any parameter changes.
-  k.refuse_non_finite(loss_as, loss_ae);
+  // A step with a non-finite loss is refused whole, before any parameter changes: the caller
+  // sees the losses.
+  if (!k.proceed(loss_as, loss_ae)) return {s, t, loss_as, loss_ae};
 
   // x side, top down; each input gradient (dX = dZ W) before its weight's gradient is used.
   at::Tensor du = k.input_grad(dz2, P[kParamWb2]);

@@ -20,12 +20,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, c10::string_view x_activation,
     c10::string_view h_activation, c10::string_view variant, c10::string_view ae_loss);
 
-// The same, with the Adam update applied in place instead of returning gradients.
+// The same, with the Adam update applied in place instead of returning gradients (weight
+// decay as torch.optim.Adam's: L2, or decoupled as AdamW's). A step whose loss is not
+// finite changes nothing and returns that loss (it does not throw): so do the other update forms.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_cpu(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss);
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay);
 
 // The same, with the step number kept in a tensor (`step`: the steps taken so far), which the
 // op advances when it takes the step. On CUDA the number never visits the host, so the step
@@ -34,13 +36,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
     double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss);
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay);
 
-// The same, with torch.optim.SGD's momentum update applied in place.
+// The same, with torch.optim.SGD's momentum update (and L2 weight decay) applied in place.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cpu(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
     double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
-    c10::string_view variant, c10::string_view ae_loss);
+    c10::string_view variant, c10::string_view ae_loss, double weight_decay);
 
 #ifdef AL_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> mse_loss_and_grad_cuda(const at::Tensor& input,

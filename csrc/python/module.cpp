@@ -1,6 +1,6 @@
 // The al_ext._C Python module. Loading it registers the ops (static initialisers in
 // registration.cpp). The module itself holds the build information and the scheduler:
-// the plans, the stages and the executor that runs them.
+// the stage balancing, the block steps and the executor that runs them.
 #include <torch/extension.h>
 
 #ifdef AL_EXT_WITH_CUDA
@@ -11,7 +11,7 @@
 #endif
 #include "../cpu/onednn_gemm.h"
 #include "../scheduler/executor.h"
-#include "../scheduler/plan.h"
+#include "../scheduler/balance.h"
 #include "../scheduler/block_steps.h"
 
 #ifndef AL_EXT_TORCH_VERSION
@@ -28,14 +28,18 @@ struct PyBlockStep {
   BlockStep step;
 };
 
-py::list plan_to_python(const Plan& plan) {
-  py::list ticks;
-  for (const auto& tick : plan) {
-    py::list tasks;
-    for (const Task& t : tick) tasks.append(py::make_tuple(t.block, t.batch));
-    ticks.append(tasks);
-  }
-  return ticks;
+// A Python callable () -> (lr_fb, lr_gh), called on a stage's thread with the GIL.
+NextLearningRates python_learning_rates(std::optional<py::function> fn) {
+  if (!fn) return {};
+  auto shared = std::make_shared<py::function>(std::move(*fn));
+  return [shared] {
+    py::gil_scoped_acquire gil;
+    try {
+      return (*shared)().cast<std::pair<double, double>>();
+    } catch (py::error_already_set& e) {
+      throw std::runtime_error(std::string("the learning-rate schedule failed: ") + e.what());
+    }
+  };
 }
 
 // Any Python callable (s_prev, t_prev) -> (s, t, loss_as, loss_ae); it runs with the GIL,
@@ -55,9 +59,52 @@ PyBlockStep python_block_step(py::function fn) {
   }};
 }
 
-py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
-                    bool pipelined, std::vector<int> stage_starts, int max_in_flight, int threads_per_stage,
-                    const std::vector<std::string>& stage_devices, int hold_back_results) {
+// The batches of a Python iterable, pulled on the first stage's thread. An exception from
+// the iterable ends the stream (the batches already pulled still train) and is kept to be
+// raised once the run is over.
+class PythonBatchSource {
+ public:
+  explicit PythonBatchSource(const py::iterable& batches)
+      : iterator_(std::make_shared<py::object>(py::iter(batches))) {}
+
+  std::optional<Batch> operator()() {
+    py::gil_scoped_acquire gil;
+    try {
+      // Not py::iterator, which reads one item ahead: a batch is pulled only when it is trained.
+      auto item = py::reinterpret_steal<py::object>(PyIter_Next(iterator_->ptr()));
+      if (!item) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return std::nullopt;
+      }
+      auto pair = item.cast<py::tuple>();
+      if (pair.size() != 2) throw py::value_error("each batch must be an (s, t) pair of tensors");
+      return Batch{pair[0].cast<at::Tensor>(), pair[1].cast<at::Tensor>()};
+    } catch (py::error_already_set& e) {
+      *error_ = std::make_shared<py::error_already_set>(std::move(e));
+    } catch (const py::cast_error& e) {
+      PyErr_SetString(PyExc_TypeError, (std::string("each batch must be an (s, t) pair of tensors: ") + e.what()).c_str());
+      *error_ = std::make_shared<py::error_already_set>();
+    } catch (const py::builtin_exception& e) {
+      e.set_error();
+      *error_ = std::make_shared<py::error_already_set>();
+    }
+    return std::nullopt;
+  }
+
+  // Raises the iterable's exception, if there was one (with the GIL held).
+  void raise_if_failed() const {
+    if (*error_) throw **error_;
+  }
+
+ private:
+  std::shared_ptr<py::object> iterator_;
+  std::shared_ptr<std::shared_ptr<py::error_already_set>> error_ = std::make_shared<std::shared_ptr<py::error_already_set>>();
+};
+
+py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::iterable& batches, bool pipelined,
+                    std::vector<int> stage_starts, int max_in_flight, int threads_per_stage,
+                    const std::vector<std::string>& stage_devices, int hold_back_results,
+                    const std::optional<py::function>& on_batch, const std::optional<py::function>& should_stop) {
   std::vector<BlockStep> steps;
   for (const PyBlockStep& b : block_steps) steps.push_back(b.step);
   RunOptions options;
@@ -67,17 +114,27 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vect
   options.threads_per_stage = threads_per_stage;
   options.hold_back_results = hold_back_results;
   for (const std::string& device : stage_devices) options.stage_devices.emplace_back(device);
-  options.interrupted = [] {
+  options.interrupted = [&should_stop] {
     py::gil_scoped_acquire gil;
-    return PyErr_CheckSignals() != 0;  // leaves KeyboardInterrupt set for the caller
+    if (PyErr_CheckSignals() != 0) return true;  // leaves KeyboardInterrupt set for the caller
+    return should_stop && py::cast<bool>((*should_stop)());
   };
+  if (on_batch) {
+    options.on_batch = [&on_batch](int batch, const std::vector<double>& losses) {
+      py::gil_scoped_acquire gil;
+      at::Tensor row = at::tensor(losses, at::kDouble).reshape({-1, 2});
+      return py::cast<bool>(py::bool_((*on_batch)(batch, row)));
+    };
+  }
+  PythonBatchSource source(batches);
   py::dict result;
   try {
     RunResult run_result;
     {
       py::gil_scoped_release release;
-      run_result = run(steps, batches, options);
+      run_result = run(steps, source, options);
     }
+    source.raise_if_failed();
     py::list blocks, workers;
     for (const BlockStats& b : run_result.blocks) {
       py::dict d;
@@ -98,9 +155,11 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const std::vect
     result["stages"] = workers;
     result["wall_s"] = run_result.wall_s;
   } catch (const Interrupted&) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, "the run was stopped");
     throw py::error_already_set();
   } catch (const BlockError& e) {
-    result["error"] = py::make_tuple(e.block, e.batch, e.what());
+    py::object loss = e.non_finite_loss.empty() ? py::object(py::none()) : py::object(py::str(e.non_finite_loss));
+    result["error"] = py::make_tuple(e.block, e.batch, e.what(), loss);
   }
   return result;
 }
@@ -122,43 +181,50 @@ PYBIND11_MODULE(_C, m) {
   }, "How this extension was built: the torch version it was compiled against, whether it has CUDA kernels, "
      "and the library of the fused CPU step's float32 GEMMs ('onednn', or 'aten' where torch lacks oneDNN).");
 
-  m.def("pipeline_plan", [](int blocks, int batches) { return plan_to_python(pipeline_plan(blocks, batches)); },
-        "Per tick, the (block, batch) pairs that run when every block works at once.");
-  m.def("sequential_plan", [](int blocks, int batches) { return plan_to_python(sequential_plan(blocks, batches)); },
-        "Per tick, the (block, batch) pair of the batch-by-batch, block-by-block loop.");
-
   py::class_<PyBlockStep>(m, "BlockStep", "One block's training step, runnable by the executor.");
   m.def("python_block_step", &python_block_step, py::arg("step"));
   m.def("fused_adam_block_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avg, std::vector<at::Tensor> exp_avg_sq,
            std::vector<at::Tensor> steps, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
            std::string x_activation, std::string h_activation, std::string variant, std::string ae_loss,
-           std::optional<at::Tensor> step_count) {
-          DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh};
+           double weight_decay, bool decoupled_weight_decay, std::optional<at::Tensor> step_count,
+           std::optional<py::function> next_lrs) {
+          DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh,
+                              weight_decay, python_learning_rates(std::move(next_lrs))};
           return PyBlockStep{fused_adam_block_step(std::move(spec), std::move(exp_avg), std::move(exp_avg_sq),
-                                                   std::move(steps), beta1, beta2, eps,
+                                                   std::move(steps), beta1, beta2, eps, decoupled_weight_decay,
                                                    step_count.value_or(at::Tensor()))};
         }, py::arg("params"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("steps"), py::arg("lr_fb"),
         py::arg("lr_gh"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("x_activation"),
-        py::arg("h_activation"), py::arg("variant"), py::arg("ae_loss"), py::arg("step_count") = py::none(),
+        py::arg("h_activation"), py::arg("variant"), py::arg("ae_loss"), py::arg("weight_decay") = 0.0,
+        py::arg("decoupled_weight_decay") = false, py::arg("step_count") = py::none(), py::arg("next_lrs") = py::none(),
         "A fused Adam block step; with step_count, the step number is read and advanced there, on the "
-        "parameters' device, and `steps` are left alone.");
+        "parameters' device, and `steps` are left alone. next_lrs() -> (lr_fb, lr_gh), called after each step "
+        "taken, gives the rates of the next (a schedule stepped by the block's own stage).");
   m.def("fused_sgd_block_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffer, double lr_fb, double lr_gh,
            double momentum, std::string x_activation, std::string h_activation, std::string variant,
-           std::string ae_loss) {
-          DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh};
+           std::string ae_loss, double weight_decay, std::optional<py::function> next_lrs) {
+          DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh,
+                              weight_decay, python_learning_rates(std::move(next_lrs))};
           return PyBlockStep{fused_sgd_block_step(std::move(spec), std::move(momentum_buffer), momentum)};
-        });
+        }, py::arg("params"), py::arg("momentum_buffer"), py::arg("lr_fb"), py::arg("lr_gh"), py::arg("momentum"),
+        py::arg("x_activation"), py::arg("h_activation"), py::arg("variant"), py::arg("ae_loss"),
+        py::arg("weight_decay") = 0.0, py::arg("next_lrs") = py::none(),
+        "A fused SGD (momentum) block step; next_lrs as for fused_adam_block_step.");
   m.def("balanced_groups", &balanced_groups, py::arg("costs"), py::arg("workers"),
         "First block of each group of consecutive blocks, balanced so that the costliest group is cheapest.");
   m.def("run_blocks", &run_blocks, py::arg("blocks"), py::arg("batches"), py::arg("pipelined"),
         py::arg("stage_starts"), py::arg("max_in_flight"), py::arg("threads_per_stage"), py::arg("stage_devices"),
-        py::arg("hold_back_results") = 0,
-        "Trains every block on every batch, pipelined (stages of consecutive blocks, each on its own thread, and "
-        "on CUDA its own stream) or sequentially. Returns {'losses', 'blocks', 'stages', 'wall_s'}, or "
-        "{'error': (block, batch, message)} if a block failed. hold_back_results (tests): CPU stages read each "
-        "step's results that many batches late, as a CUDA stage's stream running behind makes them.");
+        py::arg("hold_back_results") = 0, py::arg("on_batch") = py::none(), py::arg("should_stop") = py::none(),
+        "Trains every block on every (s_0, t_0) batch of an iterable, pulled lazily, pipelined (stages of "
+        "consecutive blocks, each on its own thread, and on CUDA its own stream) or sequentially. "
+        "on_batch(batch, losses (blocks, 2)) is called on this thread in batch order as each batch completes; "
+        "a true result stops the run once the batches already pulled have trained. should_stop() is polled; true "
+        "stops it at once (KeyboardInterrupt). Returns {'losses', 'blocks', 'stages', 'wall_s'}, or "
+        "{'error': (block, batch, message, non_finite_loss)} if a block failed. An exception from the iterable "
+        "or from on_batch is raised. hold_back_results (tests): CPU stages read each step's results that many "
+        "batches late, as a CUDA stage's stream running behind makes them.");
 #ifdef AL_EXT_WITH_CUDA
   m.def("cuda_graph_block_step", [](const PyBlockStep& step) { return PyBlockStep{cuda_graph_block_step(step.step)}; },
         py::arg("step"),

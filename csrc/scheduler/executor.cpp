@@ -1,7 +1,7 @@
 #include "executor.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -28,8 +28,9 @@ struct Handoff {
   ReadyMarker ready;  // what the consumer waits for before reading s and t
 };
 
-// The edge between two stages: at most `capacity` batches in flight. close() wakes every
-// waiter, so that a failure anywhere ends every wait.
+// The edge between two stages: at most `capacity` batches in flight. finish() says that no
+// more batches come: pop() returns nullopt once the rest are taken. close() wakes every
+// waiter at once, so that a failure anywhere ends every wait.
 class BoundedQueue {
  public:
   explicit BoundedQueue(size_t capacity) : capacity_(capacity) {}
@@ -47,13 +48,19 @@ class BoundedQueue {
 
   std::optional<Handoff> pop() {
     std::unique_lock<std::mutex> lock(mutex_);
-    ready_.wait(lock, [&] { return closed_ || !items_.empty(); });
-    if (closed_) return std::nullopt;
+    ready_.wait(lock, [&] { return closed_ || finished_ || !items_.empty(); });
+    if (closed_ || items_.empty()) return std::nullopt;
     Handoff item = std::move(items_.front());
     items_.pop_front();
     bytes_ -= item.s.nbytes() + item.t.nbytes();
     room_.notify_one();
     return item;
+  }
+
+  void finish() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    finished_ = true;
+    ready_.notify_all();
   }
 
   void close() {
@@ -70,18 +77,64 @@ class BoundedQueue {
   std::mutex mutex_;
   std::condition_variable room_, ready_;
   std::deque<Handoff> items_;
-  bool closed_ = false;
+  bool closed_ = false, finished_ = false;
   int64_t bytes_ = 0, peak_bytes_ = 0;
+};
+
+// Each batch's losses, as the stages read them (a CUDA stage reads its steps' results late,
+// so not in order across stages), and which batches every block has trained on, in order.
+class LossBook {
+ public:
+  explicit LossBook(int blocks) : blocks_(blocks) {}
+
+  void add_batch() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    rows_.emplace_back(2 * blocks_, 0.0);
+    recorded_.push_back(0);
+  }
+
+  // Returns whether batches became complete (every block recorded, every earlier batch complete).
+  bool record(int block, int batch, double loss_as, double loss_ae) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    rows_[batch][2 * block] = loss_as;
+    rows_[batch][2 * block + 1] = loss_ae;
+    ++recorded_[batch];
+    const size_t before = complete_;
+    while (complete_ < rows_.size() && recorded_[complete_] == blocks_) ++complete_;
+    return complete_ > before;
+  }
+
+  // The complete batches not taken yet, as (index, losses), oldest first.
+  std::vector<std::pair<int, std::vector<double>>> take_complete() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::pair<int, std::vector<double>>> out;
+    for (; taken_ < complete_; ++taken_) out.emplace_back(static_cast<int>(taken_), rows_[taken_]);
+    return out;
+  }
+
+  // (complete batches, blocks, 2) float64.
+  at::Tensor losses() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    at::Tensor out = at::empty({static_cast<int64_t>(complete_), blocks_, 2}, at::kDouble);
+    double* data = out.mutable_data_ptr<double>();
+    for (size_t j = 0; j < complete_; ++j) std::copy(rows_[j].begin(), rows_[j].end(), data + j * 2 * blocks_);
+    return out;
+  }
+
+ private:
+  const int blocks_;
+  std::mutex mutex_;
+  std::vector<std::vector<double>> rows_;
+  std::vector<int> recorded_;
+  size_t complete_ = 0, taken_ = 0;
 };
 
 // Shared state of one run: the stages, the first failure, and the queues to close when it happens.
 class Run {
  public:
-  Run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
-      const RunOptions& options)
-      : blocks_(blocks), batches_(batches), options_(options), stats_(blocks.size()),
-        losses_(at::zeros({static_cast<int64_t>(batches.size()), static_cast<int64_t>(blocks.size()), 2},
-                          at::kDouble)) {
+  Run(const std::vector<BlockStep>& blocks, const BatchSource& source, const RunOptions& options)
+      : blocks_(blocks), source_(source), options_(options), stats_(blocks.size()),
+        book_(static_cast<int>(blocks.size())) {
     // Sequential mode is a pipeline of one stage, run on the calling thread.
     std::vector<int> starts = options.pipelined ? options.stage_starts : std::vector<int>{0};
     if (starts.empty()) {
@@ -111,7 +164,8 @@ class Run {
       // more threads than there are cores), which made this mode 2x slower than a Python loop.
       run_stage(0);
     }
-    RunResult result{losses_, stats_, {}, seconds_since(start)};
+    report_complete_batches();  // those completed at the very end
+    RunResult result{book_.losses(), stats_, {}, seconds_since(start)};
     for (size_t g = 0; g < workers_.size(); ++g) workers_[g].peak_device_bytes = devices_[g]->peak_device_bytes();
     if (options_.pipelined) {
       result.workers = workers_;
@@ -208,15 +262,29 @@ class Run {
     return interrupted_;
   }
 
-  // The calling thread waits here, asking now and then whether the user interrupted.
+  // The calling thread waits here, reporting complete batches as they come and asking now
+  // and then whether the user interrupted.
   void wait_for(size_t workers) {
     std::unique_lock<std::mutex> lock(done_mutex_);
     while (finished_ < workers) {
-      done_.wait_for(lock, std::chrono::milliseconds(50));
-      if (finished_ < workers && !interrupted_) {
-        lock.unlock();
-        interrupted_now();
-        lock.lock();
+      done_.wait_for(lock, std::chrono::milliseconds(50), [&] { return finished_ == workers || batches_complete_; });
+      batches_complete_ = false;
+      lock.unlock();
+      report_complete_batches();
+      if (!interrupted_) interrupted_now();
+      lock.lock();
+    }
+  }
+
+  // On the calling thread: on_batch for each batch completed since the last call.
+  void report_complete_batches() {
+    for (auto& [batch, losses] : book_.take_complete()) {
+      if (!options_.on_batch || reporting_failed_) continue;
+      try {
+        if (options_.on_batch(batch, losses)) stop_feeding_ = true;
+      } catch (...) {
+        reporting_failed_ = true;
+        fail(std::current_exception());
       }
     }
   }
@@ -238,27 +306,50 @@ class Run {
       stats_[r.block].busy_s += r.busy_s;
       ++stats_[r.block].batches;
       if (!std::isfinite(r.loss_as) || !std::isfinite(r.loss_ae)) {
-        throw BlockError(r.block, r.batch, "non-finite loss (L_as = " + std::to_string(r.loss_as) +
-                                               ", L_ae = " + std::to_string(r.loss_ae) + ")");
+        throw BlockError(r.block, r.batch,
+                         "non-finite loss (L_as = " + std::to_string(r.loss_as) + ", L_ae = " +
+                             std::to_string(r.loss_ae) + "); the block's parameters were not updated",
+                         std::isfinite(r.loss_as) ? "L_ae" : "L_as");
       }
-      double* row = losses_.mutable_data_ptr<double>() + (static_cast<int64_t>(r.batch) * blocks_.size() + r.block) * 2;
-      row[0] = r.loss_as;
-      row[1] = r.loss_ae;
+      if (book_.record(r.block, r.batch, r.loss_as, r.loss_ae)) {
+        {
+          std::lock_guard<std::mutex> lock(done_mutex_);
+          batches_complete_ = true;
+        }
+        done_.notify_all();
+      }
     }
+  }
+
+  // The first stage's next batch, or nullopt at the end of the stream (or of the run).
+  std::optional<Batch> next_batch() {
+    if (stop_feeding_ || stopping_) return std::nullopt;
+    std::optional<Batch> batch = source_();
+    if (batch) book_.add_batch();
+    return batch;
   }
 
   // Stage g: for each batch in turn, its blocks one after the other.
   void stage_loop(size_t g, StageDevice& device) {
     WorkerStats& w = workers_[g];
     const bool sequential = !options_.pipelined;
-    for (int j = 0; j < static_cast<int>(batches_.size()) && !stopping_; ++j) {
+    const bool last = g + 1 == workers_.size();
+    for (int j = 0; !stopping_; ++j) {
       if (sequential && interrupted_now()) return;
-      at::Tensor s = batches_[j].first, t = batches_[j].second;
-      if (g > 0) {
-        const auto start = Clock::now();
+      at::Tensor s, t;
+      const auto start = Clock::now();
+      if (g == 0) {
+        current_block_ = w.first_block;  // a failing source is reported at the first block
+        current_batch_ = j;
+        std::optional<Batch> batch = next_batch();
+        w.wait_s += seconds_since(start);
+        if (!batch) break;  // the end of the stream
+        std::tie(s, t) = std::move(*batch);
+      } else {
         std::optional<Handoff> in = queues_[g - 1]->pop();
         w.wait_s += seconds_since(start);
-        if (!in) return;  // stopped
+        if (!in) break;  // the end of the stream, or stopped
+        j = in->batch;
         s = std::move(in->s);
         t = std::move(in->t);
         device.receive(s, t, in->ready);
@@ -268,30 +359,36 @@ class Run {
         s = std::move(out.s);
         t = std::move(out.t);
       }
-      if (g + 1 < workers_.size()) {
-        const auto start = Clock::now();
+      if (!last) {
+        const auto push_start = Clock::now();
         const bool handed_on = queues_[g]->push({j, std::move(s), std::move(t), device.ready()});
-        w.wait_s += seconds_since(start);
+        w.wait_s += seconds_since(push_start);
         if (!handed_on) return;
       }
+      if (sequential) report_complete_batches();  // the calling thread runs this stage
     }
+    if (stopping_) return;
+    if (!last) queues_[g]->finish();
     account(device.finished(true));
   }
 
   const std::vector<BlockStep>& blocks_;
-  const std::vector<std::pair<at::Tensor, at::Tensor>>& batches_;
+  const BatchSource& source_;
   const RunOptions& options_;
   std::vector<BlockStats> stats_;
   std::vector<WorkerStats> workers_;
   std::vector<std::unique_ptr<StageDevice>> devices_;  // one per stage
-  at::Tensor losses_;
+  LossBook book_;
   std::vector<std::unique_ptr<BoundedQueue>> queues_;
-  std::atomic<bool> stopping_{false};
+  std::atomic<bool> stopping_{false};       // a failure or an interrupt: every stage stops now
+  std::atomic<bool> stop_feeding_{false};   // on_batch asked to stop: the batches pulled still finish
   std::atomic<bool> interrupted_{false};
+  bool reporting_failed_ = false;           // on_batch threw (calling thread only)
   std::exception_ptr error_;
   std::mutex done_mutex_;
   std::condition_variable done_;
   size_t finished_ = 0;
+  bool batches_complete_ = false;           // under done_mutex_: on_batch has news
   static thread_local int current_block_, current_batch_;  // what this thread is running
 };
 
@@ -300,9 +397,9 @@ thread_local int Run::current_batch_ = 0;
 
 }  // namespace
 
-RunResult run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
-              const RunOptions& options) {
+RunResult run(const std::vector<BlockStep>& blocks, const BatchSource& source, const RunOptions& options) {
   if (blocks.empty()) throw std::invalid_argument("blocks must hold at least one block's step");
+  if (!source) throw std::invalid_argument("source must be a function that gives the batches");
   if (options.max_in_flight < 1) {
     throw std::invalid_argument("max_in_flight must be at least 1, got " + std::to_string(options.max_in_flight));
   }
@@ -329,7 +426,7 @@ RunResult run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<
     throw std::invalid_argument("threads_per_stage must be at least 1, got " +
                                 std::to_string(options.threads_per_stage));
   }
-  return Run(blocks, batches, options).execute();
+  return Run(blocks, source, options).execute();
 }
 
 }  // namespace al_ext::scheduler

@@ -1,14 +1,19 @@
-// Runs the blocks of an AL network over a list of batches, either pipelined (one worker
+// Runs the blocks of an AL network over a stream of batches, either pipelined (one worker
 // thread per stage of consecutive blocks, activations handed on through bounded queues) or
 // sequentially (on the calling thread, batch by batch, block by block: a pipeline of one
-// stage). Only (s, t) flow from a block to the next; nothing flows back. Where a stage runs
-// (CPU threads, or a CUDA stream with events at the handoffs) is its StageDevice.
+// stage). Only (s, t) flow from a block to the next; nothing flows back, so block i trains
+// on batch j while block i + 1 trains on batch j - 1, and every block sees the batches in
+// the same order as in the sequential loop. Batches are pulled from the source only as the
+// first stage gets to them, so memory is bounded by the queues, not by the stream's length.
+// Where a stage runs (CPU threads, or a CUDA stream with events at the handoffs) is its
+// StageDevice.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -30,6 +35,19 @@ struct WorkerStats {
   int64_t peak_device_bytes = 0;       // CUDA: most memory allocated at once on the stage's device
 };
 
+using Batch = std::pair<at::Tensor, at::Tensor>;  // (s_0, t_0)
+
+// The stream of batches: called on the first stage's thread, once per batch, in order;
+// nullopt ends the stream.
+using BatchSource = std::function<std::optional<Batch>()>;
+
+// Called on the calling thread, in batch order, as soon as every block has trained on a
+// batch: its index and its losses (blocks x 2: L_as, L_ae). Returning true stops the run
+// gracefully: no new batch is pulled, and those already pulled still train on every block,
+// so every block has seen the same batches. An exception stops the run at once and is
+// rethrown once every worker has stopped.
+using BatchDone = std::function<bool(int batch, const std::vector<double>& losses)>;
+
 struct RunOptions {
   bool pipelined = true;
   // First block of each pipeline stage (see balanced_groups); empty: one block per stage.
@@ -45,26 +63,30 @@ struct RunOptions {
   int hold_back_results = 0;
   // Polled by the calling thread while the run goes on; true stops the run.
   std::function<bool()> interrupted;
+  BatchDone on_batch;  // optional
 };
 
 struct RunResult {
-  at::Tensor losses;  // (batches, blocks, 2) float64: (L_as, L_ae) of each block on each batch
+  at::Tensor losses;  // (batches, blocks, 2) float64: (L_as, L_ae) of each block on each batch trained
   std::vector<BlockStats> blocks;
   std::vector<WorkerStats> workers;  // pipelined mode only
   double wall_s = 0.0;
 };
 
-// A stage failed: which block, on which batch, and why. On the CPU nothing after it ran in
-// that stage; on CUDA, steps enqueued before the failure was read (up to max_in_flight
-// batches) may have run.
+// A stage failed: which block, on which batch, and why; `non_finite_loss` names the loss
+// ("L_as" or "L_ae") when the step was refused for a non-finite loss, and is empty otherwise.
+// On the CPU nothing after it ran in that stage; on CUDA, steps enqueued before the failure
+// was read (up to max_in_flight batches) may have run.
 class BlockError : public std::runtime_error {
  public:
-  BlockError(int block, int batch, const std::string& why)
+  BlockError(int block, int batch, const std::string& why, std::string non_finite_loss = {})
       : std::runtime_error("block " + std::to_string(block + 1) + " failed on batch " + std::to_string(batch) +
                            ": " + why),
         block(block),
-        batch(batch) {}
-  const int block, batch;
+        batch(batch),
+        non_finite_loss(std::move(non_finite_loss)) {}
+  int block, batch;
+  std::string non_finite_loss;
 };
 
 // The caller asked to stop (interrupted() returned true); the workers have been joined.
@@ -73,9 +95,8 @@ class Interrupted : public std::runtime_error {
   Interrupted() : std::runtime_error("interrupted") {}
 };
 
-// Trains every block on every batch; (s_0, t_0) of batch j is batches[j]. Throws BlockError
-// or Interrupted after all workers have stopped; no thread outlives the call.
-RunResult run(const std::vector<BlockStep>& blocks, const std::vector<std::pair<at::Tensor, at::Tensor>>& batches,
-              const RunOptions& options);
+// Trains every block on every batch of the stream. Throws BlockError, Interrupted, or what
+// on_batch threw, after all workers have stopped; no thread outlives the call.
+RunResult run(const std::vector<BlockStep>& blocks, const BatchSource& source, const RunOptions& options);
 
 }  // namespace al_ext::scheduler

@@ -1,4 +1,4 @@
-#include "plan.h"
+#include "balance.h"
 
 #include <algorithm>
 #include <limits>
@@ -6,48 +6,6 @@
 #include <string>
 
 namespace al_ext::scheduler {
-namespace {
-
-void check_sizes(int num_blocks, int num_batches) {
-  if (num_blocks < 1) throw std::invalid_argument("num_blocks must be at least 1, got " + std::to_string(num_blocks));
-  if (num_batches < 0) throw std::invalid_argument("num_batches must be >= 0, got " + std::to_string(num_batches));
-}
-
-}  // namespace
-
-Plan pipeline_plan(int num_blocks, int num_batches) {
-  check_sizes(num_blocks, num_batches);
-  Plan plan;
-  if (num_batches == 0) return plan;
-  plan.resize(num_batches + num_blocks - 1);
-  for (int tick = 0; tick < static_cast<int>(plan.size()); ++tick) {
-    for (int block = 0; block < num_blocks; ++block) {
-      const int batch = tick - block;
-      if (batch >= 0 && batch < num_batches) plan[tick].push_back({block, batch});
-    }
-  }
-  return plan;
-}
-
-Plan sequential_plan(int num_blocks, int num_batches) {
-  check_sizes(num_blocks, num_batches);
-  Plan plan;
-  for (int batch = 0; batch < num_batches; ++batch) {
-    for (int block = 0; block < num_blocks; ++block) plan.push_back({{block, batch}});
-  }
-  return plan;
-}
-
-std::vector<int> batches_of_block(const Plan& plan, int block) {
-  std::vector<int> order;
-  for (const auto& tick : plan) {
-    for (const Task& task : tick) {
-      if (task.block == block) order.push_back(task.batch);
-    }
-  }
-  return order;
-}
-
 std::vector<int> balanced_groups(const std::vector<double>& costs, int workers) {
   const int n = static_cast<int>(costs.size());
   if (n == 0) throw std::invalid_argument("costs must hold one cost per block, got none");

@@ -1,0 +1,153 @@
+"""Hooks into the Trainer's loop, and the loggers built on them.
+
+A callback is any object with some of ``on_step(trainer, record)`` (after every batch),
+``on_validation(trainer, metrics)`` and ``on_epoch(trainer, record)`` (after every epoch);
+the Trainer calls those it has, on the thread that called ``fit``. Setting
+``trainer.should_stop = True`` ends the run after the batches already started.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import IO, Any
+
+
+class Callback:
+    """A base with every hook doing nothing; override the ones you need."""
+
+    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
+        """``record``: epoch, batch (in the epoch, from 0), step (over the run, from 1),
+        samples, lr, samples_per_s (of this batch), and the losses (loss_as and loss_ae per
+        block for AL, loss for BP)."""
+
+    def on_validation(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        """``metrics``: epoch, accuracy, and for AL the accuracy of every shortcut depth."""
+
+    def on_epoch(self, trainer: Any, record: dict[str, Any]) -> None:
+        """``record``: the epoch's history entry."""
+
+    def close(self) -> None:
+        """Called when the loggers are done (``Trainer.close_callbacks``)."""
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """Per-block lists as one column each (loss_as_1, loss_as_2, ...), for CSV and TensorBoard."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, (list, tuple)):
+            out.update({f"{key}_{i}": v for i, v in enumerate(value, start=1)})
+        else:
+            out[key] = value
+    return out
+
+
+class _FileLogger(Callback):
+    """Writes the records of every ``every`` steps to log_dir's "steps" file, and every
+    epoch's to its "epochs" file."""
+
+    def __init__(self, log_dir: str | Path, every: int = 1) -> None:
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.every = every
+
+    def _write(self, name: str, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
+        if record["step"] % self.every == 0:
+            self._write("steps", record)
+
+    def on_epoch(self, trainer: Any, record: dict[str, Any]) -> None:
+        self._write("epochs", record)
+
+
+class JSONLinesLogger(_FileLogger):
+    """Appends one JSON object per line to ``log_dir/steps.jsonl`` (every ``every`` steps)
+    and ``log_dir/epochs.jsonl``; no dependency beyond the standard library."""
+
+    def __init__(self, log_dir: str | Path, every: int = 1) -> None:
+        super().__init__(log_dir, every)
+        self._files: dict[str, IO[str]] = {}
+
+    def _write(self, name: str, record: dict[str, Any]) -> None:
+        if name not in self._files:
+            self._files[name] = open(self.dir / f"{name}.jsonl", "a", encoding="utf-8")
+        self._files[name].write(json.dumps(record) + "\n")
+        self._files[name].flush()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+class CSVLogger(_FileLogger):
+    """``log_dir/steps.csv`` and ``log_dir/epochs.csv``, one column per value (per block for
+    AL's losses); the header is the first record's keys."""
+
+    def __init__(self, log_dir: str | Path, every: int = 1) -> None:
+        super().__init__(log_dir, every)
+        self._writers: dict[str, tuple[IO[str], csv.DictWriter]] = {}
+
+    def _write(self, name: str, record: dict[str, Any]) -> None:
+        row = _flat(record)
+        if name not in self._writers:
+            path = self.dir / f"{name}.csv"
+            new = not path.exists() or path.stat().st_size == 0
+            f = open(path, "a", newline="", encoding="utf-8")
+            writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            self._writers[name] = (f, writer)
+        f, writer = self._writers[name]
+        writer.writerow(row)
+        f.flush()
+
+    def close(self) -> None:
+        for f, _ in self._writers.values():
+            f.close()
+        self._writers.clear()
+
+
+class TensorBoardLogger(Callback):
+    """Scalars for TensorBoard through ``torch.utils.tensorboard`` (``pip install
+    al-ext[tensorboard]``): train/* every ``every`` steps, epoch/* every epoch."""
+
+    def __init__(self, log_dir: str | Path, every: int = 10) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError("TensorBoardLogger needs the tensorboard package: pip install al-ext[tensorboard]") from exc
+        self.writer = SummaryWriter(str(log_dir))
+        self.every = every
+
+    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
+        if record["step"] % self.every == 0:
+            for key, value in _flat(record).items():
+                if key not in ("epoch", "batch", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def on_epoch(self, trainer: Any, record: dict[str, Any]) -> None:
+        for key, value in _flat(record).items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def loggers_for(log_dir: str | Path) -> list[Callback]:
+    """What ``al-ext train --log-dir`` writes: JSON lines and CSV, and TensorBoard where installed."""
+    loggers: list[Callback] = [JSONLinesLogger(log_dir), CSVLogger(log_dir)]
+    if tensorboard_available():
+        loggers.append(TensorBoardLogger(log_dir))
+    return loggers

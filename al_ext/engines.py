@@ -1,0 +1,247 @@
+"""Engines: what happens to one batch. The Trainer's loop (epochs, batches, validation,
+hooks, checkpoints) is written once; an engine trains on the batches it is given:
+
+- ``BPEngine``: any classifier end to end with cross-entropy (the BP baseline);
+- ``ALEngine``: an AL model's local losses through autograd, any blocks, any torch optimiser;
+- ``FusedALEngine``: each dense block's whole step as one fused op;
+- ``PipelinedALEngine``: every block at once on consecutive batches (al_ext.Pipeline).
+
+For a loop of your own: ``engine.step(x, y)`` trains on one batch and returns its losses,
+and ``engine.train(batches)`` yields each batch's losses as it completes (pipelined: while
+later batches are still training). ``make_engine`` picks the engine the Trainer would.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import NonFiniteLossError
+from .fused import FusedBlockOptimizer, fused_block_optimizer
+from .nn import AssociatedLearning
+from .optim import OptimizerFactory, SchedulerFactory, step_scheduler
+from .pipeline import Pipeline
+
+Batch = tuple[Tensor, Tensor]
+# on_batch(index in the run, losses): a true result stops the run after the batches started.
+BatchCallback = Callable[[int, Tensor], Any]
+
+
+class Engine:
+    """Trains ``model`` with ``optimizers``; ``schedulers`` (one per optimiser, or none) are
+    stepped after every batch when ``scheduler_interval`` is "step", by ``end_epoch``
+    otherwise. Losses come back as a float tensor: (blocks, 2) of (L_as, L_ae) for AL,
+    (1,) for BP."""
+
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+                 scheduler_interval: str = "step") -> None:
+        self.model = model
+        self.optimizers = optimizers
+        self.schedulers = schedulers
+        self.scheduler_interval = scheduler_interval
+
+    @property
+    def is_al(self) -> bool:
+        return isinstance(self.model, AssociatedLearning)
+
+    def _step(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One update on one batch (inputs and labels on the model's device); returns its losses.
+        A non-finite loss raises NonFiniteLossError, and the step it was found in changes nothing."""
+        self.model.train()
+        losses = self._step(x, y)
+        if self.scheduler_interval == "step":
+            for scheduler in self.schedulers:
+                scheduler.step()
+        return losses
+
+    def run(self, batches: Iterable[Batch], on_batch: BatchCallback) -> None:
+        """Trains on each batch in turn, calling ``on_batch(index, losses)`` after each; a true
+        result stops the run."""
+        for index, (x, y) in enumerate(batches):
+            try:
+                losses = self.step(x, y)
+            except NonFiniteLossError as exc:
+                raise exc.at_batch(index) from None
+            if on_batch(index, losses):
+                return
+
+    def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
+        """Yields each batch's losses as it completes; leaving the loop stops training."""
+        for x, y in batches:
+            yield self.step(x, y)
+
+    def end_epoch(self, metric: float | None = None) -> None:
+        """Steps the per-epoch schedulers (ReduceLROnPlateau on ``metric``, the validation accuracy)."""
+        if self.scheduler_interval == "epoch":
+            for scheduler in self.schedulers:
+                step_scheduler(scheduler, metric)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizers[0].param_groups[0]["lr"])
+
+    def loss_record(self, losses: Tensor) -> dict[str, Any]:
+        if self.is_al:
+            return {"loss_as": losses[:, 0].tolist(), "loss_ae": losses[:, 1].tolist()}
+        return {"loss": float(losses.reshape(()))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["optimizers"]) != len(self.optimizers) or len(state["schedulers"]) != len(self.schedulers):
+            raise ValueError(f"the state holds {len(state['optimizers'])} optimisers and {len(state['schedulers'])} "
+                             f"schedulers; this engine has {len(self.optimizers)} and {len(self.schedulers)} "
+                             "(another optimiser, schedule or engine?)")
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        for scheduler, s in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(s)
+
+
+class BPEngine(Engine):
+    """End to end: softmax cross-entropy of ``model(x)``, one optimiser over every parameter."""
+
+    def _step(self, x: Tensor, y: Tensor) -> Tensor:
+        (opt,) = self.optimizers
+        opt.zero_grad()
+        loss = F.cross_entropy(self.model(x), y)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError("loss", loss.item())
+        loss.backward()
+        opt.step()
+        return loss.detach().reshape(1)
+
+
+class ALEngine(Engine):
+    """AL through autograd: every block's (L_as, L_ae) from ``model.local_losses``, one
+    backward pass of their sum (the blocks' inputs are detached, so each loss reaches only
+    its own block), and per block an optimiser over (f, b) and one over (g, h)."""
+
+    def _step(self, x: Tensor, y: Tensor) -> Tensor:
+        for opt in self.optimizers:
+            opt.zero_grad()
+        blocks = self.model.local_losses(x, y)
+        losses = torch.stack([torch.stack([b.loss_as, b.loss_ae]) for b in blocks]).detach()
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):  # one wait per batch, and nothing updated
+            block, which = (int(i) for i in bad.nonzero()[0])
+            raise NonFiniteLossError(("L_as", "L_ae")[which], losses[block, which].item(), block=block + 1,
+                                     detail="no block was updated on this batch")
+        sum(b.loss_as + b.loss_ae for b in blocks).backward()
+        for opt in self.optimizers:
+            opt.step()
+        return losses
+
+
+class FusedALEngine(Engine):
+    """One fused op per dense block (FusedBlockAdam or FusedBlockSGD): forward, both local
+    losses, every gradient and the update."""
+
+    def _step(self, x: Tensor, y: Tensor) -> Tensor:
+        s, t = self.model.check_input(x), self.model.label_targets(y)
+        # On CUDA each block's kernel refuses a non-finite step by itself, so the losses are
+        # read once for the whole batch (one wait for the GPU), not after every block.
+        on_cuda = s.is_cuda
+        losses = []
+        for i, opt in enumerate(self.optimizers):
+            try:
+                s, t, loss_as, loss_ae = opt.train_step(s, t, check_finite=not on_cuda)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(exc.loss, exc.value, block=i + 1, detail=_updated_before(i)) from None
+            losses.append(torch.stack([loss_as, loss_ae]))
+        values = torch.stack(losses)
+        bad = ~torch.isfinite(values)
+        if on_cuda and bool(bad.any()):
+            block, which = (int(i) for i in bad.nonzero()[0])
+            raise NonFiniteLossError(("L_as", "L_ae")[which], values[block, which].item(), block=block + 1,
+                                     detail=_updated_before(block) + "; later blocks trained on its outputs only "
+                                     "where their own losses were finite")
+        return values
+
+
+def _updated_before(block: int) -> str:
+    return f"blocks 1-{block} were updated on this batch" if block else ""
+
+
+class PipelinedALEngine(Engine):
+    """Every block at once on consecutive batches, in the C++ scheduler (al_ext.Pipeline),
+    with the parameters of the sequential loop. Per-step schedulers are stepped by each
+    block's own stage."""
+
+    def __init__(self, model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+                 scheduler_interval: str = "step", **pipeline_options: Any) -> None:
+        super().__init__(model, optimizers, schedulers, scheduler_interval)
+        per_step = schedulers if scheduler_interval == "step" and schedulers else None
+        self.pipeline = Pipeline(model, optimizers, schedulers=per_step, **pipeline_options)
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        self.model.train()
+        return self.pipeline.run([(x, y)]).losses[0]
+
+    def run(self, batches: Iterable[Batch], on_batch: BatchCallback) -> None:
+        self.model.train()
+        self.pipeline.run(batches, on_batch=on_batch)
+
+    def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
+        self.model.train()
+        return self.pipeline.train(batches)
+
+    @property
+    def stage_idle_fraction(self) -> list[float]:
+        run = self.pipeline.last_run
+        return [] if run is None else [s["idle_fraction"] for s in run.stages]
+
+
+def _al_optimizers(model: AssociatedLearning, factory: OptimizerFactory, lr: float, ae_lr: float
+                   ) -> list[torch.optim.Optimizer]:
+    return [opt for fb, gh in model.parameter_groups() for opt in (factory(fb, lr), factory(gh, ae_lr))]
+
+
+def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.optim.Optimizer]
+                      ) -> list[FusedBlockOptimizer] | str:
+    """The fused optimisers that do what the torch ones would, or why there are none."""
+    try:
+        return [fused_block_optimizer(block, torch_optimizers[2 * i], torch_optimizers[2 * i + 1], model.variant,
+                                      model.ae_loss_of(i)) for i, block in enumerate(model.blocks)]
+    except ValueError as exc:
+        return str(exc)
+
+
+def make_engine(model: nn.Module, optimizer: OptimizerFactory, lr: float, ae_lr: float,
+                scheduler: SchedulerFactory | None = None, scheduler_interval: str = "step",
+                pipeline: bool = False, **pipeline_options: Any) -> Engine:
+    """The engine for ``model``: BP for a plain classifier; for AL the fused engine where the
+    model's backend takes it (dense blocks; "auto" on the CPU) and the optimiser has a fused
+    form (Adam, AdamW, SGD), else autograd; pipelined if ``pipeline``. ``optimizer(params, lr)``
+    makes each optimiser (AL: (f, b) with ``lr``, (g, h) with ``ae_lr``); ``scheduler(opt)``,
+    if given, a scheduler for each."""
+    if not isinstance(model, AssociatedLearning):
+        if pipeline:
+            raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
+        optimizers = [optimizer(model.parameters(), lr)]
+        return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval)
+    optimizers: list[Any] = _al_optimizers(model, optimizer, lr, ae_lr)
+    if model.uses_fused_step():
+        fused = _fused_optimizers(model, optimizers)
+        if isinstance(fused, list):
+            optimizers = fused
+        elif model.backend == "fused":
+            raise ValueError(f"backend='fused' cannot train with this optimiser: {fused}. The general path takes any "
+                             "torch optimiser: build the model with backend='reference' (or 'auto', which falls back)")
+    schedulers = _schedulers(scheduler, optimizers)
+    if pipeline:
+        return PipelinedALEngine(model, optimizers, schedulers, scheduler_interval, **pipeline_options)
+    engine_class = FusedALEngine if isinstance(optimizers[0], FusedBlockOptimizer) else ALEngine
+    return engine_class(model, optimizers, schedulers, scheduler_interval)
+
+
+def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
+    return [] if factory is None else [factory(opt) for opt in optimizers]

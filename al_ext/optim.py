@@ -1,0 +1,68 @@
+"""Optimisers and learning-rate schedules as the Trainer takes them: a name or a callable
+``(params, lr) -> torch.optim.Optimizer``, and a callable ``optimizer -> LRScheduler``,
+applied to every optimiser the engine makes (one per block side for AL)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, Union
+
+import torch
+from torch import nn
+
+from .validation import check_choice
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+OptimizerSpec = Union[str, OptimizerFactory]
+ScheduleName = Literal["neco", "plateau"]
+SCHEDULES: tuple[str, ...] = ("neco", "plateau")
+SCHEDULER_INTERVALS: tuple[str, ...] = ("step", "epoch")
+
+# The names the Trainer and the CLI take, with torch's defaults (AdamW: weight decay 0.01).
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+}
+
+
+def optimizer_factory(spec: OptimizerSpec, momentum: float = 0.9, weight_decay: float | None = None) -> OptimizerFactory:
+    """A name ("adam", "adamw", "sgd" with ``momentum``; ``weight_decay`` where given) or a
+    callable ``(params, lr) -> Optimizer``, as a callable."""
+    if callable(spec):
+        if weight_decay is not None:
+            raise ValueError("weight_decay goes with an optimizer name; a callable optimizer sets its own")
+        return spec
+    cls = OPTIMIZERS[check_choice(spec, "optimizer", tuple(OPTIMIZERS))]
+    extra: dict[str, Any] = {} if weight_decay is None else {"weight_decay": weight_decay}
+    if cls is torch.optim.SGD:
+        extra["momentum"] = momentum
+    return lambda params, lr: cls(params, lr=lr, **extra)
+
+
+def neco_lr_factor(epoch: int, total_epochs: int) -> float:
+    """The NECO step schedule: x0.1 at 40, 60 and 80 % of the run, then x0.5 at 90 %."""
+    progress = epoch / total_epochs
+    factor = 1.0
+    for milestone, step in ((0.4, 0.1), (0.6, 0.1), (0.8, 0.1), (0.9, 0.5)):
+        if progress >= milestone:
+            factor *= step
+    return factor
+
+
+def named_schedule(name: str, total_epochs: Callable[[], int]) -> SchedulerFactory:
+    """The per-epoch schedules of the NECO code: "neco" (step decay over the run, whose length
+    ``total_epochs()`` gives when it is stepped) and "plateau" (x0.1 when validation
+    accuracy stalls for 5 epochs)."""
+    check_choice(name, "schedule", SCHEDULES)
+    if name == "neco":
+        return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: neco_lr_factor(e, total_epochs()))
+    return lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=5)
+
+
+def step_scheduler(scheduler: Any, metric: float | None) -> None:
+    """One scheduler step; ReduceLROnPlateau steps on the validation accuracy, and only when
+    there is one."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if metric is not None:
+            scheduler.step(metric)
+    else:
+        scheduler.step()

@@ -1,0 +1,335 @@
+"""The Trainer's one loop over pluggable engines: streaming into the pipeline, any optimiser and
+per-step schedule (pipelined equal to sequential), your own loop, hooks and loggers, step-exact
+resume, and the errors every engine raises."""
+import csv
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import al_ext
+from al_ext import NonFiniteLossError, Pipeline, Trainer
+from al_ext.callbacks import CSVLogger, JSONLinesLogger, TensorBoardLogger, tensorboard_available
+from al_ext.engines import ALEngine, BPEngine, FusedALEngine, PipelinedALEngine, make_engine
+from al_ext.optim import optimizer_factory
+
+from conftest import small_mlp
+
+
+def data(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 20, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+
+
+def one_thread(fn):
+    """Runs fn with one intra-op thread: the pipeline's stages here have one each, and equal
+    thread counts give the same GEMM rounding, hence bit-for-bit equal parameters."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def one_cycle(opt):
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3 * g["lr"] for g in opt.param_groups], total_steps=40)
+
+
+# ---- engines and optimisers ----------------------------------------------------------------
+
+def test_the_engine_follows_the_model_and_the_optimizer():
+    assert isinstance(Trainer(small_mlp(), progress=False).engine, FusedALEngine)
+    assert isinstance(Trainer(small_mlp(backend="reference"), progress=False).engine, ALEngine)
+    assert isinstance(Trainer(al_ext.bp_baseline(small_mlp()), progress=False).engine, BPEngine)
+    assert isinstance(Trainer(small_mlp(), pipeline=True, progress=False).engine, PipelinedALEngine)
+    rmsprop = lambda params, lr: torch.optim.RMSprop(params, lr=lr)  # noqa: E731 - no fused form
+    auto = Trainer(small_mlp(), optimizer=rmsprop, progress=False)
+    assert isinstance(auto.engine, ALEngine) and isinstance(auto.optimizers[0], torch.optim.RMSprop)
+    with pytest.raises(ValueError, match="backend='fused' cannot train with this optimiser: RMSprop has no fused "
+                                         "form.*general path takes any torch optimiser.*backend='reference'"):
+        Trainer(small_mlp(backend="fused"), optimizer=rmsprop, progress=False)
+    with pytest.raises(ValueError, match="amsgrad=True has no fused form"):
+        Trainer(small_mlp(backend="fused"), optimizer=lambda p, lr: torch.optim.Adam(p, lr=lr, amsgrad=True))
+
+
+@pytest.mark.parametrize("optimizer", [
+    "adamw",
+    lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.8, 0.99), weight_decay=0.1),
+    lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.5, weight_decay=0.05),
+], ids=["adamw", "adam-l2", "sgd-l2"])
+def test_fused_optimizers_match_torch_optimizers_in_float64(optimizer):
+    x, y = (t[:48] for t in data())
+    models = [small_mlp(backend=b).double() for b in ("fused", "reference")]
+    trainers = [Trainer(m, lr=0.02, batch_size=16, optimizer=optimizer, progress=False) for m in models]
+    assert isinstance(trainers[0].engine, FusedALEngine) and isinstance(trainers[1].engine, ALEngine)
+    for trainer in trainers:
+        trainer.fit((x.double(), y), epochs=2)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_weight_decay_reaches_the_fused_op():
+    opt = Trainer(small_mlp(), optimizer="adamw", weight_decay=0.3, progress=False).optimizers[0]
+    assert opt.defaults["weight_decay"] == 0.3 and opt.defaults["decoupled_weight_decay"]
+    params = [p.detach() for p in al_ext.fused.dense_block_layout(small_mlp().blocks[0])[0]]
+    s, t = torch.randn(4, 20), small_mlp().label_targets(torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="weight_decay must be a finite number >= 0, got -1"):
+        al_ext.fused.dense_block_sgd_step_(s, t, params, [torch.zeros_like(p) for p in params], 0.1, 0.1, 0.9,
+                                           weight_decay=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_pipelined_equals_sequential_with_a_schedule(backend, interval):
+    def train(pipeline):
+        model = small_mlp(hidden=(24, 16, 12), backend=backend)
+        trainer = Trainer(model, batch_size=8, progress=False, scheduler=one_cycle, scheduler_interval=interval,
+                          pipeline=pipeline, threads_per_stage=1 if pipeline else None,
+                          pipeline_stages=3 if pipeline else None)
+        history = trainer.fit(data(), epochs=3)
+        return params_of(model), [r["lr"] for r in history], trainer
+
+    (seq, seq_lrs, _), (pipe, pipe_lrs, trainer) = one_thread(lambda: train(False)), one_thread(lambda: train(True))
+    assert all(torch.equal(a, b) for a, b in zip(seq, pipe))
+    assert seq_lrs == pipe_lrs and len(set(seq_lrs)) == 3, "the rate changed along the run"
+    expected = 36 if interval == "step" else 3  # 12 batches an epoch
+    assert all(s.last_epoch == expected for s in trainer.engine.schedulers)
+
+
+def test_cuda_graphs_refuse_a_per_step_schedule():
+    model = small_mlp()
+    opts = Trainer(model, progress=False).optimizers
+    with pytest.raises(ValueError, match="a per-step schedule needs cuda_graphs=False"):
+        Pipeline(model, opts, cuda_graphs=True, schedulers=[one_cycle(o) for o in opts])
+
+
+# ---- streaming, and your own loop ----------------------------------------------------------
+
+def test_the_pipeline_pulls_batches_only_as_it_trains_them():
+    x, y = data(8 * 40)
+    pulled = []
+
+    def stream():
+        for j in range(40):
+            pulled.append(j)
+            yield x[8 * j : 8 * j + 8], y[8 * j : 8 * j + 8]
+
+    model = small_mlp(hidden=(24, 16, 12))
+    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, stages=3, max_in_flight=2)
+    ahead = []
+    run = pipeline.run(stream(), on_batch=lambda j, losses: ahead.append(len(pulled) - j))
+    assert run.losses.shape == (40, 3, 2)
+    # Pulled, not yet done: one batch in each of 3 stages and 2 in each of the 2 queues, at most.
+    assert max(ahead) <= 3 + 2 * 2, ahead
+
+
+def test_your_own_loop_stops_early_with_every_block_on_the_same_batches():
+    x, y = data(8 * 30)
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)]
+
+    def pipelined():
+        model = small_mlp(hidden=(24, 16, 12))
+        pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, stages=3, threads_per_stage=1)
+        seen = []
+        for step, losses in enumerate(pipeline.train(iter(batches))):
+            assert losses.shape == (3, 2) and bool(torch.isfinite(losses).all())
+            seen.append(losses)
+            if step == 4:
+                break
+        return model, len(pipeline.last_run.losses), seen
+
+    model, trained, seen = one_thread(pipelined)
+    assert 5 <= trained <= 5 + 3 + 2 * 2
+    twin = small_mlp(hidden=(24, 16, 12))
+    engine = make_engine(twin, optimizer_factory("adam"), 1e-3, 2e-3)
+    own = one_thread(lambda: [engine.step(*twin_batch) for twin_batch in batches[:trained]])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a.double(), b.double()) for a, b in zip(seen, own))
+
+
+def test_the_trainer_streams_a_dataloader_with_workers():
+    x, y = data(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, num_workers=1, pin_memory=False)
+    history = Trainer(small_mlp(), pipeline=True, progress=False).fit(loader, epochs=1)
+    assert history[0]["samples_per_s"] > 0 and len(history[0]["loss_as"]) == 2
+
+
+def test_an_error_in_the_stream_ends_the_run_and_is_raised():
+    x, y = data(64)
+
+    def stream():
+        yield x[:16], y[:16]
+        raise KeyError("the data is gone")
+
+    model = small_mlp()
+    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers)
+    with pytest.raises(KeyError, match="the data is gone"):
+        pipeline.run(stream())
+    assert pipeline.run([(x[:16], y[:16])]).losses.shape == (1, 2, 2), "a later run works"
+    with pytest.raises(TypeError, match="each batch must be an \\(inputs, labels\\) pair"):
+        pipeline.run([x[:16]])
+
+
+# ---- hooks, loggers, the progress line -----------------------------------------------------
+
+class Recorder(al_ext.callbacks.Callback):
+    def __init__(self, stop_at=None):
+        self.steps, self.epochs, self.validations, self.stop_at = [], [], [], stop_at
+
+    def on_step(self, trainer, record):
+        self.steps.append(record)
+        if record["step"] == self.stop_at:
+            trainer.should_stop = True
+
+    def on_validation(self, trainer, metrics):
+        self.validations.append(metrics)
+
+    def on_epoch(self, trainer, record):
+        self.epochs.append(record)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_callbacks_see_every_step_epoch_and_validation(pipeline):
+    recorder = Recorder()
+    trainer = Trainer(small_mlp(), batch_size=16, callbacks=[recorder], pipeline=pipeline, progress=False)
+    trainer.fit(data(), data(32, seed=1), epochs=2)
+    assert [r["step"] for r in recorder.steps] == list(range(1, 13))
+    assert [r["batch"] for r in recorder.steps] == list(range(6)) * 2
+    assert {"loss_as", "loss_ae", "lr", "samples", "samples_per_s", "epoch"} <= set(recorder.steps[0])
+    assert [r["epoch"] for r in recorder.epochs] == [1, 2] and len(recorder.validations) == 2
+    assert "shortcut_accuracy" in recorder.validations[0]
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_callback_stops_the_run(pipeline):
+    trainer = Trainer(small_mlp(), batch_size=16, callbacks=[Recorder(stop_at=3)], pipeline=pipeline, progress=False)
+    history = trainer.fit(data(), epochs=5)
+    assert history == [] and trainer.epoch == 0 and 3 <= trainer.position < 6
+
+
+def test_loggers_write_json_lines_and_csv(tmp_path):
+    loggers = [JSONLinesLogger(tmp_path), CSVLogger(tmp_path)]
+    trainer = Trainer(small_mlp(), batch_size=32, callbacks=loggers, progress=False)
+    trainer.fit(data(), epochs=2)
+    trainer.close_callbacks()
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 7)) and len(steps[0]["loss_as"]) == 2
+    epochs = list(csv.DictReader((tmp_path / "epochs.csv").open()))
+    assert [e["epoch"] for e in epochs] == ["1", "2"] and {"loss_as_1", "loss_as_2", "loss_ae_2"} <= set(epochs[0])
+
+
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed (pip install al-ext[tensorboard])")
+def test_tensorboard_logger_writes_events(tmp_path):
+    logger = TensorBoardLogger(tmp_path, every=1)
+    Trainer(small_mlp(), batch_size=32, callbacks=[logger], progress=False).fit(data(), epochs=1)
+    logger.close()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+def same_run(a, b):
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert [r["loss_as"] for r in a.history] == [r["loss_as"] for r in b.history]
+    assert a.global_step == b.global_step
+
+
+@pytest.mark.parametrize("pipeline,source", [(False, "tensors"), (True, "tensors"), (False, "dataloader")])
+def test_resume_from_any_step_mid_epoch_is_bit_exact(tmp_path, pipeline, source):
+    x, y = data()
+    train = (x, y) if source == "tensors" else DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+
+    def trainer(**kwargs):
+        return Trainer(small_mlp(hidden=(24, 16, 12)), batch_size=16, progress=False, scheduler=one_cycle,
+                       pipeline=pipeline, threads_per_stage=1 if pipeline else None, **kwargs)
+
+    def whole():
+        t = trainer()
+        t.fit(train, epochs=2)
+        return t
+
+    def interrupted():
+        t = trainer(callbacks=[Recorder(stop_at=4)])  # stops the run in its first epoch
+        t.fit(train, epochs=2, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=1)
+        assert t.epoch == 0 and t.position >= 4
+        resumed = trainer()
+        resumed.load(tmp_path / "ckpt.pt")
+        assert resumed.position == t.position
+        resumed.fit(train, epochs=2, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=1)
+        return resumed
+
+    same_run(one_thread(whole), one_thread(interrupted))
+
+
+def test_best_weights_go_to_their_own_file_and_save_is_refused_mid_pipeline(tmp_path):
+    trainer = Trainer(small_mlp(), batch_size=16, progress=False)
+    trainer.fit(data(), data(32, seed=1), epochs=2, checkpoint=tmp_path / "ckpt.pt", save_best=tmp_path / "best.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert "best_state" not in ckpt and set(torch.load(tmp_path / "best.pt", weights_only=True)) == set(ckpt["model"])
+    resumed = Trainer(small_mlp(seed=3), batch_size=16, progress=False)
+    resumed.load(tmp_path / "ckpt.pt")
+    resumed.restore_best()  # from best.pt
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in best.items())
+
+    class SaveNow(al_ext.callbacks.Callback):
+        def on_step(self, trainer, record):
+            trainer.save(tmp_path / "mid.pt")
+
+    with pytest.raises(RuntimeError, match="save\\(\\) was called while the pipeline is running"):
+        Trainer(small_mlp(), batch_size=16, pipeline=True, callbacks=[SaveNow()], progress=False).fit(data(), epochs=1)
+
+
+# ---- errors and small defects --------------------------------------------------------------
+
+def test_every_engine_raises_non_finite_loss_error_with_where():
+    x, y = data(32)
+    x_bad = x.clone()
+    for model, pipeline, loss, block in [(al_ext.bp_baseline(small_mlp()), False, "loss", None),
+                                          (small_mlp(backend="reference"), False, "L_as", 2),
+                                          (small_mlp(), False, "L_as", 2), (small_mlp(), True, "L_as", 2)]:
+        with torch.no_grad():
+            target = model.encoders[1] if block is None else model.blocks[1].f
+            next(target.parameters())[0, 0] = float("nan")
+        trainer = Trainer(model, batch_size=8, pipeline=pipeline, progress=False)
+        with pytest.raises(NonFiniteLossError) as err:
+            trainer.fit((x_bad, y), epochs=1)
+        assert (err.value.loss, err.value.block, err.value.batch, err.value.epoch) == (loss, block, 0, 1), err.value
+        assert isinstance(err.value, FloatingPointError)
+
+
+def test_adaptive_threshold_must_be_a_confidence():
+    model = small_mlp()
+    for bad in (0, -0.5, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="threshold must be a confidence in \\(0, 1\\]"):
+            model.predict_adaptive(torch.randn(2, 20), bad)
+    assert model.predict_adaptive(torch.randn(2, 20), 1)[0].shape == (2,)
+
+
+def test_the_package_exposes_its_modules():
+    assert al_ext.models.ALCNN and al_ext.text.Vocabulary and al_ext.callbacks.CSVLogger and al_ext.engines.Engine
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"optimizer": "adagrad"}, "optimizer must be one of 'adam', 'adamw', 'sgd', got 'adagrad'"),
+    ({"optimizer": 3}, "optimizer must be a name or a callable"),
+    ({"scheduler": "cosine"}, "scheduler must be a callable"),
+    ({"scheduler_interval": "batch"}, "scheduler_interval must be one of 'step', 'epoch', got 'batch'"),
+    ({"schedule": "neco", "scheduler": one_cycle}, "give schedule .* or scheduler .*, not both"),
+    ({"weight_decay": -1}, "weight_decay must be a number >= 0"),
+    ({"optimizer": lambda p, lr: torch.optim.Adam(p, lr=lr), "weight_decay": 0.1}, "weight_decay goes with an optimizer name"),
+])
+def test_bad_optimizer_and_schedule_arguments(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        Trainer(small_mlp(), progress=False, **kwargs)
+
+
+def test_checkpoint_every_needs_a_checkpoint():
+    with pytest.raises(ValueError, match="checkpoint_every needs checkpoint="):
+        Trainer(small_mlp(), progress=False).fit(data(), epochs=1, checkpoint_every=2)
