@@ -153,6 +153,11 @@ inline OptimizerUpdate sgd_update(double lr, double momentum) {
   return u;
 }
 
+inline void check_weight_decay(const char* op, double weight_decay) {
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0, op,
+              ": weight_decay must be a finite number >= 0, got ", weight_decay);
+}
+
 inline void check_state_like_params(const char* op, at::TensorList params, at::TensorList state, const char* name) {
   TORCH_CHECK(state.size() == kDenseParams, op, ": ", name, " must hold one tensor per parameter (10), got ",
               state.size());
