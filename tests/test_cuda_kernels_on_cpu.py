@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import subprocess
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,29 @@ def compiler() -> str:
 @pytest.fixture(scope="module")
 def kernels(compiler) -> Kernels:
     return Kernels(build(compiler))
+
+
+def test_the_runtime_converts_float16_and_bfloat16_as_cuda_does(kernels):
+    """Every result in a 16-bit type passes through these, so they must be exact: each bit
+    pattern to float as torch reads it, and floats (and doubles, as CUDA's __double2half:
+    one rounding, as numpy's) to the nearest, ties to even, at every midpoint and beyond."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    for name, dtype in [("half_to_float", torch.float16), ("bfloat16_to_float", torch.bfloat16)]:
+        torch.testing.assert_close(kernels.convert(name, bits, torch.float32), bits.view(dtype).float(),
+                                   rtol=0, atol=0, equal_nan=True)
+    halves = bits.view(torch.float16).double()
+    halves = halves[halves.isfinite()].unique()  # sorted
+    midpoints = (halves[:-1] + halves[1:]) / 2
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(200_000, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-9, 6, (200_000,), generator=gen)
+    doubles = torch.cat([spread, midpoints, midpoints * (1 + 1e-12), midpoints * (1 - 1e-12),
+                         torch.tensor([65519.99, 65520.0, 1e6, -0.0, 2.0 ** -25, 2.0 ** -26, float("inf")])])
+    floats = doubles.float()
+    assert torch.equal(kernels.convert("float_to_half", floats, torch.int16), floats.half().view(torch.int16))
+    assert torch.equal(kernels.convert("float_to_bfloat16", floats, torch.int16), floats.bfloat16().view(torch.int16))
+    with numpy.errstate(over="ignore"):  # 1e6 and inf become inf, as they should
+        single_rounding = torch.from_numpy(doubles.numpy().astype(numpy.float16).view(numpy.int16))
+    assert torch.equal(kernels.convert("double_to_half", doubles, torch.int16), single_rounding)
 
 
 def random(shape, dtype, seed, low=-2.0, high=2.0):

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 KERNEL_DIR = HERE.parent.parent / "csrc" / "cuda"
 # delay.cu is left out: it reads the GPU's global timer with inline PTX, and only waits.
 KERNEL_SOURCES = [KERNEL_DIR / "dense_block.cu"]
-RUNTIME_SOURCES = [HERE / "block_runner.cpp", HERE / "kernel_driver.cpp"]
+RUNTIME_SOURCES = [HERE / "block_runner.cpp", HERE / "kernel_driver.cpp", HERE / "conversions.cpp"]
 # nvcc includes cuda_runtime.h in every .cu file before its first line; so does -include.
 FLAGS = ["-std=c++20", "-O2", f"-I{HERE}", f"-I{KERNEL_DIR}", "-include", "cuda_runtime.h"]
 

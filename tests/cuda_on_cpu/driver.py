@@ -46,6 +46,13 @@ class Kernels:
         self.lib.driver_activation_backward.argtypes = [c_int] + [c_void_p] * 3 + [c_int64, c_int]
         self.lib.driver_multi_tensor_update.argtypes = [POINTER(DriverUpdate)]
 
+    def convert(self, name: str, values: torch.Tensor, to: torch.dtype) -> torch.Tensor:
+        """conversions.cpp's convert_<name> over a 1-D tensor (16-bit types as int16 bits)."""
+        out = torch.empty(values.numel(), dtype=to)
+        getattr(self.lib, f"convert_{name}")(c_void_p(values.data_ptr()), c_void_p(out.data_ptr()),
+                                             c_int64(values.numel()))
+        return out
+
     @staticmethod
     def _check(code: int, what: str) -> None:
         if code != 0:
