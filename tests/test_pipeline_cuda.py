@@ -1,5 +1,8 @@
 """The pipeline on CUDA: one stream per stage, events at the handoffs. These tests skip,
 saying why, where there is no GPU; the argument checks at the end run everywhere."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -226,6 +229,35 @@ def test_a_failed_capture_leaves_the_allocator_and_the_stream_usable():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(tripled.cpu(), torch.arange(10.0) * 3)
+
+
+FAULTING_RUN = """
+import torch
+from al_ext._extension import _C
+
+def faulty(s, t):  # an index out of range: a device-side assert, reported at some later call
+    bad = torch.full((s.shape[0],), 1 << 40, device=s.device, dtype=torch.long)
+    return s.index_select(0, bad), t.clone(), s.new_zeros(()), s.new_zeros(())
+
+def passing(s, t):
+    return s * 1, t * 1, s.new_zeros(()), s.new_zeros(())
+
+batches = [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(6)]
+out = _C.run_blocks([_C.python_block_step(faulty), _C.python_block_step(passing)], batches, True, [0, 1], 2, 1,
+                    ["cuda:0", "cuda:0"])
+print("ERROR:", out.get("error"), flush=True)
+"""
+
+
+@needs_cuda
+def test_an_asynchronous_device_fault_names_the_steps_it_may_lie_in():
+    """The host learns of a device fault at whatever call it makes next, so the block it is
+    at may not be the one at fault: the message says so and names the steps in question.
+    In a process of its own, since the fault leaves the CUDA context unusable."""
+    result = subprocess.run([sys.executable, "-c", FAULTING_RUN], capture_output=True, text=True, timeout=300)
+    error = next((line for line in result.stdout.splitlines() if line.startswith("ERROR:")), "")
+    assert "device-side assert" in error or "CUDA error" in error, result.stdout + result.stderr[-3000:]
+    assert "reports a fault at a later call" in error and "on batch" in error, error
 
 
 @needs_cuda
