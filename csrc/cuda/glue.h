@@ -17,8 +17,8 @@ inline cuda::FloatType to_float_type(at::ScalarType t, const char* op) {
     case at::kHalf: return cuda::FloatType::kFloat16;
     case at::kBFloat16: return cuda::FloatType::kBFloat16;
     default:
-      // A throw the compiler sees: after TORCH_CHECK(false, ...), an `if`, some compilers
-      // warn that control reaches the end of this function (-Wreturn-type).
+      // A throw the compiler sees: TORCH_CHECK(false, ...) is an if statement, after which
+      // some compilers warn that control reaches the end of this function (-Wreturn-type).
       C10_THROW_ERROR(Error, c10::str(op, ": the CUDA kernel takes float32, float64, float16 or bfloat16, got ", t));
   }
 }
