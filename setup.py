@@ -62,7 +62,8 @@ def extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # the H100/H200 machines; no GPU to ask here
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     macros.append(("AL_EXT_WITH_CUDA", None))
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+    # -lineinfo: compute-sanitizer and ncu name source lines; it changes no generated code.
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension("al_ext._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=link)
 

@@ -1,5 +1,8 @@
 """The pipeline on CUDA: one stream per stage, events at the handoffs. These tests skip,
 saying why, where there is no GPU; the argument checks at the end run everywhere."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -139,6 +142,122 @@ def test_consumer_stream_waits_for_a_late_producer():
     assert "error" not in out
     for (x, _), got in zip(batches, seen):
         assert torch.equal(got, x * 2)
+
+
+def late_first_block(opt, monkeypatch, delay_us=20_000):
+    """Block 1's fused step holds its stream for delay_us first; graphed, the delay is captured
+    with it, so every replay is late too."""
+    original = opt.scheduler_step
+
+    def scheduler_step(cuda_graph=False):
+        step = _C.delayed_block_step(original(cuda_graph=False), delay_us)
+        return _C.cuda_graph_block_step(step) if cuda_graph else step
+
+    monkeypatch.setattr(opt, "scheduler_step", scheduler_step)
+
+
+@needs_cuda
+@pytest.mark.parametrize("graphs", [False, True], ids=["fused", "graphs"])
+def test_fused_and_graphed_stages_wait_for_a_late_producer(graphs, monkeypatch):
+    """The C++ fused steps (and their graphs) with a late producer: a consumer that did not
+    wait for the handoff's event would read s and t before block 1 writes them, so the
+    pipelined run would not equal the one-stream run."""
+    results = []
+    for pipelined in (False, True):
+        model = small_mlp(hidden=(256, 256, 256), backend="fused").cuda()
+        opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
+        late_first_block(opts[0], monkeypatch)
+        x, y = data()
+        run = Pipeline(model, opts, pipelined=pipelined, cuda_graphs=graphs).run(
+            [(x[i : i + 8], y[i : i + 8]) for i in range(0, 96, 8)])
+        torch.cuda.synchronize()
+        results.append(([p.detach().cpu() for p in model.parameters()], run.losses))
+    (sequential, sequential_losses), (pipelined, pipelined_losses) = results
+    torch.testing.assert_close(sequential_losses, pipelined_losses, rtol=1e-5, atol=1e-7)
+    for a, b in zip(sequential, pipelined):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_a_graphed_step_is_captured_once_and_replayed():
+    """Python runs only when the step runs eagerly (the warm-up, the capture, a batch of
+    another shape); the replays still give each batch its own result."""
+    calls = []
+
+    def doubling(s_prev, t_prev):
+        calls.append(tuple(s_prev.shape))
+        return s_prev * 2, t_prev.clone(), s_prev.new_zeros(()), s_prev.new_zeros(())
+
+    seen = []
+    steps = [_C.cuda_graph_block_step(_C.python_block_step(doubling)), _C.python_block_step(recording_consumer(seen))]
+    batches = [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(6)]
+    batches.append((torch.randn(8, 256, device="cuda"), torch.randn(8, 10, device="cuda")))
+    out = _C.run_blocks(steps, batches, True, [0, 1], 2, 1, ["cuda:0", "cuda:0"])
+    torch.cuda.synchronize()
+    assert "error" not in out, out
+    assert calls == [(64, 256), (64, 256), (8, 256)], "warm-up, capture, then replays; the short batch eagerly"
+    for (x, _), got in zip(batches, seen, strict=True):
+        assert torch.equal(got, x * 2)
+
+
+@needs_cuda
+def test_a_failed_capture_leaves_the_allocator_and_the_stream_usable():
+    """A step that fails inside its capture (here: it reads a value back, which a capture
+    forbids) fails the run; afterwards this thread allocates and captures as before (the
+    allocator no longer routes its allocations through the destroyed graph)."""
+    calls = []
+
+    def syncing_on_capture(s_prev, t_prev):
+        calls.append(1)
+        if len(calls) == 2:
+            float(s_prev.sum())
+        return s_prev * 2, t_prev, s_prev.new_zeros(()), s_prev.new_zeros(())
+
+    batches = [(torch.randn(16, 32, device="cuda"), torch.randn(16, 4, device="cuda")) for _ in range(3)]
+    step = _C.cuda_graph_block_step(_C.python_block_step(syncing_on_capture))
+    out = _C.run_blocks([step], batches, False, [0], 2, 1, ["cuda:0"])
+    assert out["error"][:2] == (0, 1), out
+    x = torch.randn(512, 512, device="cuda")
+    torch.testing.assert_close((x @ x).cpu(), x.cpu() @ x.cpu(), rtol=1e-3, atol=1e-3)
+    static = torch.randn(10, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        tripled = static * 3
+    static.copy_(torch.arange(10.0, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(tripled.cpu(), torch.arange(10.0) * 3)
+
+
+FAULTING_RUN = """
+import torch
+from al_ext._extension import _C
+
+def faulty(s, t):  # an index out of range: a device-side assert, reported at some later call
+    bad = torch.full((s.shape[0],), 1 << 40, device=s.device, dtype=torch.long)
+    return s.index_select(0, bad), t.clone(), s.new_zeros(()), s.new_zeros(())
+
+def passing(s, t):
+    return s * 1, t * 1, s.new_zeros(()), s.new_zeros(())
+
+batches = [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(6)]
+out = _C.run_blocks([_C.python_block_step(faulty), _C.python_block_step(passing)], batches, True, [0, 1], 2, 1,
+                    ["cuda:0", "cuda:0"])
+print("ERROR:", out.get("error"), flush=True)
+"""
+
+
+@needs_cuda
+def test_an_asynchronous_device_fault_names_the_steps_it_may_lie_in():
+    """The host learns of a device fault at whatever call it makes next, so the block it is
+    at may not be the one at fault: the message says so and names the steps in question.
+    In a process of its own, since the fault leaves the CUDA context unusable."""
+    result = subprocess.run([sys.executable, "-c", FAULTING_RUN], capture_output=True, text=True, timeout=300)
+    error = next((line for line in result.stdout.splitlines() if line.startswith("ERROR:")), "")
+    assert "device-side assert" in error or "CUDA error" in error, result.stdout + result.stderr[-3000:]
+    assert "reports a fault at a later call" in error and "on batch" in error, error
 
 
 @needs_cuda

@@ -110,7 +110,14 @@ __device__ __forceinline__ double read_step_count(const void* count, bool is_dou
   return is_double ? *static_cast<const double*>(count) : static_cast<double>(*static_cast<const float*>(count));
 }
 
-// blockIdx.y picks the tensor; the blocks of a row stride over its elements.
+// torch's lerp (ATen's formula): exp_avg.lerp_(grad, 1 - beta1) in torch.optim.Adam.
+template <typename A> __device__ __forceinline__ A lerp(A from, A to, A weight) {
+  return weight < A(0.5) ? from + weight * (to - from) : to - (to - from) * (A(1) - weight);
+}
+
+// blockIdx.y picks the tensor; the blocks of a row stride over its elements. Each
+// coefficient is formed in double and rounded once to the compute type, as torch.optim
+// rounds its Python floats: `1 - beta2` formed in float differs from torch's by 1.3e-5.
 template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpdateParams p) {
   if (static_cast<int>(blockIdx.y) >= p.count) return;
   if (!guard_losses_finite<T>(p.loss_as, p.loss_ae)) return;  // a refused step changes nothing
@@ -119,33 +126,38 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
   const T* grad = static_cast<const T*>(u.grad);
   T* s1 = static_cast<T*>(u.state1);
   T* s2 = static_cast<T*>(u.state2);
-  double step_size = p.step_size[u.group], inv_bias_correction2_sqrt = p.inv_bias_correction2_sqrt;
-  if (p.step_count != nullptr) {
-    // The host's adam_update (dense_block.h) in double; pow may round differently in the last place.
-    const double step = read_step_count(p.step_count, p.step_count_is_double) + 1.0;
-    step_size = p.lr[u.group] / (1.0 - pow(p.beta1, step));
-    inv_bias_correction2_sqrt = 1.0 / sqrt(1.0 - pow(p.beta2, step));
-  }
-  using A = typename Accumulator<T>::type;  // float, or double for float64 (as torch.optim.Adam)
-  const A beta1 = static_cast<A>(p.beta1), beta2 = static_cast<A>(p.beta2), eps = static_cast<A>(p.eps);
-  const A step_size_a = static_cast<A>(step_size), inv_bc2_sqrt = static_cast<A>(inv_bias_correction2_sqrt);
-  const A momentum = static_cast<A>(p.momentum), lr = static_cast<A>(p.lr[u.group]);
+  using A = typename Accumulator<T>::type;  // float, or double for float64 (as torch.optim's)
+  const double lr = p.lr[u.group];
+  const A l2 = static_cast<A>(p.decoupled_weight_decay ? 0.0 : p.weight_decay);
+  const A decay = static_cast<A>(p.decoupled_weight_decay ? 1.0 - lr * p.weight_decay : 1.0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < u.n; i += stride) {
-    const A g = widen(grad[i]);
-    A w = widen(param[i]);
-    if (p.kind == UpdateKind::kAdam) {
-      const A m = beta1 * widen(s1[i]) + (A(1) - beta1) * g;
-      const A v = beta2 * widen(s2[i]) + (A(1) - beta2) * g * g;
-      w -= step_size_a * m / (sqrt(v) * inv_bc2_sqrt + eps);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p.kind == UpdateKind::kAdam) {
+    const double step = p.step_count != nullptr ? read_step_count(p.step_count, p.step_count_is_double) + 1.0 : p.step;
+    const A one_minus_beta1 = static_cast<A>(1.0 - p.beta1), beta2 = static_cast<A>(p.beta2);
+    const A one_minus_beta2 = static_cast<A>(1.0 - p.beta2), eps = static_cast<A>(p.eps);
+    const A step_size = static_cast<A>(lr / (1.0 - pow(p.beta1, step)));
+    const A bias_correction2_sqrt = static_cast<A>(sqrt(1.0 - pow(p.beta2, step)));
+    for (int64_t i = first; i < u.n; i += stride) {
+      A w = widen(param[i]);
+      const A g = widen(grad[i]) + l2 * w;
+      w *= decay;
+      const A m = lerp(widen(s1[i]), g, one_minus_beta1);
+      const A v = widen(s2[i]) * beta2 + one_minus_beta2 * g * g;
+      w += -step_size * (m / (sqrt(v) / bias_correction2_sqrt + eps));
       s1[i] = narrow<T>(m);
       s2[i] = narrow<T>(v);
-    } else {
-      const A buf = momentum * widen(s1[i]) + g;
-      w -= lr * buf;
-      s1[i] = narrow<T>(buf);
+      param[i] = narrow<T>(w);
     }
-    param[i] = narrow<T>(w);
+  } else {
+    const A momentum = static_cast<A>(p.momentum), lr_a = static_cast<A>(lr);
+    for (int64_t i = first; i < u.n; i += stride) {
+      A w = widen(param[i]);
+      const A buf = momentum * widen(s1[i]) + (widen(grad[i]) + l2 * w);
+      w += -lr_a * buf;
+      s1[i] = narrow<T>(buf);
+      param[i] = narrow<T>(w);
+    }
   }
 }
 

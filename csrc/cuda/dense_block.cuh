@@ -51,14 +51,19 @@ struct ActivationBackwardParams {
 };
 
 // One optimiser step over up to kMaxUpdateTensors tensors in a single launch, each tensor in
-// one of two parameter groups. Adam: state1 = exp_avg, state2 = exp_avg_sq (torch.optim.Adam,
-// no weight decay). SGD: state1 = momentum buffer (torch.optim.SGD, no dampening).
+// one of two parameter groups, with torch's formulas (its coefficients formed in double and
+// rounded once, as torch's Python scalars are):
+// - Adam (torch.optim.Adam, no amsgrad; state1 = exp_avg, state2 = exp_avg_sq): weight decay
+//   as L2 (g += wd p, before the moments) or, with decoupled_weight_decay, as AdamW's
+//   (p *= 1 - lr wd, before the update, lr of the tensor's group);
+// - SGD (torch.optim.SGD with momentum, no dampening or Nesterov; state1 = momentum buffer):
+//   g += wd p, buf = momentum buf + g, p -= lr buf.
 // If loss_as and loss_ae are set, the kernel reads them first and changes nothing unless both
 // are finite: the step refuses a bad batch on the device, so the host need not wait for it.
-// If step_count is set (Adam), the step number is read from the device too (the steps taken
-// so far, plus one) and the bias corrections are computed there from lr; a kernel after the
-// update then counts the step, if it was taken. Nothing in the launch depends on the step,
-// so a CUDA graph can replay it.
+// Adam's step number is `step`, or, if step_count is set, read from the device (the steps
+// taken so far, plus one), and a kernel after the update then counts the step if it was
+// taken; the bias corrections are computed in the kernel from it either way. Nothing in the
+// launch then depends on the step, so a CUDA graph can replay it.
 constexpr int kMaxUpdateTensors = 10;
 enum class UpdateKind : int { kAdam, kSgd };
 struct UpdateTensor {
@@ -74,13 +79,14 @@ struct MultiTensorUpdateParams {
   int count = 0;
   UpdateKind kind = UpdateKind::kAdam;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, momentum = 0.0;
-  double step_size[2] = {0.0, 0.0};           // Adam: lr / (1 - beta1^step), per group
-  double inv_bias_correction2_sqrt = 1.0;     // Adam: 1 / sqrt(1 - beta2^step)
-  double lr[2] = {0.0, 0.0};                  // SGD, per group
+  double lr[2] = {0.0, 0.0};                  // per group
+  double weight_decay = 0.0;
+  bool decoupled_weight_decay = false;        // Adam only: AdamW's decay instead of L2
+  double step = 1.0;                          // Adam: this step's number, unless step_count is set
   const void* loss_as = nullptr;              // optional guard: one element of `type` each
   const void* loss_ae = nullptr;
   void* step_count = nullptr;                 // Adam, optional: one float32 or float64 element
-  bool step_count_is_double = false;          // (lr[] is then Adam's lr, step_size[] unused)
+  bool step_count_is_double = false;
   FloatType type = FloatType::kFloat32;
 };
 

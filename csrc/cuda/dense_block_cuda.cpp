@@ -165,30 +165,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
 namespace {
 
 // Both Adam forms: the step number from the host (`step`), or read on the device from
-// `step_count`, which the update then advances.
+// `step_count`, which the update then advances. The kernel forms the bias corrections.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, const at::Tensor& step_count, double lr_fb, double lr_gh, double beta1,
     double beta2, double eps, c10::string_view x_activation, c10::string_view h_activation,
-    c10::string_view variant, c10::string_view ae_loss) {
+    c10::string_view variant, c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
   constexpr const char* op = "al_ext::dense_block_adam_step_";
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
-  check_cuda(op, s_prev);
+  // Before check_cuda: CPU tensors with a CUDA counter dispatch here, and the message must
+  // name the counter, as the CPU kernel's does.
   if (step_count.defined()) check_step_count(op, step_count, s_prev.device());
+  check_cuda(op, s_prev);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
-  const OptimizerUpdate fb = adam_update(step, lr_fb, beta1, beta2, eps);
-  const OptimizerUpdate gh = adam_update(step, lr_gh, beta1, beta2, eps);
+  check_weight_decay(op, weight_decay);
   cuda::MultiTensorUpdateParams update;
   update.kind = cuda::UpdateKind::kAdam;
   update.beta1 = beta1;
   update.beta2 = beta2;
   update.eps = eps;
-  update.step_size[0] = fb.step_size;
-  update.step_size[1] = gh.step_size;
-  update.inv_bias_correction2_sqrt = fb.inv_bias_correction2_sqrt;
+  update.step = step;
   update.lr[0] = lr_fb;
   update.lr[1] = lr_gh;
+  update.weight_decay = weight_decay;
+  update.decoupled_weight_decay = decoupled_weight_decay;
   update.type = param_type(params, op);
   std::vector<at::Tensor> grads = empty_like_each(params);
   DenseBlockOutputs out =
@@ -202,35 +203,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss) {
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
   return adam_step_cuda(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, at::Tensor(), lr_fb, lr_gh, beta1, beta2,
-                        eps, x_activation, h_activation, variant, ae_loss);
+                        eps, x_activation, h_activation, variant, ae_loss, weight_decay, decoupled_weight_decay);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_counted_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
     double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss) {
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
   // The host's step number is only a placeholder here (1 passes the checks): the kernel reads `step`.
   return adam_step_cuda(s_prev, t_prev, params, exp_avg, exp_avg_sq, 1.0, step, lr_fb, lr_gh, beta1, beta2, eps,
-                        x_activation, h_activation, variant, ae_loss);
+                        x_activation, h_activation, variant, ae_loss, weight_decay, decoupled_weight_decay);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
     double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
-    c10::string_view variant, c10::string_view ae_loss) {
+    c10::string_view variant, c10::string_view ae_loss, double weight_decay) {
   constexpr const char* op = "al_ext::dense_block_sgd_step_";
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
   check_cuda(op, s_prev);
   check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
+  check_weight_decay(op, weight_decay);
   cuda::MultiTensorUpdateParams update;
   update.kind = cuda::UpdateKind::kSgd;
   update.momentum = momentum;
   update.lr[0] = lr_fb;
   update.lr[1] = lr_gh;
+  update.weight_decay = weight_decay;
   update.type = param_type(params, op);
   std::vector<at::Tensor> grads = empty_like_each(params);
   DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, momentum_buffer, {});

@@ -16,7 +16,10 @@ inline cuda::FloatType to_float_type(at::ScalarType t, const char* op) {
     case at::kDouble: return cuda::FloatType::kFloat64;
     case at::kHalf: return cuda::FloatType::kFloat16;
     case at::kBFloat16: return cuda::FloatType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": the CUDA kernel takes float32, float64, float16 or bfloat16, got ", t);
+    default:
+      // A throw the compiler sees: TORCH_CHECK(false, ...) is an if statement, after which
+      // some compilers warn that control reaches the end of this function (-Wreturn-type).
+      C10_THROW_ERROR(Error, c10::str(op, ": the CUDA kernel takes float32, float64, float16 or bfloat16, got ", t));
   }
 }
 

@@ -235,5 +235,14 @@ PYBIND11_MODULE(_C, m) {
                                "al_ext._C.delay_current_stream", "the delay kernel");
         }, py::arg("microseconds"),
         "Holds the current CUDA stream for about this long (tests: a late producer makes a missing wait show).");
+  m.def("delayed_block_step", [](const PyBlockStep& step, int64_t microseconds) {
+          return PyBlockStep{[inner = step.step, microseconds](const at::Tensor& s_prev, const at::Tensor& t_prev) {
+            al_ext::check_launch(al_ext::cuda::launch_delay(microseconds * 1000, c10::cuda::getCurrentCUDAStream()),
+                                 "al_ext._C.delayed_block_step", "the delay kernel");
+            return inner(s_prev, t_prev);
+          }};
+        }, py::arg("step"), py::arg("microseconds"),
+        "The step, after holding the current CUDA stream for about this long; inside a CUDA graph when "
+        "graphed (tests: a late producer on the fused and graph paths).");
 #endif
 }

@@ -19,6 +19,7 @@
 
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -70,14 +71,36 @@ class GraphedStep {
     try {
       out_ = step_(static_s_, static_t_);
     } catch (...) {
-      try {
-        graph->capture_end();  // takes the stream and the allocator out of capture mode
-      } catch (...) {
-      }
+      abandon_capture(*graph, s_prev.device().index());
       throw;
     }
     graph->capture_end();
     graph_ = std::move(graph);
+  }
+
+  // After a step failed inside the capture: takes the stream and the allocator out of capture
+  // mode before the graph is destroyed. capture_end() does both, but throws at the first
+  // thing that fails (an invalidated capture fails cudaStreamEndCapture) and then leaves the
+  // allocator routing this thread's allocations into the graph's pool through a filter that
+  // points into the destroyed graph. So each is ended here too, whichever is still on.
+  static void abandon_capture(at::cuda::CUDAGraph& graph, c10::DeviceIndex device) {
+    try {
+      graph.capture_end();
+      return;
+    } catch (...) {
+    }
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+      cudaGraph_t partial = nullptr;
+      if (cudaStreamEndCapture(stream, &partial) == cudaSuccess && partial != nullptr) cudaGraphDestroy(partial);
+    }
+    (void)cudaGetLastError();  // the capture's errors are the step's, already in flight
+    try {
+      c10::cuda::CUDACachingAllocator::endAllocateToPool(device, graph.pool());
+    } catch (...) {
+      // capture_end got as far as ending it
+    }
   }
 
   BlockStep step_;

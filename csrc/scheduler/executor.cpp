@@ -213,9 +213,9 @@ class Run {
     } catch (const BlockError& e) {
       error.emplace(e);
     } catch (const c10::Error& e) {
-      error.emplace(current_block_, current_batch_, e.what_without_backtrace());
+      error.emplace(current_block_, current_batch_, device.explain_failure(e.what_without_backtrace()));
     } catch (const std::exception& e) {
-      error.emplace(current_block_, current_batch_, e.what());
+      error.emplace(current_block_, current_batch_, device.explain_failure(e.what()));
     }
     // A step enqueued before the failing one may hold a non-finite loss not read yet (CUDA):
     // that failure came first.

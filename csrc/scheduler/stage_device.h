@@ -13,6 +13,7 @@
 
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace al_ext::scheduler {
@@ -54,7 +55,12 @@ class StageDevice {
   // stage's work as done (on CUDA, the caller's stream waits for the stage's stream).
   virtual void leave() = 0;
   // The most memory allocated at once on this stage's device during the run (0 on the CPU).
+  // The caching allocator counts per device, so stages that share a device report the same
+  // peak: theirs together.
   virtual int64_t peak_device_bytes() const = 0;
+  // A failure's message, with what the device knows of where it came from: on CUDA, a fault
+  // surfaces at a later call than the one that caused it, so the host's block may be wrong.
+  virtual std::string explain_failure(const std::string& why) { return why; }
 };
 
 // `threads`: this stage's intra-op (OpenMP) threads. `hold_back`: each step's results are
