@@ -149,8 +149,8 @@ def late_first_block(opt, monkeypatch, delay_us=20_000):
     with it, so every replay is late too."""
     original = opt.scheduler_step
 
-    def scheduler_step(cuda_graph=False):
-        step = _C.delayed_block_step(original(cuda_graph=False), delay_us)
+    def scheduler_step(cuda_graph=False, **options):
+        step = _C.delayed_block_step(original(cuda_graph=False, **options), delay_us)
         return _C.cuda_graph_block_step(step) if cuda_graph else step
 
     monkeypatch.setattr(opt, "scheduler_step", scheduler_step)
