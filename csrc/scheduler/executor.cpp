@@ -83,24 +83,27 @@ class BoundedQueue {
 
 // Each batch's losses, as the stages read them (a CUDA stage reads its steps' results late,
 // so not in order across stages), and which batches every block has trained on, in order.
+// Two flat arrays that grow by doubling: a small allocation per batch, kept for the whole
+// run, would pin the freed activations' memory below it and make the heap creep.
 class LossBook {
  public:
   explicit LossBook(int blocks) : blocks_(blocks) {}
 
   void add_batch() {
     std::lock_guard<std::mutex> lock(mutex_);
-    rows_.emplace_back(2 * blocks_, 0.0);
+    values_.resize(values_.size() + 2 * blocks_, 0.0);
     recorded_.push_back(0);
   }
 
   // Returns whether batches became complete (every block recorded, every earlier batch complete).
   bool record(int block, int batch, double loss_as, double loss_ae) {
     std::lock_guard<std::mutex> lock(mutex_);
-    rows_[batch][2 * block] = loss_as;
-    rows_[batch][2 * block + 1] = loss_ae;
+    double* row = values_.data() + static_cast<size_t>(batch) * 2 * blocks_;
+    row[2 * block] = loss_as;
+    row[2 * block + 1] = loss_ae;
     ++recorded_[batch];
     const size_t before = complete_;
-    while (complete_ < rows_.size() && recorded_[complete_] == blocks_) ++complete_;
+    while (complete_ < recorded_.size() && recorded_[complete_] == blocks_) ++complete_;
     return complete_ > before;
   }
 
@@ -108,7 +111,10 @@ class LossBook {
   std::vector<std::pair<int, std::vector<double>>> take_complete() {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<std::pair<int, std::vector<double>>> out;
-    for (; taken_ < complete_; ++taken_) out.emplace_back(static_cast<int>(taken_), rows_[taken_]);
+    for (; taken_ < complete_; ++taken_) {
+      const double* row = values_.data() + taken_ * 2 * blocks_;
+      out.emplace_back(static_cast<int>(taken_), std::vector<double>(row, row + 2 * blocks_));
+    }
     return out;
   }
 
@@ -116,16 +122,15 @@ class LossBook {
   at::Tensor losses() {
     std::lock_guard<std::mutex> lock(mutex_);
     at::Tensor out = at::empty({static_cast<int64_t>(complete_), blocks_, 2}, at::kDouble);
-    double* data = out.mutable_data_ptr<double>();
-    for (size_t j = 0; j < complete_; ++j) std::copy(rows_[j].begin(), rows_[j].end(), data + j * 2 * blocks_);
+    std::copy(values_.begin(), values_.begin() + complete_ * 2 * blocks_, out.mutable_data_ptr<double>());
     return out;
   }
 
  private:
   const int blocks_;
   std::mutex mutex_;
-  std::vector<std::vector<double>> rows_;
-  std::vector<int> recorded_;
+  std::vector<double> values_;  // (batch, block, 2)
+  std::vector<int> recorded_;   // per batch: how many blocks have recorded it
   size_t complete_ = 0, taken_ = 0;
 };
 
