@@ -8,6 +8,9 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
+
+import al_ext
 
 from al_ext.cli import build_parser
 
@@ -48,6 +51,26 @@ def test_train_on_digits_and_compare_with_bp(tmp_path):
     assert len(report["results"]["AL"]["test_shortcut_accuracy"]) == 2
     assert report["split"]["train"] + report["split"]["val"] + report["split"]["test"] == 1797
     assert (tmp_path / "al.pt").is_file()
+
+
+def test_save_writes_the_final_state_and_save_best_the_best_weights(tmp_path):
+    result = run("train", "--dataset", "digits", "--epochs", "3", "--batch-size", "32", "--hidden", "32,32",
+                 "--label-dim", "32", "--bridge-factor", "2", "--optimizer", "adamw", "--weight-decay", "0.001",
+                 "--schedule", "onecycle", "--save", str(tmp_path / "final.pt"), "--save-best", str(tmp_path / "best.pt"),
+                 "--log-dir", str(tmp_path / "logs"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    model = al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2)
+    onecycle = lambda opt: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731 - as the CLI builds it
+        opt, max_lr=[10 * g["lr"] for g in opt.param_groups], total_steps=120)
+    trainer = al_ext.Trainer(model, optimizer="adamw", scheduler=onecycle, progress=False)
+    trainer.load(tmp_path / "final.pt")  # the run's last state, resumable, not the best epoch's weights
+    assert trainer.epoch == 3 and len(trainer.history) == 3 and trainer.global_step == 3 * 40
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert set(best) == set(model.state_dict())
+    steps = (tmp_path / "logs" / "AL" / "steps.jsonl").read_text().splitlines()
+    assert len(steps) == 3 * 40 and (tmp_path / "logs" / "AL" / "epochs.csv").is_file()
+    lrs = [json.loads(line)["lr"] for line in steps]
+    assert max(lrs) > 5 * lrs[0], "onecycle warms the rate up batch by batch"
 
 
 def write_idx(path, array, code):
