@@ -18,6 +18,7 @@ from .models import ALCNN, LSTM_AL, VGG_AL, ResNet_AL, Transformer_AL
 from .nn import ALMLP, AssociatedLearning, bp_baseline
 from .callbacks import loggers_for
 from .optim import OPTIMIZERS, SCHEDULES
+from .precision import PRECISIONS
 from .train import Trainer
 
 DATASET_HELP = (
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning-rate schedule: neco steps x0.1 at 40/60/80%% and x0.5 at 90%% of the run; "
                        "plateau cuts x0.1 when validation accuracy stalls; cosine anneals to 0 over the run, and "
                        "onecycle warms up to 10 x lr and anneals, both stepped every batch")
+    train.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                       help="bf16: forward and backward under autocast in bfloat16, float32 master weights, optimiser "
+                       "state and losses (the general path: the fused step is fp32); fp16: the same on CUDA with "
+                       "loss scaling. AL and the BP baseline use the same")
     train.add_argument("--val", type=_size, default=0.1, help="validation part: fraction (0.1) or count (1000)")
     train.add_argument("--test", type=_size, default=0.2, help="test part: fraction (0.2) or count (2000)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the batch order")
@@ -200,7 +205,7 @@ def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, ar
                       pipeline=args.pipeline and al, cuda_graphs=args.cuda_graphs and al, seed=args.seed,
                       schedule=None if per_step is not None else schedule, scheduler=per_step,
                       progress=False if args.no_progress else None, optimizer=args.optimizer,
-                      momentum=args.momentum, weight_decay=args.weight_decay,
+                      momentum=args.momentum, weight_decay=args.weight_decay, precision=args.precision,
                       callbacks=[] if log_dir is None else loggers_for(log_dir))
     try:
         history = trainer.fit(splits.train, splits.val, epochs=args.epochs,

@@ -24,6 +24,7 @@ from .fused import FusedBlockOptimizer, fused_block_optimizer
 from .nn import AssociatedLearning
 from .optim import OptimizerFactory, SchedulerFactory, step_scheduler
 from .pipeline import Pipeline
+from .precision import Precision
 
 Batch = tuple[Tensor, Tensor]
 # on_batch(index in the run, losses): a true result stops the run after the batches started.
@@ -33,15 +34,16 @@ BatchCallback = Callable[[int, Tensor], Any]
 class Engine:
     """Trains ``model`` with ``optimizers``; ``schedulers`` (one per optimiser, or none) are
     stepped after every batch when ``scheduler_interval`` is "step", by ``end_epoch``
-    otherwise. Losses come back as a float tensor: (blocks, 2) of (L_as, L_ae) for AL,
-    (1,) for BP."""
+    otherwise; ``precision`` (al_ext.precision) says how the math runs. Losses come back as
+    a float tensor: (blocks, 2) of (L_as, L_ae) for AL, (1,) for BP."""
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
-                 scheduler_interval: str = "step") -> None:
+                 scheduler_interval: str = "step", precision: Precision | None = None) -> None:
         self.model = model
         self.optimizers = optimizers
         self.schedulers = schedulers
         self.scheduler_interval = scheduler_interval
+        self.precision = precision or Precision()
 
     @property
     def is_al(self) -> bool:
@@ -93,7 +95,7 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [o.state_dict() for o in self.optimizers],
-                "schedulers": [s.state_dict() for s in self.schedulers]}
+                "schedulers": [s.state_dict() for s in self.schedulers], "precision": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["optimizers"]) != len(self.optimizers) or len(state["schedulers"]) != len(self.schedulers):
@@ -104,6 +106,7 @@ class Engine:
             opt.load_state_dict(s)
         for scheduler, s in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(s)
+        self.precision.load_state_dict(state["precision"])
 
 
 class BPEngine(Engine):
@@ -112,11 +115,14 @@ class BPEngine(Engine):
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         (opt,) = self.optimizers
         opt.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
+        with self.precision.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)  # the loss in float32 at least, whatever the precision
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError("loss", loss.item())
-        loss.backward()
-        opt.step()
+        self.precision.backward(loss)
+        self.precision.step(opt)
+        self.precision.update()
         return loss.detach().reshape(1)
 
 
@@ -128,16 +134,18 @@ class ALEngine(Engine):
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         for opt in self.optimizers:
             opt.zero_grad()
-        blocks = self.model.local_losses(x, y)
+        with self.precision.autocast():
+            blocks = self.model.local_losses(x, y)  # the losses come out in float32 at least
         losses = torch.stack([torch.stack([b.loss_as, b.loss_ae]) for b in blocks]).detach()
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):  # one wait per batch, and nothing updated
             block, which = (int(i) for i in bad.nonzero()[0])
             raise NonFiniteLossError(("L_as", "L_ae")[which], losses[block, which].item(), block=block + 1,
                                      detail="no block was updated on this batch")
-        sum(b.loss_as + b.loss_ae for b in blocks).backward()
+        self.precision.backward(sum(b.loss_as + b.loss_ae for b in blocks))
         for opt in self.optimizers:
-            opt.step()
+            self.precision.step(opt)
+        self.precision.update()
         return losses
 
 
@@ -177,10 +185,10 @@ class PipelinedALEngine(Engine):
     block's own stage."""
 
     def __init__(self, model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
-                 scheduler_interval: str = "step", **pipeline_options: Any) -> None:
-        super().__init__(model, optimizers, schedulers, scheduler_interval)
+                 scheduler_interval: str = "step", precision: Precision | None = None, **pipeline_options: Any) -> None:
+        super().__init__(model, optimizers, schedulers, scheduler_interval, precision)
         per_step = schedulers if scheduler_interval == "step" and schedulers else None
-        self.pipeline = Pipeline(model, optimizers, schedulers=per_step, **pipeline_options)
+        self.pipeline = Pipeline(model, optimizers, schedulers=per_step, precision=self.precision, **pipeline_options)
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         self.model.train()
@@ -217,30 +225,33 @@ def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.op
 
 def make_engine(model: nn.Module, optimizer: OptimizerFactory, lr: float, ae_lr: float,
                 scheduler: SchedulerFactory | None = None, scheduler_interval: str = "step",
-                pipeline: bool = False, **pipeline_options: Any) -> Engine:
+                pipeline: bool = False, precision: Precision | None = None, **pipeline_options: Any) -> Engine:
     """The engine for ``model``: BP for a plain classifier; for AL the fused engine where the
-    model's backend takes it (dense blocks; "auto" on the CPU) and the optimiser has a fused
-    form (Adam, AdamW, SGD), else autograd; pipelined if ``pipeline``. ``optimizer(params, lr)``
-    makes each optimiser (AL: (f, b) with ``lr``, (g, h) with ``ae_lr``); ``scheduler(opt)``,
-    if given, a scheduler for each."""
+    model's backend takes it (dense blocks; "auto" on the CPU), the optimiser has a fused form
+    (Adam, AdamW, SGD) and the precision is fp32, else autograd; pipelined if ``pipeline``.
+    ``optimizer(params, lr)`` makes each optimiser (AL: (f, b) with ``lr``, (g, h) with
+    ``ae_lr``); ``scheduler(opt)``, if given, a scheduler for each."""
+    precision = precision or Precision()
     if not isinstance(model, AssociatedLearning):
         if pipeline:
             raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
         optimizers = [optimizer(model.parameters(), lr)]
-        return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval)
+        return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval, precision)
     optimizers: list[Any] = _al_optimizers(model, optimizer, lr, ae_lr)
     if model.uses_fused_step():
-        fused = _fused_optimizers(model, optimizers)
+        fused = (_fused_optimizers(model, optimizers) if precision.name == "fp32"
+                 else f"the fused dense step has no {precision.name} kernel yet")
         if isinstance(fused, list):
             optimizers = fused
         elif model.backend == "fused":
-            raise ValueError(f"backend='fused' cannot train with this optimiser: {fused}. The general path takes any "
-                             "torch optimiser: build the model with backend='reference' (or 'auto', which falls back)")
+            raise ValueError(f"backend='fused' cannot train this way: {fused}. The general path takes any torch "
+                             "optimiser and precision: build the model with backend='reference' (or 'auto', which "
+                             "falls back)")
     schedulers = _schedulers(scheduler, optimizers)
     if pipeline:
-        return PipelinedALEngine(model, optimizers, schedulers, scheduler_interval, **pipeline_options)
+        return PipelinedALEngine(model, optimizers, schedulers, scheduler_interval, precision, **pipeline_options)
     engine_class = FusedALEngine if isinstance(optimizers[0], FusedBlockOptimizer) else ALEngine
-    return engine_class(model, optimizers, schedulers, scheduler_interval)
+    return engine_class(model, optimizers, schedulers, scheduler_interval, precision)
 
 
 def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.Optimizer]) -> list[Any]:

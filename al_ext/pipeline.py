@@ -28,6 +28,7 @@ from ._extension import _C, has_cuda_kernels
 from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
+from .precision import FP16Precision, Precision
 from .validation import check_positive_int
 
 Batch = tuple[Tensor, Tensor]
@@ -60,7 +61,8 @@ class Pipeline:
 
     ``optimizers`` is the Trainer's list: one fused optimiser per block (the block's step
     runs in C++ with no Python and the GIL released), or a pair (f, b) and (g, h) of torch
-    optimisers per block (the step calls back into Python). ``schedulers``, if given, holds
+    optimisers per block (the step calls back into Python, under ``precision``'s autocast:
+    fp32 or bf16). ``schedulers``, if given, holds
     one learning-rate scheduler per optimiser, stepped after each batch by the stage that
     runs the optimiser's block: block i trains on batch j with the rates the sequential loop
     would give it, so per-step schedules keep pipelined training equal to sequential
@@ -93,7 +95,8 @@ class Pipeline:
     def __init__(self, model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer],
                  max_in_flight: int = 2, threads_per_stage: int | None = None, pipelined: bool = True,
                  stages: int | None = None, devices: Sequence[str | torch.device] | None = None,
-                 cuda_graphs: bool = False, schedulers: Sequence[Scheduler] | None = None) -> None:
+                 cuda_graphs: bool = False, schedulers: Sequence[Scheduler] | None = None,
+                 precision: Precision | None = None) -> None:
         if not isinstance(model, AssociatedLearning):
             raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
         self.model = model
@@ -122,6 +125,10 @@ class Pipeline:
         self.stages = check_positive_int(stages or default_stages, "stages")
         default_threads = max(1, cores // self.stages) if pipelined else cores
         self.threads_per_stage = check_positive_int(threads_per_stage or default_threads, "threads_per_stage")
+        self.precision = precision or Precision()
+        if isinstance(self.precision, FP16Precision):
+            raise ValueError("the pipeline trains in fp32 or bf16: fp16's loss scale is one state for every block, "
+                             "which blocks training on different batches at once cannot share")
         schedulers = list(schedulers) if schedulers is not None else [None] * len(optimizers)
         if len(schedulers) != len(optimizers):
             raise ValueError(f"schedulers must hold one scheduler per optimiser ({len(optimizers)}), got {len(schedulers)}")
@@ -136,6 +143,9 @@ class Pipeline:
         else:
             raise ValueError(f"optimizers must hold one fused optimiser per block ({model.depth}) or a pair per "
                              f"block ({2 * model.depth}), got {len(optimizers)}")
+        if self._fused is not None and self.precision.name != "fp32":
+            raise ValueError(f"the fused block steps run in the parameters' dtype; precision={self.precision.name!r} "
+                             "needs torch optimisers (the general path)")
         self.cuda_graphs = bool(cuda_graphs)
         if self.cuda_graphs and any(s is not None for s in schedulers):
             raise ValueError("cuda_graphs=True replays each step with the learning rates it was captured with; a "
@@ -153,7 +163,9 @@ class Pipeline:
         def step(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             for opt in pair:
                 opt.zero_grad()
-            out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss, model.mse_function(s_prev.device))
+            with self.precision.autocast():  # per thread: each stage enters it itself
+                out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss,
+                                             model.mse_function(s_prev.device))
             (out.loss_as + out.loss_ae).backward()
             # A non-finite loss changes nothing, as in the fused step: the scheduler reports it.
             if bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):

@@ -86,16 +86,23 @@ def local_losses(
 
     The inputs are detached here, so no gradient ever reaches the block below.
     ``ae_loss="cross_entropy"`` (first block only) treats h's output as class logits
-    and ``t_prev`` as one-hot targets. ``mse`` is the MSE implementation to use.
+    and ``t_prev`` as one-hot targets. ``mse`` is the MSE implementation to use. The losses
+    are float32 at least, also when the block runs under bf16 autocast.
     """
     s_prev, t_prev = s_prev.detach(), t_prev.detach()
     s = block.f(s_prev)
     t = block.g(t_prev)
     target = t.detach() if variant == "A" else t
-    loss_as = mse(block.b(s), target)
-    decoded = block.h(t)
-    loss_ae = mse(decoded, t_prev) if ae_loss == "mse" else F.cross_entropy(decoded, t_prev)
+    loss_as = mse(_at_least_float32(block.b(s)), _at_least_float32(target))
+    decoded, t_in = _at_least_float32(block.h(t)), _at_least_float32(t_prev)
+    loss_ae = mse(decoded, t_in) if ae_loss == "mse" else F.cross_entropy(decoded, t_in)
     return BlockLosses(s, t, loss_as, loss_ae)
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Losses are computed in float32 at least: under bf16 autocast the blocks' outputs are
+    bfloat16 (in float32 and float64 this is no copy)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def updated_parameters(block: BlockModules, variant: Variant) -> tuple[list[str], list[str]]:

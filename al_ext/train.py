@@ -20,6 +20,7 @@ from .callbacks import Callback
 from .engines import Engine, PipelinedALEngine, make_engine
 from .errors import NonFiniteLossError
 from .nn import AssociatedLearning, check_token_batch
+from .precision import make_precision
 from .optim import SCHEDULER_INTERVALS, OptimizerSpec, SchedulerFactory, named_schedule, neco_lr_factor, optimizer_factory
 from .validation import (
     check_choice,
@@ -63,6 +64,10 @@ class Trainer:
     code's per-epoch schedules instead: "neco" (x0.1 at 40/60/80 % of the run, x0.5 at 90 %)
     or "plateau".
 
+    ``precision``: "fp32", "bf16" (autocast, float32 master weights, optimiser state and
+    losses) or "fp16" (CUDA only, with loss scaling); al_ext.precision says more. The fused
+    dense step runs in fp32; bf16 takes the general path.
+
     ``pipeline=True`` (AL only) trains every block at once on consecutive batches
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,
     on CUDA, ``cuda_graphs``); the parameters are those of the sequential loop, per-step
@@ -92,6 +97,7 @@ class Trainer:
         pipeline_stages: int | None = None,
         cuda_graphs: bool = False,
         callbacks: Sequence[Any] = (),
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -127,7 +133,8 @@ class Trainer:
         pipeline_options = (dict(max_in_flight=max_in_flight, threads_per_stage=threads_per_stage,
                                  stages=pipeline_stages, cuda_graphs=cuda_graphs) if pipeline else {})
         self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay), self.lr,
-                                          self.ae_lr, scheduler, scheduler_interval, pipeline, **pipeline_options)
+                                          self.ae_lr, scheduler, scheduler_interval, pipeline,
+                                          make_precision(precision, self.model, self.device), **pipeline_options)
         self.callbacks = list(callbacks)
         self.should_stop = False  # set by a callback to end the run after the batches already started
         self._generator = torch.Generator().manual_seed(seed)

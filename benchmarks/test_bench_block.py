@@ -8,8 +8,12 @@ Implementations, on the same model and batch, taking turns (benchmarks/interleav
             torch.mm; on CUDA all through torch.mm): what the GEMM libraries give at these shapes;
 - fused:    FusedBlockAdam.train_step, one al_ext::dense_block_adam_step_ call per block;
 - eager:    the reference (al_ext.reference via model.local_losses, one backward of the summed
-            losses) with torch.optim.Adam(fused=True), torch's fastest optimiser;
-- compiled: the same with the losses' forward and backward from torch.compile.
+            losses) with torch.optim.Adam(fused=True), torch's fastest optimiser, and
+            zero_grad() with its default: what a user would write;
+- eager-bf16: the same under torch.autocast("cpu", bfloat16) (float32 weights, Adam and
+            losses), which this CPU runs fast (AVX512_BF16): one line a user would add;
+- compiled: the whole eager step (zero_grad, forward, both losses, backward, the optimisers)
+            through torch.compile.
 
 The floor of a step is the larger of its FLOPs over the GEMM rate (2048^3 float32) and its
 unavoidable bytes over the copy bandwidth, both measured in this run; the GEMM rate is the
@@ -20,6 +24,7 @@ time, and the fraction of the floor reached, also at torch.mm's GEMM rate alone.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -144,19 +149,18 @@ def build(impl: str, batch: int, width: int, device: str = "cpu", dtype: torch.d
     for fb, gh in model.parameter_groups():
         opts += [torch.optim.Adam(fb, lr=1e-4, fused=True), torch.optim.Adam(gh, lr=2e-4, fused=True)]
 
-    def total_loss(x, y):
-        return sum(b.loss_as + b.loss_ae for b in model.local_losses(x, y))
-
-    loss_fn = torch.compile(total_loss) if impl == "compiled" else total_loss
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if impl == "eager-bf16" else contextlib.nullcontext()
 
     def step():
         for opt in opts:
-            opt.zero_grad(set_to_none=False)
-        loss_fn(x, y).backward()
+            opt.zero_grad()
+        with autocast:
+            total = sum(b.loss_as + b.loss_ae for b in model.local_losses(x, y))
+        total.backward()
         for opt in opts:
             opt.step()
 
-    return step
+    return torch.compile(step) if impl == "compiled" else step
 
 
 def summarise(times: dict[str, list[float]], batch: int, width: int) -> dict[str, dict[str, float]]:
@@ -174,7 +178,7 @@ def summarise(times: dict[str, list[float]], batch: int, width: int) -> dict[str
 @pytest.mark.parametrize("point", POINTS, ids=lambda p: f"batch{p[0]}-width{p[1]}")
 def test_mlp_training_step(benchmark, machine, results, point):
     batch, width = point
-    impls = ["gemms", "fused", "eager"] + (["compiled"] if point in COMPILED_POINTS else [])
+    impls = ["gemms", "fused", "eager", "eager-bf16"] + (["compiled"] if point in COMPILED_POINTS else [])
     steps = {impl: build(impl, batch, width) for impl in impls}
     for _ in range(2):  # warm-up; torch.compile compiles on the first call
         for step in steps.values():

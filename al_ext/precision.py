@@ -1,0 +1,101 @@
+"""Precision policies that every engine shares: how a step's math runs, while the
+parameters, the optimiser state and the update stay float32 (master weights).
+
+- "fp32": everything in the parameters' dtype.
+- "bf16": the forward and backward math under ``torch.autocast`` in bfloat16 (float32
+  accumulation in the matrix products), the losses computed and reported in float32.
+- "fp16": the same in float16, CUDA only, with dynamic loss scaling (a GradScaler), since
+  float16 gradients underflow where bfloat16's do not.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from .validation import check_choice
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+class Precision:
+    """fp32: every step as written, in the parameters' dtype."""
+
+    name = "fp32"
+
+    def autocast(self) -> ContextManager[Any]:
+        """The context a step's forward pass (and loss) runs in."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        """After every optimiser of a batch has stepped."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class BF16Precision(Precision):
+    name = "bf16"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device_type = device.type
+
+    def autocast(self) -> ContextManager[Any]:
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+
+class FP16Precision(Precision):
+    """float16 under autocast with dynamic loss scaling: a step whose scaled gradients
+    overflow is skipped and the scale lowered (torch.amp.GradScaler)."""
+
+    name = "fp16"
+
+    def __init__(self, device: torch.device) -> None:
+        self.scaler = torch.amp.GradScaler(device.type)
+
+    def autocast(self) -> ContextManager[Any]:
+        return torch.autocast("cuda", dtype=torch.float16)
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.step(optimizer)
+
+    def update(self) -> None:
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state)
+
+
+def make_precision(name: str, model: nn.Module, device: torch.device) -> Precision:
+    """The policy ``name`` for ``model`` on ``device``; bf16 and fp16 keep float32 master
+    weights, so the model's parameters must be float32."""
+    check_choice(name, "precision", PRECISIONS)
+    if name == "fp32":
+        return Precision()
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"precision={name!r} keeps float32 master weights: the model's parameters must be "
+                         f"float32, got {', '.join(sorted(map(str, dtypes)))}")
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ValueError("precision='fp16' runs on CUDA only (float16 needs loss scaling and has no fast CPU "
+                             "kernels); on the CPU use precision='bf16'")
+        return FP16Precision(device)
+    return BF16Precision(device)
