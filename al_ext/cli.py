@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     train.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"],
                        help="auto: each block's whole step as one fused op where it fits (dense blocks on the CPU), "
-                       "else the compiled loss op; fused: insist on the fused op; reference: plain PyTorch")
+                       "else autograd; fused: insist on the fused op; reference: plain PyTorch (autograd) always")
     train.add_argument("--pipeline", action="store_true",
                        help="train the AL blocks at the same time on consecutive batches (C++ scheduler: threads "
                        "on the CPU, a stream per block on CUDA); same parameters as without, bit for bit on the "

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import reference
 from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer, fused_block_optimizer
 from .nn import AssociatedLearning
@@ -110,13 +111,19 @@ class Engine:
 
 
 class BPEngine(Engine):
-    """End to end: softmax cross-entropy of ``model(x)``, one optimiser over every parameter."""
+    """End to end: softmax cross-entropy of ``model(x)``, one optimiser over every parameter;
+    ``compile=True``: the forward pass (and so its backward) through torch.compile."""
+
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+                 scheduler_interval: str = "step", precision: Precision | None = None, compile: bool = False) -> None:
+        super().__init__(model, optimizers, schedulers, scheduler_interval, precision)
+        self._forward = torch.compile(model) if compile else model
 
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         (opt,) = self.optimizers
         opt.zero_grad()
         with self.precision.autocast():
-            logits = self.model(x)
+            logits = self._forward(x)
         loss = F.cross_entropy(logits.float(), y)  # the loss in float32 at least, whatever the precision
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError("loss", loss.item())
@@ -129,24 +136,52 @@ class BPEngine(Engine):
 class ALEngine(Engine):
     """AL through autograd: every block's (L_as, L_ae) from ``model.local_losses``, one
     backward pass of their sum (the blocks' inputs are detached, so each loss reaches only
-    its own block), and per block an optimiser over (f, b) and one over (g, h)."""
+    its own block), and per block an optimiser over (f, b) and one over (g, h).
+    ``compile=True`` runs each block's forward pass and losses (and so their backward) as a
+    torch.compile graph of its own; the optimisers stay torch's fused ones."""
+
+    def __init__(self, model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+                 scheduler_interval: str = "step", precision: Precision | None = None, compile: bool = False) -> None:
+        super().__init__(model, optimizers, schedulers, scheduler_interval, precision)
+        self._compiled = ([torch.compile(_block_forward(model, i)) for i in range(model.depth)] if compile else None)
+
+    def _block_losses(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+        if self._compiled is None:
+            return [(b.loss_as, b.loss_ae) for b in self.model.local_losses(x, y)]
+        s, t = self.model.check_input(x), self.model.label_targets(y)
+        out = []
+        for forward in self._compiled:
+            s, t, loss_as, loss_ae = forward(s, t)
+            out.append((loss_as, loss_ae))
+        return out
 
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         for opt in self.optimizers:
             opt.zero_grad()
         with self.precision.autocast():
-            blocks = self.model.local_losses(x, y)  # the losses come out in float32 at least
-        losses = torch.stack([torch.stack([b.loss_as, b.loss_ae]) for b in blocks]).detach()
+            blocks = self._block_losses(x, y)  # the losses come out in float32 at least
+        losses = torch.stack([torch.stack(pair) for pair in blocks]).detach()
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):  # one wait per batch, and nothing updated
             block, which = (int(i) for i in bad.nonzero()[0])
             raise NonFiniteLossError(("L_as", "L_ae")[which], losses[block, which].item(), block=block + 1,
                                      detail="no block was updated on this batch")
-        self.precision.backward(sum(b.loss_as + b.loss_ae for b in blocks))
+        self.precision.backward(sum(loss_as + loss_ae for loss_as, loss_ae in blocks))
         for opt in self.optimizers:
             self.precision.step(opt)
         self.precision.update()
         return losses
+
+
+def _block_forward(model: AssociatedLearning, index: int) -> Callable[[Tensor, Tensor], tuple[Tensor, ...]]:
+    """Block ``index``'s forward pass and local losses as a function of tensors alone, for torch.compile."""
+    block, variant, ae_loss = model.blocks[index], model.variant, model.ae_loss_of(index)
+
+    def forward(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, ...]:
+        out = reference.local_losses(block, s_prev, t_prev, variant, ae_loss)
+        return out.s, out.t, out.loss_as, out.loss_ae
+
+    return forward
 
 
 class FusedALEngine(Engine):
@@ -213,9 +248,13 @@ def _al_optimizers(model: AssociatedLearning, factory: OptimizerFactory, lr: flo
     return [opt for fb, gh in model.parameter_groups() for opt in (factory(fb, lr), factory(gh, ae_lr))]
 
 
-def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.optim.Optimizer]
-                      ) -> list[FusedBlockOptimizer] | str:
+def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.optim.Optimizer],
+                      precision: Precision, compile: bool) -> list[FusedBlockOptimizer] | str:
     """The fused optimisers that do what the torch ones would, or why there are none."""
+    if precision.name != "fp32":
+        return f"the fused dense step has no {precision.name} kernel yet"
+    if compile:
+        return "compile=True compiles the general path (the fused step is one op already)"
     try:
         return [fused_block_optimizer(block, torch_optimizers[2 * i], torch_optimizers[2 * i + 1], model.variant,
                                       model.ae_loss_of(i)) for i, block in enumerate(model.blocks)]
@@ -225,22 +264,26 @@ def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.op
 
 def make_engine(model: nn.Module, optimizer: OptimizerFactory, lr: float, ae_lr: float,
                 scheduler: SchedulerFactory | None = None, scheduler_interval: str = "step",
-                pipeline: bool = False, precision: Precision | None = None, **pipeline_options: Any) -> Engine:
+                pipeline: bool = False, precision: Precision | None = None, compile: bool = False,
+                **pipeline_options: Any) -> Engine:
     """The engine for ``model``: BP for a plain classifier; for AL the fused engine where the
     model's backend takes it (dense blocks; "auto" on the CPU), the optimiser has a fused form
     (Adam, AdamW, SGD) and the precision is fp32, else autograd; pipelined if ``pipeline``.
     ``optimizer(params, lr)`` makes each optimiser (AL: (f, b) with ``lr``, (g, h) with
-    ``ae_lr``); ``scheduler(opt)``, if given, a scheduler for each."""
+    ``ae_lr``); ``scheduler(opt)``, if given, a scheduler for each. ``compile=True`` compiles
+    each block's forward pass and losses (ALEngine), or the network's forward pass (BP)."""
     precision = precision or Precision()
     if not isinstance(model, AssociatedLearning):
         if pipeline:
             raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
         optimizers = [optimizer(model.parameters(), lr)]
-        return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval, precision)
+        return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval, precision, compile)
     optimizers: list[Any] = _al_optimizers(model, optimizer, lr, ae_lr)
+    if compile and pipeline:
+        raise ValueError("compile=True compiles the sequential engine's block steps; the pipeline runs them "
+                         "uncompiled (use one or the other)")
     if model.uses_fused_step():
-        fused = (_fused_optimizers(model, optimizers) if precision.name == "fp32"
-                 else f"the fused dense step has no {precision.name} kernel yet")
+        fused = _fused_optimizers(model, optimizers, precision, compile)
         if isinstance(fused, list):
             optimizers = fused
         elif model.backend == "fused":
@@ -250,8 +293,9 @@ def make_engine(model: nn.Module, optimizer: OptimizerFactory, lr: float, ae_lr:
     schedulers = _schedulers(scheduler, optimizers)
     if pipeline:
         return PipelinedALEngine(model, optimizers, schedulers, scheduler_interval, precision, **pipeline_options)
-    engine_class = FusedALEngine if isinstance(optimizers[0], FusedBlockOptimizer) else ALEngine
-    return engine_class(model, optimizers, schedulers, scheduler_interval, precision)
+    if isinstance(optimizers[0], FusedBlockOptimizer):
+        return FusedALEngine(model, optimizers, schedulers, scheduler_interval, precision)
+    return ALEngine(model, optimizers, schedulers, scheduler_interval, precision, compile)
 
 
 def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.Optimizer]) -> list[Any]:

@@ -6,10 +6,9 @@ import math
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused, ops, reference
+from . import fused, reference
 from ._extension import has_cuda_kernels
 from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
 from .validation import check_choice, check_float_tensor, check_positive_int, check_tensor
@@ -71,7 +70,7 @@ class AssociatedLearning(nn.Module):
     """A network of ALBlocks trained by local losses only.
 
     ``backend``: "auto" trains each block with the fused op where it fits (dense blocks on
-    the CPU) and with the compiled loss op otherwise; "fused" insists on the fused op;
+    the CPU) and through autograd otherwise; "fused" insists on the fused op;
     "reference" is plain PyTorch (al_ext.reference).
 
     ``model(x)`` returns class scores through the full inference path
@@ -154,19 +153,16 @@ class AssociatedLearning(nn.Module):
             return True
         return problem is None and self._reference_tensor().device.type == "cpu"
 
-    def mse_function(self, device: torch.device) -> reference.MseFunction:
-        """The MSE implementation for the local losses on `device`."""
-        # "auto" takes the compiled loss op wherever this build has a kernel for the device.
-        compiled = device.type == "cpu" or (device.type == "cuda" and has_cuda_kernels())
-        return ops.mse_loss if self.backend == "auto" and compiled else F.mse_loss
-
     def local_losses(self, x: Tensor, y: Tensor) -> list[BlockLosses]:
-        """Training forward pass: each block's outputs and (L_as, L_ae); no gradient crosses a block."""
+        """Training forward pass: each block's outputs and (L_as, L_ae); no gradient crosses a block.
+
+        The losses use ATen's mse_loss on every backend: through autograd it is 2-2.5x faster
+        than al_ext.ops.mse_loss on this project's CPU (43 against 94 us forward and backward
+        at 64 x 128, 2.5 against 6.3 ms at 512 x 5120), which pays only inside a fused step."""
         s, t = self.check_input(x), self.label_targets(y)
-        mse = self.mse_function(s.device)
         out = []
         for i, block in enumerate(self.blocks):
-            losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i), mse)
+            losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i))
             out.append(losses)
             s, t = losses.s, losses.t
         return out

@@ -164,8 +164,7 @@ class Pipeline:
             for opt in pair:
                 opt.zero_grad()
             with self.precision.autocast():  # per thread: each stage enters it itself
-                out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss,
-                                             model.mse_function(s_prev.device))
+                out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss)
             (out.loss_as + out.loss_ae).backward()
             # A non-finite loss changes nothing, as in the fused step: the scheduler reports it.
             if bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):

@@ -66,7 +66,8 @@ class Trainer:
 
     ``precision``: "fp32", "bf16" (autocast, float32 master weights, optimiser state and
     losses) or "fp16" (CUDA only, with loss scaling); al_ext.precision says more. The fused
-    dense step runs in fp32; bf16 takes the general path.
+    dense step runs in fp32; bf16 takes the general path. ``compile=True`` runs the general
+    path's block steps (or the BP network) through torch.compile.
 
     ``pipeline=True`` (AL only) trains every block at once on consecutive batches
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,
@@ -98,6 +99,7 @@ class Trainer:
         cuda_graphs: bool = False,
         callbacks: Sequence[Any] = (),
         precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -134,7 +136,8 @@ class Trainer:
                                  stages=pipeline_stages, cuda_graphs=cuda_graphs) if pipeline else {})
         self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay), self.lr,
                                           self.ae_lr, scheduler, scheduler_interval, pipeline,
-                                          make_precision(precision, self.model, self.device), **pipeline_options)
+                                          make_precision(precision, self.model, self.device), bool(compile),
+                                          **pipeline_options)
         self.callbacks = list(callbacks)
         self.should_stop = False  # set by a callback to end the run after the batches already started
         self._generator = torch.Generator().manual_seed(seed)

@@ -407,3 +407,19 @@ def test_bad_precision(kwargs, message):
         Trainer(small_mlp().double(), precision="bf16", progress=False)
     with pytest.raises(ValueError, match="backend='fused' cannot train this way: the fused dense step has no bf16"):
         Trainer(small_mlp(backend="fused"), precision="bf16", progress=False)
+
+
+def test_compile_runs_the_block_steps_through_torch_compile():
+    x, y = data(32)
+    models = [small_mlp(backend="reference") for _ in range(2)]
+    engines = [Trainer(m, batch_size=16, compile=c, progress=False).engine for m, c in zip(models, (False, True))]
+    assert engines[1]._compiled is not None and isinstance(engines[1], ALEngine)
+    for _ in range(2):
+        losses = [e.step(x, y) for e in engines]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="compile=True compiles the sequential engine"):
+        Trainer(small_mlp(), compile=True, pipeline=True, progress=False)
+    with pytest.raises(ValueError, match="compile=True compiles the general path"):
+        Trainer(small_mlp(backend="fused"), compile=True, progress=False)

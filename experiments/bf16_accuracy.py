@@ -1,0 +1,84 @@
+"""bf16 training lands where float32 training does: ALMLP and ALCNN on the MNIST-test split,
+three seeds, each model trained in float32 and in bf16 from the same initial weights.
+
+    python experiments/bf16_accuracy.py         (about 10 minutes on 2 CPU cores)
+
+Data and models as in experiments/al_vs_bp.py: the MNIST test set, 7000 train / 1000
+validation / 2000 test (split seed 0); ALMLP at the NECO widths, ALCNN at half of them;
+Adam lr 1e-3 (AL's (g, h) at 2e-3), batch 32, model seeds 0, 1, 2. float32 trains with the
+Trainer's default engine (the fused step for ALMLP); bf16 with precision="bf16" (autocast,
+float32 master weights, Adam state and losses). The best epoch is chosen on validation only.
+Writes experiments/results/bf16_accuracy.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import al_ext
+from al_ext.models import ALCNN
+
+MODELS = {
+    "ALMLP": (lambda: al_ext.ALMLP(784, 10), 5),
+    "ALCNN (half width)": (lambda: ALCNN(channels=((16, 16), (16, 16), (32, 32), (32, 32)), label_dim=128), 3),
+}
+PRECISIONS = ("fp32", "bf16")
+
+
+def run(model: torch.nn.Module, parts: al_ext.data.DatasetSplits, epochs: int, precision: str) -> dict[str, float]:
+    trainer = al_ext.Trainer(model, lr=1e-3, batch_size=32, precision=precision, progress=False)
+    start = time.perf_counter()
+    history = trainer.fit(parts.train, parts.val, epochs=epochs)
+    final = trainer.evaluate(parts.test)["accuracy"]
+    trainer.restore_best()
+    return {"final": final, "at_best_val": trainer.evaluate(parts.test)["accuracy"], "best_epoch": trainer.best["epoch"],
+            "samples_per_s": statistics.mean(r["samples_per_s"] for r in history),
+            "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    x, y = al_ext.data.load_mnist_test()
+    parts = al_ext.data.split_dataset(x, y, val=1000, test=2000, seed=0)
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for name, (make, epochs) in MODELS.items():
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            first = make()
+            for precision in PRECISIONS:
+                model = make()
+                model.load_state_dict(first.state_dict())
+                results.setdefault(name, {}).setdefault(precision, []).append(run(model, parts, epochs, precision))
+                print(f"{name} seed {seed} {precision}: {results[name][precision][-1]}", flush=True)
+    seconds = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bf16_accuracy.json").write_text(json.dumps({"seeds": args.seeds, "results": results,
+                                                             "seconds": seconds}, indent=2))
+
+    def summary(runs: list[dict[str, float]], key: str, scale: float = 100.0, digits: int = 2) -> str:
+        values = [scale * r[key] for r in runs]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    print(f"\n| model | epochs | precision | test % final | test % at best val | samples/s |  (mean ± sd over "
+          f"{len(args.seeds)} seeds)")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for name, (_, epochs) in MODELS.items():
+        for precision in PRECISIONS:
+            runs = results[name][precision]
+            print(f"| {name} | {epochs} | {precision} | {summary(runs, 'final')} | {summary(runs, 'at_best_val')} | "
+                  f"{summary(runs, 'samples_per_s', 1.0, 0)} |")
+    print(f"took {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
