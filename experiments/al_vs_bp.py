@@ -13,21 +13,13 @@ experiments/results/al_vs_bp.json and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import al_ext
-from al_ext.models import ALCNN
-
-MODELS = {
-    "ALMLP": (lambda: al_ext.ALMLP(784, 10), 5),
-    "ALCNN (half width)": (lambda: ALCNN(channels=((16, 16), (16, 16), (32, 32), (32, 32)), label_dim=128), 3),
-}
+from seeded_mnist import MODELS, mean_sd, mnist_split, parse_args
 
 
 def run(model: torch.nn.Module, parts: al_ext.data.DatasetSplits, epochs: int) -> dict[str, float]:
@@ -39,13 +31,9 @@ def run(model: torch.nn.Module, parts: al_ext.data.DatasetSplits, epochs: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     start = time.perf_counter()
-    x, y = al_ext.data.load_mnist_test()
-    parts = al_ext.data.split_dataset(x, y, val=1000, test=2000, seed=0)
+    parts = mnist_split()
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for name, (make, epochs) in MODELS.items():
         for seed in args.seeds:
@@ -60,18 +48,13 @@ def main() -> None:
     (args.out / "al_vs_bp.json").write_text(json.dumps({"seeds": args.seeds, "results": results, "seconds": seconds},
                                                        indent=2))
 
-    def summary(runs: list[dict[str, float]], key: str) -> str:
-        values = [100 * r[key] for r in runs]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.2f} ± {spread:.2f}"
-
     print(f"\n| model | epochs | AL final | BP final | AL at best val | BP at best val |  (test %, mean ± sd over "
           f"{len(args.seeds)} seeds)")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (_, epochs) in MODELS.items():
         al, bp = results[name]["AL"], results[name]["BP"]
-        print(f"| {name} | {epochs} | {summary(al, 'final')} | {summary(bp, 'final')} | {summary(al, 'at_best_val')} | "
-              f"{summary(bp, 'at_best_val')} |")
+        print(f"| {name} | {epochs} | {mean_sd(al, 'final')} | {mean_sd(bp, 'final')} | {mean_sd(al, 'at_best_val')} | "
+              f"{mean_sd(bp, 'at_best_val')} |")
     print(f"took {seconds:.0f} s")
 
 

@@ -3,7 +3,7 @@ three seeds, each model trained in float32 and in bf16 from the same initial wei
 
     python experiments/bf16_accuracy.py         (about 10 minutes on 2 CPU cores)
 
-Data and models as in experiments/al_vs_bp.py: the MNIST test set, 7000 train / 1000
+Data and models as in experiments/al_vs_bp.py (experiments/seeded_mnist.py): the MNIST test set, 7000 train / 1000
 validation / 2000 test (split seed 0); ALMLP at the NECO widths, ALCNN at half of them;
 Adam lr 1e-3 (AL's (g, h) at 2e-3), batch 32, model seeds 0, 1, 2. float32 trains with the
 Trainer's default engine (the fused step for ALMLP); bf16 with precision="bf16" (autocast,
@@ -12,21 +12,15 @@ Writes experiments/results/bf16_accuracy.json and prints a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import al_ext
-from al_ext.models import ALCNN
+from seeded_mnist import MODELS, mean_sd, mnist_split, parse_args
 
-MODELS = {
-    "ALMLP": (lambda: al_ext.ALMLP(784, 10), 5),
-    "ALCNN (half width)": (lambda: ALCNN(channels=((16, 16), (16, 16), (32, 32), (32, 32)), label_dim=128), 3),
-}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -42,13 +36,9 @@ def run(model: torch.nn.Module, parts: al_ext.data.DatasetSplits, epochs: int, p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     start = time.perf_counter()
-    x, y = al_ext.data.load_mnist_test()
-    parts = al_ext.data.split_dataset(x, y, val=1000, test=2000, seed=0)
+    parts = mnist_split()
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for name, (make, epochs) in MODELS.items():
         for seed in args.seeds:
@@ -64,19 +54,14 @@ def main() -> None:
     (args.out / "bf16_accuracy.json").write_text(json.dumps({"seeds": args.seeds, "results": results,
                                                              "seconds": seconds}, indent=2))
 
-    def summary(runs: list[dict[str, float]], key: str, scale: float = 100.0, digits: int = 2) -> str:
-        values = [scale * r[key] for r in runs]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-
     print(f"\n| model | epochs | precision | test % final | test % at best val | samples/s |  (mean ± sd over "
           f"{len(args.seeds)} seeds)")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     for name, (_, epochs) in MODELS.items():
         for precision in PRECISIONS:
             runs = results[name][precision]
-            print(f"| {name} | {epochs} | {precision} | {summary(runs, 'final')} | {summary(runs, 'at_best_val')} | "
-                  f"{summary(runs, 'samples_per_s', 1.0, 0)} |")
+            print(f"| {name} | {epochs} | {precision} | {mean_sd(runs, 'final')} | {mean_sd(runs, 'at_best_val')} | "
+                  f"{mean_sd(runs, 'samples_per_s', 1.0, 0)} |")
     print(f"took {seconds:.0f} s")
 
 
