@@ -12,14 +12,20 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+from .validation import check_positive_int
+
+# The hooks the Trainer calls, on any callback that has them.
+HOOKS: tuple[str, ...] = ("on_step", "on_validation", "on_epoch", "close")
+
 
 class Callback:
     """A base with every hook doing nothing; override the ones you need."""
 
     def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
         """``record``: epoch, batch (in the epoch, from 0), step (over the run, from 1),
-        samples, lr, samples_per_s (of this batch), and the losses (loss_as and loss_ae per
-        block for AL, loss for BP)."""
+        samples, samples_per_s (of this batch), the losses (loss_as and loss_ae per block for
+        AL, loss for BP), and lr: the first optimiser's rate when the batch is reported, so
+        after its step (pipelined, block 1's stage may already be batches further on)."""
 
     def on_validation(self, trainer: Any, metrics: dict[str, Any]) -> None:
         """``metrics``: epoch, accuracy, and for AL the accuracy of every shortcut depth."""
@@ -49,7 +55,7 @@ class _FileLogger(Callback):
     def __init__(self, log_dir: str | Path, every: int = 1) -> None:
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.every = every
+        self.every = check_positive_int(every, "every")
 
     def _write(self, name: str, record: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -120,7 +126,7 @@ class TensorBoardLogger(Callback):
         except ImportError as exc:
             raise ImportError("TensorBoardLogger needs the tensorboard package: pip install al-ext[tensorboard]") from exc
         self.writer = SummaryWriter(str(log_dir))
-        self.every = every
+        self.every = check_positive_int(every, "every")
 
     def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
         if record["step"] % self.every == 0:

@@ -184,6 +184,8 @@ def _format_epoch(name: str, record: dict[str, Any], epochs: int) -> str:
         if "val_shortcut_accuracy" in record:
             parts.append("by depth [" + " ".join(f"{v:.3f}" for v in record["val_shortcut_accuracy"]) + "]")
     parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+    if "collapse_warning" in record:
+        parts.append(f"\n  warning: {record['collapse_warning']}")
     return "  ".join(parts)
 
 
@@ -191,8 +193,10 @@ def _step_scheduler(name: str, total_steps: int) -> Any:
     """A per-batch schedule over the whole run, for every optimiser."""
     if name == "cosine":
         return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    # The learning rate alone: cycling momentum too would change the betas that the fused step
+    # holds for a run, and send the MLP to the general path.
     return lambda opt: torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[10 * g["lr"] for g in opt.param_groups], total_steps=total_steps)
+        opt, max_lr=[10 * g["lr"] for g in opt.param_groups], total_steps=total_steps, cycle_momentum=False)
 
 
 def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:

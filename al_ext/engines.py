@@ -23,13 +23,11 @@ from . import reference
 from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer, fused_block_optimizer
 from .nn import AssociatedLearning
-from .optim import OptimizerFactory, SchedulerFactory, step_scheduler
-from .pipeline import Pipeline
-from .precision import Precision
+from .optim import OptimizerFactory, OptimizerSpec, SchedulerFactory, optimizer_factory, step_scheduler
+from .pipeline import Batch, BatchCallback, Pipeline
+from .precision import Precision, make_precision
+from .validation import check_positive_float
 
-Batch = tuple[Tensor, Tensor]
-# on_batch(index in the run, losses): a true result stops the run after the batches started.
-BatchCallback = Callable[[int, Tensor], Any]
 
 
 class Engine:
@@ -161,11 +159,8 @@ class ALEngine(Engine):
         with self.precision.autocast():
             blocks = self._block_losses(x, y)  # the losses come out in float32 at least
         losses = torch.stack([torch.stack(pair) for pair in blocks]).detach()
-        bad = ~torch.isfinite(losses)
-        if bool(bad.any()):  # one wait per batch, and nothing updated
-            block, which = (int(i) for i in bad.nonzero()[0])
-            raise NonFiniteLossError(("L_as", "L_ae")[which], losses[block, which].item(), block=block + 1,
-                                     detail="no block was updated on this batch")
+        if not bool(torch.isfinite(losses).all()):  # one wait per batch, and nothing updated
+            raise NonFiniteLossError.first_in(losses, "no block was updated on this batch")
         self.precision.backward(sum(loss_as + loss_ae for loss_as, loss_ae in blocks))
         for opt in self.optimizers:
             self.precision.step(opt)
@@ -201,12 +196,11 @@ class FusedALEngine(Engine):
                 raise NonFiniteLossError(exc.loss, exc.value, block=i + 1, detail=_updated_before(i)) from None
             losses.append(torch.stack([loss_as, loss_ae]))
         values = torch.stack(losses)
-        bad = ~torch.isfinite(values)
-        if on_cuda and bool(bad.any()):
-            block, which = (int(i) for i in bad.nonzero()[0])
-            raise NonFiniteLossError(("L_as", "L_ae")[which], values[block, which].item(), block=block + 1,
-                                     detail=_updated_before(block) + "; later blocks trained on its outputs only "
-                                     "where their own losses were finite")
+        if on_cuda and not bool(torch.isfinite(values).all()):
+            error = NonFiniteLossError.first_in(values)
+            raise NonFiniteLossError(error.loss, error.value, error.block,
+                                     detail=_updated_before(error.block - 1) + "; later blocks trained on its outputs "
+                                     "only where their own losses were finite")
         return values
 
 
@@ -243,11 +237,6 @@ class PipelinedALEngine(Engine):
         return [] if run is None else [s["idle_fraction"] for s in run.stages]
 
 
-def _al_optimizers(model: AssociatedLearning, factory: OptimizerFactory, lr: float, ae_lr: float
-                   ) -> list[torch.optim.Optimizer]:
-    return [opt for fb, gh in model.parameter_groups() for opt in (factory(fb, lr), factory(gh, ae_lr))]
-
-
 def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.optim.Optimizer],
                       precision: Precision, compile: bool) -> list[FusedBlockOptimizer] | str:
     """The fused optimisers that do what the torch ones would, or why there are none."""
@@ -262,40 +251,57 @@ def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.op
         return str(exc)
 
 
-def make_engine(model: nn.Module, optimizer: OptimizerFactory, lr: float, ae_lr: float,
+def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: float | None = None,
                 scheduler: SchedulerFactory | None = None, scheduler_interval: str = "step",
-                pipeline: bool = False, precision: Precision | None = None, compile: bool = False,
+                pipeline: bool = False, precision: Precision | str = "fp32", compile: bool = False,
                 **pipeline_options: Any) -> Engine:
-    """The engine for ``model``: BP for a plain classifier; for AL the fused engine where the
-    model's backend takes it (dense blocks; "auto" on the CPU), the optimiser has a fused form
-    (Adam, AdamW, SGD) and the precision is fp32, else autograd; pipelined if ``pipeline``.
-    ``optimizer(params, lr)`` makes each optimiser (AL: (f, b) with ``lr``, (g, h) with
-    ``ae_lr``); ``scheduler(opt)``, if given, a scheduler for each. ``compile=True`` compiles
-    each block's forward pass and losses (ALEngine), or the network's forward pass (BP)."""
-    precision = precision or Precision()
+    """The engine for ``model`` (on its device): BP for a plain classifier; for AL the fused
+    engine where the model's backend takes it (dense blocks; "auto" on the CPU), the optimiser
+    has a fused form (Adam, AdamW, SGD), the precision is fp32 and no schedule cycles momentum,
+    else autograd; pipelined if ``pipeline``. ``optimizer``: a name ("adam", "adamw", "sgd")
+    or a callable ``(params, lr) -> Optimizer`` (AL: (f, b) with ``lr``, (g, h) with ``ae_lr``,
+    2 x lr by default); ``scheduler(opt)``, if given, makes a scheduler for each. ``compile=True``
+    compiles each block's forward pass and losses (ALEngine), or the network's forward pass (BP)."""
+    factory = optimizer_factory(optimizer)
+    lr = check_positive_float(lr, "lr")
+    ae_lr = 2.0 * lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")
+    if isinstance(precision, str):
+        precision = make_precision(precision, model, next(model.parameters()).device)
     if not isinstance(model, AssociatedLearning):
         if pipeline:
             raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
-        optimizers = [optimizer(model.parameters(), lr)]
+        optimizers = [factory(model.parameters(), lr)]
         return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval, precision, compile)
-    optimizers: list[Any] = _al_optimizers(model, optimizer, lr, ae_lr)
     if compile and pipeline:
         raise ValueError("compile=True compiles the sequential engine's block steps; the pipeline runs them "
                          "uncompiled (use one or the other)")
+    optimizers: list[Any] = _al_optimizers(model, factory, lr, ae_lr)
+    schedulers: list[Any] | None = None
     if model.uses_fused_step():
         fused = _fused_optimizers(model, optimizers, precision, compile)
         if isinstance(fused, list):
-            optimizers = fused
-        elif model.backend == "fused":
+            fused_schedulers = _schedulers(scheduler, fused)
+            if any(getattr(s, "cycle_momentum", False) for s in fused_schedulers):
+                fused = ("a schedule that cycles momentum (OneCycleLR or CyclicLR with cycle_momentum=True) changes "
+                         "the betas or momentum that the fused step holds for a run")
+            else:
+                optimizers, schedulers = fused, fused_schedulers
+        if isinstance(fused, str) and model.backend == "fused":
             raise ValueError(f"backend='fused' cannot train this way: {fused}. The general path takes any torch "
                              "optimiser and precision: build the model with backend='reference' (or 'auto', which "
                              "falls back)")
-    schedulers = _schedulers(scheduler, optimizers)
+    if schedulers is None:
+        schedulers = _schedulers(scheduler, optimizers)
     if pipeline:
         return PipelinedALEngine(model, optimizers, schedulers, scheduler_interval, precision, **pipeline_options)
     if isinstance(optimizers[0], FusedBlockOptimizer):
         return FusedALEngine(model, optimizers, schedulers, scheduler_interval, precision)
     return ALEngine(model, optimizers, schedulers, scheduler_interval, precision, compile)
+
+
+def _al_optimizers(model: AssociatedLearning, factory: OptimizerFactory, lr: float, ae_lr: float
+                   ) -> list[torch.optim.Optimizer]:
+    return [opt for fb, gh in model.parameter_groups() for opt in (factory(fb, lr), factory(gh, ae_lr))]
 
 
 def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.Optimizer]) -> list[Any]:

@@ -2,6 +2,11 @@
 callers branch on types and attributes, never on message text."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 class NonFiniteLossError(FloatingPointError):
     """A training step met a loss that is NaN or infinite, and was refused: the parameters
@@ -31,6 +36,14 @@ class NonFiniteLossError(FloatingPointError):
             text += f" ({self.detail})"
         return text + " (lower the learning rate, or check the data for NaN or inf)"
 
+    @classmethod
+    def first_in(cls, losses: Tensor, detail: str = "") -> NonFiniteLossError:
+        """The error for the first non-finite entry of AL losses (blocks, 2): block by block,
+        L_as before L_ae (the order the executor reports them in)."""
+        bad = (~losses.isfinite()).nonzero()
+        block, which = (int(i) for i in bad[0])
+        return cls(("L_as", "L_ae")[which], losses[block, which].item(), block=block + 1, detail=detail)
+
     def at_batch(self, batch: int) -> NonFiniteLossError:
         """The same error, placed at a batch (its index in the run or epoch)."""
         return NonFiniteLossError(self.loss, self.value, self.block, batch, self.epoch, self.detail)
@@ -40,5 +53,5 @@ class NonFiniteLossError(FloatingPointError):
         return NonFiniteLossError(self.loss, self.value, self.block, self.batch if batch is None else batch, epoch,
                                   self.detail)
 
-    def __reduce__(self):  # picklable across processes (torch.multiprocessing, distributed ranks)
+    def __reduce__(self) -> tuple[type, tuple]:  # picklable across processes (torch.multiprocessing, distributed ranks)
         return NonFiniteLossError, (self.loss, self.value, self.block, self.batch, self.epoch, self.detail)

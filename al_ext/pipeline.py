@@ -29,7 +29,7 @@ from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
 from .precision import FP16Precision, Precision
-from .validation import check_positive_int
+from .validation import check_batch_pair, check_positive_int
 
 Batch = tuple[Tensor, Tensor]
 Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler (ReduceLROnPlateau has no per-step form)
@@ -122,9 +122,11 @@ class Pipeline:
                              f"they are on {', '.join(sorted({str(d) for d in self.block_devices}))}")
         cores = torch.get_num_threads()
         default_stages = model.depth if self.on_cuda else min(model.depth, cores)
-        self.stages = check_positive_int(stages or default_stages, "stages")
+        # More stages than blocks would leave some empty: the blocks bound them.
+        self.stages = min(model.depth, default_stages if stages is None else check_positive_int(stages, "stages"))
         default_threads = max(1, cores // self.stages) if pipelined else cores
-        self.threads_per_stage = check_positive_int(threads_per_stage or default_threads, "threads_per_stage")
+        self.threads_per_stage = (default_threads if threads_per_stage is None
+                                  else check_positive_int(threads_per_stage, "threads_per_stage"))
         self.precision = precision or Precision()
         if isinstance(self.precision, FP16Precision):
             raise ValueError("the pipeline trains in fp32 or bf16: fp16's loss scale is one state for every block, "
@@ -214,14 +216,19 @@ class Pipeline:
         copy overlaps the work already queued)."""
         device = self.block_devices[0]
         for batch in batches:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError(f"each batch must be an (inputs, labels) pair, got {type(batch).__name__}")
-            x, y = batch
-            x = x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+            check_batch_pair(batch, "each batch")
+            x, y = (t.to(device, non_blocking=True) if isinstance(t, Tensor) else t for t in batch)
             yield self.model.check_input(x).detach(), self.model.label_targets(y)
 
+    @property
+    def lookahead(self) -> int:
+        """The batches a full pipeline holds: one in each stage and ``max_in_flight`` in each
+        queue between two stages; ``train`` runs at most this many ahead of its reader."""
+        stages = len(_C.balanced_groups(self.block_costs, self.stages)) if self.pipelined else 1
+        return stages + (stages - 1) * self.max_in_flight
+
     def run(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None,
-            should_stop: Callable[[], bool] | None = None) -> PipelineRun:
+            should_abort: Callable[[], bool] | None = None, max_unreported: int = 0) -> PipelineRun:
         """Trains every block on every (inputs, labels) batch of ``batches``, in order; any
         iterable will do (a list, a generator, a DataLoader), and it is read lazily.
 
@@ -229,8 +236,10 @@ class Pipeline:
         completes on every block (losses: (blocks, 2) float64). If it returns a true value, no
         further batch is pulled; those already pulled still train on every block, so the
         parameters are those of sequential training on the batches trained
-        (``len(run.losses)``). ``should_stop()``, polled, stops the run at once
-        (KeyboardInterrupt), as Ctrl-C does.
+        (``len(run.losses)``). ``max_unreported`` > 0 (pipelined): a batch is pulled only
+        once ``on_batch`` has returned for the batch that many before it, so a slow
+        ``on_batch`` slows the run rather than falling behind it. ``should_abort()``, polled,
+        stops the run at once (KeyboardInterrupt), as Ctrl-C does.
 
         Raises NonFiniteLossError (a block's loss was NaN or inf: that block's step was
         refused) or PipelineError (a block failed) naming the block and the batch, and
@@ -248,7 +257,7 @@ class Pipeline:
             with torch.no_grad() if self._fused is not None else torch.enable_grad():
                 out = _C.run_blocks(self._block_steps(), self._prepared(batches), self.pipelined, starts,
                                     self.max_in_flight, self.threads_per_stage, self._stage_devices(starts),
-                                    on_batch=on_batch, should_stop=should_stop)
+                                    on_batch=on_batch, should_abort=should_abort, max_unreported=max_unreported)
         finally:
             for opt in self._fused or []:
                 opt.scheduler_run_done()
@@ -279,19 +288,22 @@ class Pipeline:
 
         Leaving the loop (break, an exception) stops the run gracefully: every block ends
         having trained on the same batches. The run goes on in a helper thread while the loop
-        body runs; ``last_run`` holds its PipelineRun afterwards.
+        body runs, at most ``lookahead + max_in_flight + 1`` batches beyond those the loop
+        has taken, so a slow loop body slows training and a break stops it soon;
+        ``last_run`` holds its PipelineRun afterwards.
         """
-        results: queue.Queue[Any] = queue.Queue()
+        results: queue.Queue[Any] = queue.Queue(maxsize=self.max_in_flight)
         stop, abort = threading.Event(), threading.Event()
         done = object()
 
         def on_batch(index: int, losses: Tensor) -> bool:
-            results.put(losses)
+            if not stop.is_set():
+                results.put(losses)  # waits while the loop is max_in_flight batches behind
             return stop.is_set()
 
         def target() -> None:
             try:
-                self.run(batches, on_batch=on_batch, should_stop=abort.is_set)
+                self.run(batches, on_batch=on_batch, should_abort=abort.is_set, max_unreported=self.lookahead)
                 results.put(done)
             except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
                 results.put(exc)
@@ -311,6 +323,11 @@ class Pipeline:
             raise
         finally:
             stop.set()
+            while worker.is_alive():  # drained, so that no put waits for a reader that has left
+                try:
+                    results.get(timeout=0.05)
+                except queue.Empty:
+                    pass
             worker.join()
 
 

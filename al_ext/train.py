@@ -7,7 +7,8 @@ import collections
 import copy
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -16,13 +17,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .callbacks import Callback
+from .callbacks import HOOKS
+from .collapse import collapse_warning
 from .engines import Engine, PipelinedALEngine, make_engine
+from .pipeline import Pipeline
 from .errors import NonFiniteLossError
 from .nn import AssociatedLearning, check_token_batch
 from .precision import make_precision
 from .optim import SCHEDULER_INTERVALS, OptimizerSpec, SchedulerFactory, named_schedule, neco_lr_factor, optimizer_factory
 from .validation import (
+    check_batch_pair,
     check_choice,
     check_finite,
     check_float_tensor,
@@ -112,7 +116,7 @@ class Trainer:
         if weight_decay is not None and (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
                                          or not weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-        if not (optimizer is None or isinstance(optimizer, str) or callable(optimizer)):
+        if not (isinstance(optimizer, str) or callable(optimizer)):
             raise TypeError(f"optimizer must be a name or a callable (params, lr) -> Optimizer, got {optimizer!r}")
         if scheduler is not None and not callable(scheduler):
             raise TypeError(f"scheduler must be a callable optimizer -> LRScheduler, got {scheduler!r}")
@@ -139,6 +143,10 @@ class Trainer:
                                           make_precision(precision, self.model, self.device), bool(compile),
                                           **pipeline_options)
         self.callbacks = list(callbacks)
+        for i, callback in enumerate(self.callbacks):
+            if not any(hasattr(callback, hook) for hook in HOOKS):
+                raise TypeError(f"callbacks[{i}] must have at least one of {', '.join(HOOKS)} (al_ext.callbacks."
+                                f"Callback), got {type(callback).__name__}")
         self.should_stop = False  # set by a callback to end the run after the batches already started
         self._generator = torch.Generator().manual_seed(seed)
         # Where the run is: epochs done, batches done in the current epoch, batches in all.
@@ -159,7 +167,7 @@ class Trainer:
         return self.engine.optimizers
 
     @property
-    def pipeline(self) -> Any:
+    def pipeline(self) -> Pipeline | None:
         return self.engine.pipeline if isinstance(self.engine, PipelinedALEngine) else None
 
     # ---- data -------------------------------------------------------------------------
@@ -189,8 +197,7 @@ class Trainer:
         """The batches, made one at a time as they are asked for."""
         if isinstance(data, DataLoader):
             for batch in data:
-                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise TypeError(f"{name}: the DataLoader must yield (inputs, labels) pairs")
+                check_batch_pair(batch, f"each batch of the {name} DataLoader")
                 yield self._check_pair(batch[0], batch[1], name)
             return
         x, y = data
@@ -210,17 +217,22 @@ class Trainer:
         self._generator.set_state(self._epoch_start["generator"])
         torch.set_rng_state(self._epoch_start["torch"])  # a DataLoader draws its shuffle from torch's RNG
         batches = self._batches(train, "train", self.batch_size, shuffle=True)
-        skipped = list(itertools.islice(batches, self.position)) if self.position else []
-        if len(skipped) < self.position:
-            raise ValueError(f"the checkpoint is {self.position} batches into an epoch, but train has {len(skipped)}")
-        del skipped
+        skipped = sum(1 for _ in itertools.islice(batches, self.position))  # one batch in memory at a time
+        if skipped < self.position:
+            raise ValueError(f"the checkpoint is {self.position} batches into an epoch, but train has {skipped}")
         if self.position:
             torch.set_rng_state(now)
         return batches
 
     @staticmethod
-    def _num_batches(data: Data, batch_size: int) -> int:
-        return len(data) if isinstance(data, DataLoader) else -(-data[0].shape[0] // batch_size)
+    def _num_batches(data: Data, batch_size: int) -> int | None:
+        """Batches in an epoch; None for a DataLoader over an IterableDataset, which has no length."""
+        if isinstance(data, DataLoader):
+            try:
+                return len(data)
+            except TypeError:
+                return None
+        return -(-data[0].shape[0] // batch_size)
 
     # ---- training ----------------------------------------------------------------------
 
@@ -235,7 +247,7 @@ class Trainer:
         train: Data,
         val: Data | None = None,
         epochs: int = 10,
-        on_epoch: Any = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
         checkpoint: str | Path | None = None,
         checkpoint_every: int | None = None,
         save_best: str | Path | None = None,
@@ -336,7 +348,7 @@ class Trainer:
             bar.close()
         if self._totals["samples"] == 0:
             raise ValueError("train holds no samples")
-        return not self.should_stop or self.position >= total
+        return not self.should_stop or (total is not None and self.position >= total)
 
     def _account(self, size: int, losses: Tensor, seconds: float, bar: Any) -> None:
         """A batch is done: the epoch's sums, the step hooks, the progress bar."""
@@ -375,6 +387,11 @@ class Trainer:
         record["val_accuracy"] = metrics["accuracy"]
         if self.is_al:
             record["val_shortcut_accuracy"] = metrics["shortcut_accuracy"]
+            warning = collapse_warning(record["loss_ae"][0], metrics["shortcut_accuracy"], self.num_classes,
+                                       self.model.ae_loss_of(0))
+            if warning is not None:
+                record["collapse_warning"] = warning
+                warnings.warn(f"epoch {self.epoch + 1}: {warning}", RuntimeWarning, stacklevel=3)
         if self.best is None or metrics["accuracy"] > self.best["val_accuracy"]:
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self._best_path is not None:

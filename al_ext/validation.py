@@ -68,3 +68,9 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_batch_pair(batch: Any, what: str) -> None:
+    """A batch is an (inputs, labels) pair."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{what} must be an (inputs, labels) pair, got {type(batch).__name__}")

@@ -61,7 +61,7 @@ def test_save_writes_the_final_state_and_save_best_the_best_weights(tmp_path):
     assert result.returncode == 0, result.stderr
     model = al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2)
     onecycle = lambda opt: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731 - as the CLI builds it
-        opt, max_lr=[10 * g["lr"] for g in opt.param_groups], total_steps=120)
+        opt, max_lr=[10 * g["lr"] for g in opt.param_groups], total_steps=120, cycle_momentum=False)
     trainer = al_ext.Trainer(model, optimizer="adamw", scheduler=onecycle, progress=False)
     trainer.load(tmp_path / "final.pt")  # the run's last state, resumable, not the best epoch's weights
     assert trainer.epoch == 3 and len(trainer.history) == 3 and trainer.global_step == 3 * 40

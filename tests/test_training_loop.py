@@ -2,6 +2,7 @@
 per-step schedule (pipelined equal to sequential), your own loop, hooks and loggers, step-exact
 resume, and the errors every engine raises."""
 import csv
+import math
 import json
 
 import pytest
@@ -37,8 +38,9 @@ def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def one_cycle(opt):
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3 * g["lr"] for g in opt.param_groups], total_steps=40)
+def one_cycle(opt, cycle_momentum=False):
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3 * g["lr"] for g in opt.param_groups], total_steps=40,
+                                               cycle_momentum=cycle_momentum)
 
 
 # ---- engines and optimisers ----------------------------------------------------------------
@@ -102,6 +104,19 @@ def test_pipelined_equals_sequential_with_a_schedule(backend, interval):
     assert all(s.last_epoch == expected for s in trainer.engine.schedulers)
 
 
+def test_a_schedule_that_cycles_momentum_takes_the_general_path():
+    cycling = lambda opt: one_cycle(opt, cycle_momentum=True)  # noqa: E731 - changes Adam's beta1 every step
+    assert isinstance(Trainer(small_mlp(), scheduler=cycling, progress=False).engine, ALEngine)
+    with pytest.raises(ValueError, match="a schedule that cycles momentum .* changes the betas or momentum"):
+        Trainer(small_mlp(backend="fused"), scheduler=cycling, progress=False)
+    x, y = (t[:48] for t in data())
+    models = [small_mlp(backend=b).double() for b in ("auto", "reference")]
+    for model in models:
+        Trainer(model, lr=0.02, batch_size=16, scheduler=cycling, progress=False).fit((x.double(), y), epochs=2)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 def test_cuda_graphs_refuse_a_per_step_schedule():
     model = small_mlp()
     opts = Trainer(model, progress=False).optimizers
@@ -123,10 +138,12 @@ def test_the_pipeline_pulls_batches_only_as_it_trains_them():
     model = small_mlp(hidden=(24, 16, 12))
     pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, stages=3, max_in_flight=2)
     ahead = []
-    run = pipeline.run(stream(), on_batch=lambda j, losses: ahead.append(len(pulled) - j))
+    run = pipeline.run(stream(), on_batch=lambda j, losses: ahead.append(len(pulled) - j),
+                       max_unreported=pipeline.lookahead)
     assert run.losses.shape == (40, 3, 2)
-    # Pulled, not yet done: one batch in each of 3 stages and 2 in each of the 2 queues, at most.
-    assert max(ahead) <= 3 + 2 * 2, ahead
+    # When batch j is reported, batches 0..j-1 are: at most lookahead more were pulled, which is
+    # one batch in each of 3 stages and 2 in each of the 2 queues.
+    assert pipeline.lookahead == 7 and max(ahead) <= pipeline.lookahead, ahead
 
 
 def test_your_own_loop_stops_early_with_every_block_on_the_same_batches():
@@ -142,10 +159,11 @@ def test_your_own_loop_stops_early_with_every_block_on_the_same_batches():
             seen.append(losses)
             if step == 4:
                 break
-        return model, len(pipeline.last_run.losses), seen
+        return model, len(pipeline.last_run.losses), seen, pipeline
 
-    model, trained, seen = one_thread(pipelined)
-    assert 5 <= trained <= 5 + 3 + 2 * 2
+    model, trained, seen, pipeline = one_thread(pipelined)
+    assert pipeline.lookahead == 3 + 2 * 2  # a batch in each stage, max_in_flight in each queue
+    assert 5 <= trained <= 5 + pipeline.lookahead + pipeline.max_in_flight + 1
     twin = small_mlp(hidden=(24, 16, 12))
     engine = make_engine(twin, optimizer_factory("adam"), 1e-3, 2e-3)
     own = one_thread(lambda: [engine.step(*twin_batch) for twin_batch in batches[:trained]])
@@ -208,9 +226,9 @@ def test_callbacks_see_every_step_epoch_and_validation(pipeline):
 
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_a_callback_stops_the_run(pipeline):
-    trainer = Trainer(small_mlp(), batch_size=16, callbacks=[Recorder(stop_at=3)], pipeline=pipeline, progress=False)
-    history = trainer.fit(data(), epochs=5)
-    assert history == [] and trainer.epoch == 0 and 3 <= trainer.position < 6
+    trainer = Trainer(small_mlp(), batch_size=8, callbacks=[Recorder(stop_at=3)], pipeline=pipeline, progress=False)
+    history = trainer.fit(data(256), epochs=5)  # 32 batches an epoch
+    assert history == [] and trainer.epoch == 0 and 3 <= trainer.position < 32
 
 
 def test_loggers_write_json_lines_and_csv(tmp_path):
@@ -323,6 +341,7 @@ def test_the_package_exposes_its_modules():
     ({"scheduler_interval": "batch"}, "scheduler_interval must be one of 'step', 'epoch', got 'batch'"),
     ({"schedule": "neco", "scheduler": one_cycle}, "give schedule .* or scheduler .*, not both"),
     ({"weight_decay": -1}, "weight_decay must be a number >= 0"),
+    ({"callbacks": [lambda trainer, record: None]}, "callbacks\\[0\\] must have at least one of on_step"),
     ({"optimizer": lambda p, lr: torch.optim.Adam(p, lr=lr), "weight_decay": 0.1}, "weight_decay goes with an optimizer name"),
 ])
 def test_bad_optimizer_and_schedule_arguments(kwargs, message):
@@ -423,3 +442,22 @@ def test_compile_runs_the_block_steps_through_torch_compile():
         Trainer(small_mlp(), compile=True, pipeline=True, progress=False)
     with pytest.raises(ValueError, match="compile=True compiles the general path"):
         Trainer(small_mlp(backend="fused"), compile=True, progress=False)
+
+
+# ---- a collapsed label side ----------------------------------------------------------------
+
+def test_a_label_side_stuck_at_its_trivial_solution_is_reported():
+    x, y = al_ext.data.load_digits()
+    parts = al_ext.data.split_dataset(x, y, val=0.2, test=0, seed=0)
+    torch.manual_seed(0)
+    model = al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2)
+    with torch.no_grad():  # h_1 predicts 0.1 for every class, and too small a rate keeps it there
+        model.blocks[0].h[0].weight.zero_()
+        model.blocks[0].h[0].bias.fill_(-math.log(9.0))
+    trainer = Trainer(model, lr=1e-9, batch_size=64, progress=False)
+    with pytest.warns(RuntimeWarning, match="label side looks stuck at its trivial solution.*first_ae_loss="):
+        history = trainer.fit(parts.train, parts.val, epochs=1)
+    assert "block 1's L_ae is 0.0900" in history[0]["collapse_warning"]
+    healthy = Trainer(al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2,
+                                   first_ae_loss="cross_entropy"), lr=3e-3, batch_size=32, progress=False)
+    assert all("collapse_warning" not in r for r in healthy.fit(parts.train, parts.val, epochs=3))

@@ -104,7 +104,8 @@ class PythonBatchSource {
 py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::iterable& batches, bool pipelined,
                     std::vector<int> stage_starts, int max_in_flight, int threads_per_stage,
                     const std::vector<std::string>& stage_devices, int hold_back_results,
-                    const std::optional<py::function>& on_batch, const std::optional<py::function>& should_stop) {
+                    const std::optional<py::function>& on_batch, const std::optional<py::function>& should_abort,
+                    int max_unreported) {
   std::vector<BlockStep> steps;
   for (const PyBlockStep& b : block_steps) steps.push_back(b.step);
   RunOptions options;
@@ -113,11 +114,12 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::itera
   options.max_in_flight = max_in_flight;
   options.threads_per_stage = threads_per_stage;
   options.hold_back_results = hold_back_results;
+  options.max_unreported = max_unreported;
   for (const std::string& device : stage_devices) options.stage_devices.emplace_back(device);
-  options.interrupted = [&should_stop] {
+  options.interrupted = [&should_abort] {
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) return true;  // leaves KeyboardInterrupt set for the caller
-    return should_stop && py::cast<bool>((*should_stop)());
+    return should_abort && py::cast<bool>(py::bool_((*should_abort)()));
   };
   if (on_batch) {
     options.on_batch = [&on_batch](int batch, const std::vector<double>& losses) {
@@ -216,12 +218,14 @@ PYBIND11_MODULE(_C, m) {
         "First block of each group of consecutive blocks, balanced so that the costliest group is cheapest.");
   m.def("run_blocks", &run_blocks, py::arg("blocks"), py::arg("batches"), py::arg("pipelined"),
         py::arg("stage_starts"), py::arg("max_in_flight"), py::arg("threads_per_stage"), py::arg("stage_devices"),
-        py::arg("hold_back_results") = 0, py::arg("on_batch") = py::none(), py::arg("should_stop") = py::none(),
+        py::arg("hold_back_results") = 0, py::arg("on_batch") = py::none(), py::arg("should_abort") = py::none(),
+        py::arg("max_unreported") = 0,
         "Trains every block on every (s_0, t_0) batch of an iterable, pulled lazily, pipelined (stages of "
         "consecutive blocks, each on its own thread, and on CUDA its own stream) or sequentially. "
         "on_batch(batch, losses (blocks, 2)) is called on this thread in batch order as each batch completes; "
-        "a true result stops the run once the batches already pulled have trained. should_stop() is polled; true "
-        "stops it at once (KeyboardInterrupt). Returns {'losses', 'blocks', 'stages', 'wall_s'}, or "
+        "a true result stops the run once the batches already pulled have trained; with max_unreported > 0 "
+        "(pipelined), batch j is pulled only once batch j - max_unreported was reported. should_abort() is "
+        "polled; true stops it at once (KeyboardInterrupt). Returns {'losses', 'blocks', 'stages', 'wall_s'}, or "
         "{'error': (block, batch, message, non_finite_loss)} if a block failed. An exception from the iterable "
         "or from on_batch is raised. hold_back_results (tests): CPU stages read each step's results that many "
         "batches late, as a CUDA stage's stream running behind makes them.");

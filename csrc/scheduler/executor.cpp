@@ -257,12 +257,25 @@ class Run {
   void stop() {
     stopping_ = true;
     for (auto& q : queues_) q->close();
+    {
+      std::lock_guard<std::mutex> lock(feed_mutex_);
+    }
+    feed_.notify_all();
   }
 
+  // On the calling thread. A failing `interrupted` ends the run like a failing on_batch:
+  // its exception is rethrown once every worker has stopped.
   bool interrupted_now() {
-    if (options_.interrupted && options_.interrupted()) {
-      interrupted_ = true;
-      stop();
+    if (!options_.interrupted || interrupted_ || reporting_failed_) return interrupted_;
+    try {
+      if (options_.interrupted()) {
+        interrupted_ = true;
+        stop();
+      }
+    } catch (...) {
+      reporting_failed_ = true;
+      fail(std::current_exception());
+      return true;
     }
     return interrupted_;
   }
@@ -284,13 +297,19 @@ class Run {
   // On the calling thread: on_batch for each batch completed since the last call.
   void report_complete_batches() {
     for (auto& [batch, losses] : book_.take_complete()) {
-      if (!options_.on_batch || reporting_failed_) continue;
-      try {
-        if (options_.on_batch(batch, losses)) stop_feeding_ = true;
-      } catch (...) {
-        reporting_failed_ = true;
-        fail(std::current_exception());
+      if (options_.on_batch && !reporting_failed_) {
+        try {
+          if (options_.on_batch(batch, losses)) stop_feeding_ = true;
+        } catch (...) {
+          reporting_failed_ = true;
+          fail(std::current_exception());
+        }
       }
+      {
+        std::lock_guard<std::mutex> lock(feed_mutex_);
+        reported_ = batch + 1;
+      }
+      feed_.notify_all();
     }
   }
 
@@ -327,7 +346,11 @@ class Run {
   }
 
   // The first stage's next batch, or nullopt at the end of the stream (or of the run).
-  std::optional<Batch> next_batch() {
+  std::optional<Batch> next_batch(int index) {
+    if (options_.pipelined && options_.max_unreported > 0) {  // the calling thread reports
+      std::unique_lock<std::mutex> lock(feed_mutex_);
+      feed_.wait(lock, [&] { return index - reported_ < options_.max_unreported || stop_feeding_ || stopping_; });
+    }
     if (stop_feeding_ || stopping_) return std::nullopt;
     std::optional<Batch> batch = source_();
     if (batch) book_.add_batch();
@@ -346,7 +369,7 @@ class Run {
       if (g == 0) {
         current_block_ = w.first_block;  // a failing source is reported at the first block
         current_batch_ = j;
-        std::optional<Batch> batch = next_batch();
+        std::optional<Batch> batch = next_batch(j);
         w.wait_s += seconds_since(start);
         if (!batch) break;  // the end of the stream
         std::tie(s, t) = std::move(*batch);
@@ -388,12 +411,15 @@ class Run {
   std::atomic<bool> stopping_{false};       // a failure or an interrupt: every stage stops now
   std::atomic<bool> stop_feeding_{false};   // on_batch asked to stop: the batches pulled still finish
   std::atomic<bool> interrupted_{false};
-  bool reporting_failed_ = false;           // on_batch threw (calling thread only)
+  bool reporting_failed_ = false;           // on_batch or interrupted threw (calling thread only)
   std::exception_ptr error_;
   std::mutex done_mutex_;
   std::condition_variable done_;
   size_t finished_ = 0;
   bool batches_complete_ = false;           // under done_mutex_: on_batch has news
+  std::mutex feed_mutex_;
+  std::condition_variable feed_;            // the first stage waits here for reports (max_unreported)
+  int reported_ = 0;                        // under feed_mutex_: batches reported to on_batch
   static thread_local int current_block_, current_batch_;  // what this thread is running
 };
 
@@ -422,6 +448,9 @@ RunResult run(const std::vector<BlockStep>& blocks, const BatchSource& source, c
       throw std::invalid_argument("stage_devices must name one device per stage (" + std::to_string(stages) +
                                   "), got " + std::to_string(options.stage_devices.size()));
     }
+  }
+  if (options.max_unreported < 0) {
+    throw std::invalid_argument("max_unreported must be at least 0, got " + std::to_string(options.max_unreported));
   }
   if (options.hold_back_results < 0) {
     throw std::invalid_argument("hold_back_results must be at least 0, got " +

@@ -64,6 +64,10 @@ struct RunOptions {
   // Polled by the calling thread while the run goes on; true stops the run.
   std::function<bool()> interrupted;
   BatchDone on_batch;  // optional
+  // Pipelined: the first stage pulls batch j only once on_batch has been called for batch
+  // j - max_unreported, so that a slow reader (a loop over Pipeline.train) slows training
+  // rather than falling behind it. 0: no limit.
+  int max_unreported = 0;
 };
 
 struct RunResult {

@@ -1,0 +1,38 @@
+"""Noticing a label side stuck at its trivial solution.
+
+AL's first decoder h_1 reconstructs the one-hot labels. Early in training, or at a learning
+rate too small for the batch size, it can settle on predicting the class frequencies for
+every sample: L_ae of block 1 then sits at the loss of that constant prediction, and every
+shortcut path, which decodes through h_1, answers at chance. Nothing fails; the run just
+does not learn. The Trainer checks for it after each validation and says so.
+"""
+from __future__ import annotations
+
+import math
+
+# L_ae within this fraction of the constant prediction's loss counts as "at" it.
+LOSS_TOLERANCE = 0.02
+# Accuracy below this multiple of chance (1 / classes) counts as "at chance".
+CHANCE_MULTIPLE = 1.5
+
+ADVICE = ("try first_ae_loss='cross_entropy' (it leaves the plateau sooner), a smaller batch, a larger ae_lr, "
+          "or more epochs")
+
+
+def trivial_ae_loss(num_classes: int, ae_loss: str) -> float:
+    """Block 1's L_ae when h_1 predicts 1 / C for every class of a balanced one-hot target:
+    MSE (1/C)(1 - 1/C); cross-entropy log C."""
+    return math.log(num_classes) if ae_loss == "cross_entropy" else (1 / num_classes) * (1 - 1 / num_classes)
+
+
+def collapse_warning(first_loss_ae: float, shortcut_accuracy: list[float], num_classes: int,
+                     ae_loss: str) -> str | None:
+    """Why the label side looks collapsed, with what to try; None if it does not."""
+    trivial = trivial_ae_loss(num_classes, ae_loss)
+    at_trivial = abs(first_loss_ae - trivial) <= LOSS_TOLERANCE * trivial
+    at_chance = [k for k, acc in enumerate(shortcut_accuracy, start=1) if acc < CHANCE_MULTIPLE / num_classes]
+    if not (at_trivial and 1 in at_chance):
+        return None
+    return (f"the label side looks stuck at its trivial solution: block 1's L_ae is {first_loss_ae:.4f}, what "
+            f"predicting the class frequencies gives ({trivial:.4f}), and shortcut depths "
+            f"{', '.join(map(str, at_chance))} answer at chance; {ADVICE}")
