@@ -32,7 +32,7 @@ from .precision import FP16Precision, Precision
 from .validation import check_batch_pair, check_positive_int
 
 Batch = tuple[Tensor, Tensor]
-Scheduler = Any  # torch.optim.lr_scheduler.LRScheduler (ReduceLROnPlateau has no per-step form)
+Scheduler = torch.optim.lr_scheduler.LRScheduler  # stepped per batch (ReduceLROnPlateau has no such form)
 # on_batch(batch index, losses (blocks, 2) float64); a true result stops the run gracefully.
 BatchCallback = Callable[[int, Tensor], Any]
 
@@ -157,8 +157,8 @@ class Pipeline:
                              "devices and one fused optimiser (FusedBlockAdam or FusedBlockSGD) per block")
         self.last_run: PipelineRun | None = None
 
-    def _python_step(self, index: int, pair: Sequence[torch.optim.Optimizer],
-                     schedulers: Sequence[Scheduler | None]) -> Any:
+    def _python_step(self, index: int, pair: Sequence[torch.optim.Optimizer], schedulers: Sequence[Scheduler | None]
+                     ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
         model, block = self.model, self.model.blocks[index]
         ae_loss = model.ae_loss_of(index)
 

@@ -77,7 +77,9 @@ class Trainer:
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,
     on CUDA, ``cuda_graphs``); the parameters are those of the sequential loop, per-step
     schedules included. ``callbacks``: objects with ``on_step``, ``on_validation`` and
-    ``on_epoch`` (al_ext.callbacks). ``seed`` fixes the order of the batches.
+    ``on_epoch`` (al_ext.callbacks). ``seed`` fixes the order of the batches of tensor data;
+    a DataLoader shuffles from torch's global generator (whose state checkpoints keep), or
+    from its own ``generator=``, which checkpoints do not keep.
     """
 
     def __init__(
@@ -125,8 +127,11 @@ class Trainer:
             if scheduler is not None:
                 raise ValueError("give schedule (a named per-epoch schedule) or scheduler (your own), not both")
             scheduler, scheduler_interval = named_schedule(schedule, lambda: self._fit_epochs), "epoch"
-        if cuda_graphs and not pipeline:
-            raise ValueError("cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True")
+        if not pipeline:
+            given = [name for name, value in (("max_in_flight", max_in_flight != 2), ("threads_per_stage", threads_per_stage),
+                                              ("pipeline_stages", pipeline_stages), ("cuda_graphs", cuda_graphs)) if value]
+            if given:
+                raise ValueError(f"pipeline options need pipeline=True; got {', '.join(given)}")
         self.schedule = schedule
         self.device = _resolve_device(device)
         self.progress = progress
