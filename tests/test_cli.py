@@ -142,7 +142,7 @@ def test_train_on_idx_files(tmp_path):
         (["--variant", "C"], "invalid choice: 'C'"),
         (["--lr", "-1"], "lr must be a positive finite number"),
         (["--test", "0.9", "--val", "0.2"], "leave no training samples"),
-        (["--cuda-graphs"], "pipeline options need pipeline=True; got cuda_graphs"),
+        (["--cuda-graphs"], "cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True"),
         (["--cuda-graphs", "--pipeline"], "cuda_graphs=True replays fused block steps on CUDA"),
     ],
 )

@@ -341,8 +341,6 @@ def test_the_package_exposes_its_modules():
     ({"scheduler_interval": "batch"}, "scheduler_interval must be one of 'step', 'epoch', got 'batch'"),
     ({"schedule": "neco", "scheduler": one_cycle}, "give schedule .* or scheduler .*, not both"),
     ({"weight_decay": -1}, "weight_decay must be a number >= 0"),
-    ({"threads_per_stage": 1, "max_in_flight": 4}, "pipeline options need pipeline=True; got max_in_flight, "
-                                                   "threads_per_stage"),
     ({"callbacks": [lambda trainer, record: None]}, "callbacks\\[0\\] must have at least one of on_step"),
     ({"optimizer": lambda p, lr: torch.optim.Adam(p, lr=lr), "weight_decay": 0.1}, "weight_decay goes with an optimizer name"),
 ])
