@@ -461,3 +461,49 @@ def test_a_label_side_stuck_at_its_trivial_solution_is_reported():
     healthy = Trainer(al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2,
                                    first_ae_loss="cross_entropy"), lr=3e-3, batch_size=32, progress=False)
     assert all("collapse_warning" not in r for r in healthy.fit(parts.train, parts.val, epochs=3))
+
+
+# ---- what the review found ---------------------------------------------------------------
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_failing_should_abort_is_raised_and_ends_the_run(pipelined):
+    model = small_mlp(hidden=(24, 16, 12))
+    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, pipelined=pipelined)
+    x, y = data(256)
+
+    def should_abort():
+        raise KeyError("the poll failed")
+
+    with pytest.raises(KeyError, match="the poll failed"):
+        pipeline.run([(x[i : i + 8], y[i : i + 8]) for i in range(0, 256, 8)], should_abort=should_abort)
+    assert pipeline.run([(x[:8], y[:8])]).losses.shape == (1, 3, 2), "a later run works"
+
+
+def test_a_dataloader_without_a_length_trains():
+    x, y = data(64)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x.split(16), y.split(16)))
+
+    for pipeline in (False, True):
+        loader = DataLoader(Stream(), batch_size=None)
+        history = Trainer(small_mlp(), pipeline=pipeline, progress=False).fit(loader, epochs=2)
+        assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_make_engine_checks_its_arguments():
+    assert isinstance(make_engine(small_mlp(), "adamw", 1e-3, precision="bf16"), ALEngine)
+    with pytest.raises(ValueError, match="lr must be"):
+        make_engine(small_mlp(), "adam", -1.0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_engine(small_mlp(), "lbfgs", 1e-3)
+
+
+def test_pipeline_stages_are_checked_and_bounded_by_the_blocks():
+    model = small_mlp()
+    optimizers = Trainer(model, progress=False).optimizers
+    assert Pipeline(model, optimizers, stages=10).stages == model.depth
+    for name in ("stages", "threads_per_stage"):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            Pipeline(model, optimizers, **{name: 0})
