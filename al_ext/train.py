@@ -24,7 +24,8 @@ from .pipeline import Pipeline
 from .errors import NonFiniteLossError
 from .nn import AssociatedLearning, check_token_batch
 from .precision import make_precision
-from .optim import SCHEDULER_INTERVALS, OptimizerSpec, SchedulerFactory, named_schedule, neco_lr_factor, optimizer_factory
+from .optim import (SCHEDULER_INTERVALS, OptimizerSpec, ScheduleName, SchedulerFactory, named_schedule, neco_lr_factor,
+                    optimizer_factory)
 from .validation import (
     check_batch_pair,
     check_choice,
@@ -90,7 +91,7 @@ class Trainer:
         batch_size: int = 128,
         device: str | torch.device = "cpu",
         seed: int = 0,
-        schedule: str | None = None,
+        schedule: ScheduleName | None = None,
         progress: bool | None = None,
         eval_batch_size: int = 1024,
         optimizer: OptimizerSpec = "adam",

@@ -19,15 +19,13 @@ import time
 import torch
 
 import al_ext
-from seeded_mnist import MODELS, mean_sd, mnist_split, parse_args
+from seeded_mnist import MODELS, mean_sd, mnist_split, parse_args, accuracies_on_test
 
 
 def run(model: torch.nn.Module, parts: al_ext.data.DatasetSplits, epochs: int) -> dict[str, float]:
     trainer = al_ext.Trainer(model, lr=1e-3, batch_size=32, progress=False)
     trainer.fit(parts.train, parts.val, epochs=epochs)
-    final = trainer.evaluate(parts.test)["accuracy"]
-    trainer.restore_best()
-    return {"final": final, "at_best_val": trainer.evaluate(parts.test)["accuracy"], "best_epoch": trainer.best["epoch"]}
+    return accuracies_on_test(trainer, parts)
 
 
 def main() -> None:

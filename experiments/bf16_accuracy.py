@@ -19,7 +19,7 @@ import time
 import torch
 
 import al_ext
-from seeded_mnist import MODELS, mean_sd, mnist_split, parse_args
+from seeded_mnist import MODELS, mean_sd, mnist_split, parse_args, accuracies_on_test
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -28,9 +28,7 @@ def run(model: torch.nn.Module, parts: al_ext.data.DatasetSplits, epochs: int, p
     trainer = al_ext.Trainer(model, lr=1e-3, batch_size=32, precision=precision, progress=False)
     start = time.perf_counter()
     history = trainer.fit(parts.train, parts.val, epochs=epochs)
-    final = trainer.evaluate(parts.test)["accuracy"]
-    trainer.restore_best()
-    return {"final": final, "at_best_val": trainer.evaluate(parts.test)["accuracy"], "best_epoch": trainer.best["epoch"],
+    return {**accuracies_on_test(trainer, parts),
             "samples_per_s": statistics.mean(r["samples_per_s"] for r in history),
             "seconds": time.perf_counter() - start}
 

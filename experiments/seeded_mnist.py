@@ -35,3 +35,11 @@ def mean_sd(runs: list[dict[str, float]], key: str, scale: float = 100.0, digits
     values = [scale * r[key] for r in runs]
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def accuracies_on_test(trainer: al_ext.Trainer, parts: al_ext.data.DatasetSplits) -> dict[str, float]:
+    """Test accuracy after the last epoch and at the best epoch on validation (whose weights
+    the trainer keeps afterwards)."""
+    final = trainer.evaluate(parts.test)["accuracy"]
+    trainer.restore_best()
+    return {"final": final, "at_best_val": trainer.evaluate(parts.test)["accuracy"], "best_epoch": trainer.best["epoch"]}
