@@ -4,9 +4,9 @@ Importing the package loads the compiled core (al_ext._C) and registers its ops 
 torch.ops.al_ext.
 """
 from ._extension import build_info
-from . import callbacks, data, engines, models, ops, reference, text
+from . import callbacks, data, distributed, engines, models, ops, reference, text
 from .engines import make_engine
-from .errors import NonFiniteLossError
+from .errors import DistributedError, NonFiniteLossError
 from .nn import ALBlock, ALMLP, AssociatedLearning, BPNetwork, bp_baseline
 from .pipeline import Pipeline, PipelineError
 from .train import Trainer
@@ -18,6 +18,7 @@ __all__ = [
     "ALMLP",
     "AssociatedLearning",
     "BPNetwork",
+    "DistributedError",
     "NonFiniteLossError",
     "Pipeline",
     "PipelineError",
@@ -26,6 +27,7 @@ __all__ = [
     "build_info",
     "callbacks",
     "data",
+    "distributed",
     "engines",
     "make_engine",
     "models",

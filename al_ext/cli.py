@@ -5,6 +5,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from .nn import ALMLP, AssociatedLearning, bp_baseline
 from .callbacks import loggers_for
 from .optim import OPTIMIZERS, SCHEDULES
 from .precision import PRECISIONS
+from .distributed import DistributedConfig
+from .errors import DistributedError
 from .train import Trainer
 
 DATASET_HELP = (
@@ -160,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "CPU at equal intra-op thread counts")
     train.add_argument("--cuda-graphs", action="store_true",
                        help="with --pipeline on CUDA and fused blocks: replay each block's step from a CUDA graph")
+    train.add_argument("--distributed", action="store_true",
+                       help="under torchrun: train across its processes (Gloo on the CPU, NCCL on CUDA), each rank "
+                       "its share; --batch-size is the global batch")
+    train.add_argument("--pipeline-stages", type=int, default=1, metavar="P",
+                       help="with --distributed: P ranks each train a contiguous range of blocks (at most one stage "
+                       "per block), activations passed forward between them")
+    train.add_argument("--data-parallel", type=int, default=None, metavar="R",
+                       help="with --distributed: R replicas of the pipeline, each on its share of every batch, "
+                       "gradients averaged per block; P x R must be the number of processes (default: all of them)")
+    train.add_argument("--resume", type=Path, default=None, metavar="FILE",
+                       help="continue the AL run from a checkpoint that --save wrote (distributed or not)")
     train.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full results as JSON")
     train.add_argument("--save", type=Path, default=None, metavar="FILE",
                        help="save the AL trainer's final state: a checkpoint that Trainer.load resumes")
@@ -199,6 +213,30 @@ def _step_scheduler(name: str, total_steps: int) -> Any:
         opt, max_lr=[10 * g["lr"] for g in opt.param_groups], total_steps=total_steps, cycle_momentum=False)
 
 
+def _distributed_config(args: argparse.Namespace) -> DistributedConfig | None:
+    if not args.distributed:
+        if args.pipeline_stages != 1 or args.data_parallel is not None:
+            raise ValueError("--pipeline-stages and --data-parallel need --distributed (and torchrun)")
+        return None
+    if args.compare_bp or args.pipeline:
+        raise ValueError(f"--distributed trains AL across processes; it does not take "
+                         f"{'--compare-bp' if args.compare_bp else '--pipeline'} (the ranks are the pipeline)")
+    return DistributedConfig(pipeline_stages=args.pipeline_stages, data_parallel=args.data_parallel)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a distributed job (before it joins: as its launcher numbered it), or the
+    only process: the one that prints and writes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(*values: Any) -> None:
+    if _is_main_process():
+        print(*values, flush=True)
+
+
 def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
     al = name == "AL"
     schedule = None if args.schedule == "none" else args.schedule
@@ -210,10 +248,13 @@ def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, ar
                       schedule=None if per_step is not None else schedule, scheduler=per_step,
                       progress=False if args.no_progress else None, optimizer=args.optimizer,
                       momentum=args.momentum, weight_decay=args.weight_decay, precision=args.precision,
-                      callbacks=[] if log_dir is None else loggers_for(log_dir))
+                      distributed=_distributed_config(args) if al else None,
+                      callbacks=[] if log_dir is None or not _is_main_process() else loggers_for(log_dir))
+    if al and args.resume is not None:
+        trainer.load(args.resume)
     try:
         history = trainer.fit(splits.train, splits.val, epochs=args.epochs,
-                              on_epoch=lambda r: print(_format_epoch(name, r, args.epochs), flush=True),
+                              on_epoch=lambda r: _say(_format_epoch(name, r, args.epochs)),
                               save_best=args.save_best if al else None)
     finally:
         trainer.close_callbacks()
@@ -266,8 +307,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     splits = data.split_dataset(x, y, val=args.val, test=args.test, seed=args.seed)
     sizes = {k: 0 if v is None else v[0].shape[0] for k, v in vars(splits).items()}
     num_classes = int(y.max()) + 1
-    print(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
-          f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test", flush=True)
+    _distributed_config(args)  # a bad combination fails before any work
+    _say(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
+         f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test")
     torch.manual_seed(args.seed)
     model = build_model(args, image_shape, num_classes, vocab_size)
     baseline = bp_baseline(model) if args.compare_bp else None  # same initial weights on the shared path
@@ -275,7 +317,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     _, results["AL"] = _train_one("AL", model, splits, args)
     if baseline is not None:
         _, results["BP"] = _train_one("BP", baseline, splits, args)
-    _print_comparison(results)
+    if _is_main_process():
+        _print_comparison(results)
     report = {
         "command": "al-ext " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -287,7 +330,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
     }
-    if args.json is not None:
+    if args.json is not None and _is_main_process():
         args.json.write_text(json.dumps(report, indent=2))
     return report
 
@@ -299,13 +342,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_train(args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError) as exc:
-        print(f"al-ext: error: {exc}", file=sys.stderr)
+        print(f"al-ext: error{_rank_suffix()}: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"al-ext: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("al-ext: interrupted", file=sys.stderr)
         return 130
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    _say(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _rank_suffix() -> str:
+    """" on rank N" in a distributed job, where every rank prints its own errors."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return f" on rank {torch.distributed.get_rank()}"
+    return ""
 
 
 if __name__ == "__main__":

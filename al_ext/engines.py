@@ -61,16 +61,45 @@ class Engine:
                 scheduler.step()
         return losses
 
-    def run(self, batches: Iterable[Batch], on_batch: BatchCallback) -> None:
+    def run(self, batches: Iterable[Batch], on_batch: BatchCallback) -> bool | None:
         """Trains on each batch in turn, calling ``on_batch(index, losses)`` after each; a true
-        result stops the run."""
+        result stops the run. Returns True where the engine knows the stream ran out (an
+        engine whose rank does not read the batches), None where the caller counts."""
         for index, (x, y) in enumerate(batches):
             try:
                 losses = self.step(x, y)
             except NonFiniteLossError as exc:
                 raise exc.at_batch(index) from None
             if on_batch(index, losses):
-                return
+                return None
+        return None
+
+    @torch.no_grad()
+    def correct_counts(self, batches: Iterable[Batch]) -> tuple[Tensor | None, int]:
+        """Correct predictions on ``batches`` (AL: of every shortcut depth 1..L, the full path
+        last; BP: one count) and the samples seen; None for no batches."""
+        correct: Tensor | None = None
+        samples = 0
+        for x, y in batches:
+            scores = self.model.shortcut_scores(x) if self.is_al else [self.model(x)]
+            hits = torch.stack([(s.argmax(dim=1) == y).sum() for s in scores])
+            correct = hits if correct is None else correct + hits
+            samples += x.shape[0]
+        return correct, samples
+
+    # A checkpoint holds the whole run; an engine whose rank holds part of it gathers the rest.
+    is_writer = True  # whether this process writes checkpoints
+
+    def full_model_state(self, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The whole model's state, given this process's; None where another process writes."""
+        return state
+
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """``state_dict()`` of the whole run; None where another process writes."""
+        return self.state_dict()
+
+    def load_model_state(self, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state)
 
     def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
         """Yields each batch's losses as it completes; leaving the loop stops training."""
@@ -225,7 +254,10 @@ class PipelinedALEngine(Engine):
 
     def run(self, batches: Iterable[Batch], on_batch: BatchCallback) -> None:
         self.model.train()
-        self.pipeline.run(batches, on_batch=on_batch)
+        # No further ahead of on_batch than a full pipeline, so that a stop it asks for (a
+        # callback's should_stop, a checkpoint) comes after the batches already started, not
+        # after whatever a busy machine let the stages run through meanwhile.
+        self.pipeline.run(batches, on_batch=on_batch, max_unreported=self.pipeline.lookahead)
 
     def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
         self.model.train()
@@ -254,24 +286,30 @@ def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.op
 def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: float | None = None,
                 scheduler: SchedulerFactory | None = None, scheduler_interval: str = "step",
                 pipeline: bool = False, precision: Precision | str = "fp32", compile: bool = False,
-                **pipeline_options: Any) -> Engine:
+                distributed: Any = None, **pipeline_options: Any) -> Engine:
     """The engine for ``model`` (on its device): BP for a plain classifier; for AL the fused
     engine where the model's backend takes it (dense blocks; "auto" on the CPU), the optimiser
     has a fused form (Adam, AdamW, SGD), the precision is fp32 and no schedule cycles momentum,
     else autograd; pipelined if ``pipeline``. ``optimizer``: a name ("adam", "adamw", "sgd")
     or a callable ``(params, lr) -> Optimizer`` (AL: (f, b) with ``lr``, (g, h) with ``ae_lr``,
     2 x lr by default); ``scheduler(opt)``, if given, makes a scheduler for each. ``compile=True``
-    compiles each block's forward pass and losses (ALEngine), or the network's forward pass (BP)."""
+    compiles each block's forward pass and losses (ALEngine), or the network's forward pass (BP).
+    ``distributed`` (an al_ext.distributed.DistributedConfig, inside a launched job): this
+    rank's share of a run across processes (al_ext.distributed.DistributedALEngine)."""
     factory = optimizer_factory(optimizer)
     lr = check_positive_float(lr, "lr")
     ae_lr = 2.0 * lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")
     if isinstance(precision, str):
         precision = make_precision(precision, model, next(model.parameters()).device)
     if not isinstance(model, AssociatedLearning):
-        if pipeline:
-            raise ValueError("pipeline=True trains the blocks of an AssociatedLearning model; this model has none")
+        if pipeline or distributed is not None:
+            what = "pipeline=True" if pipeline else "distributed="
+            raise ValueError(f"{what} trains the blocks of an AssociatedLearning model; this model has none")
         optimizers = [factory(model.parameters(), lr)]
         return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval, precision, compile)
+    if distributed is not None and (pipeline or compile):
+        raise ValueError(f"distributed= runs each rank's blocks one after another; it does not take "
+                         f"{'pipeline=True' if pipeline else 'compile=True'} (the ranks are the pipeline's stages)")
     if compile and pipeline:
         raise ValueError("compile=True compiles the sequential engine's block steps; the pipeline runs them "
                          "uncompiled (use one or the other)")
@@ -292,6 +330,9 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
                              "falls back)")
     if schedulers is None:
         schedulers = _schedulers(scheduler, optimizers)
+    if distributed is not None:
+        from .distributed.engine import DistributedALEngine  # which imports this module
+        return DistributedALEngine(model, optimizers, schedulers, scheduler_interval, precision, distributed)
     if pipeline:
         return PipelinedALEngine(model, optimizers, schedulers, scheduler_interval, precision, **pipeline_options)
     if isinstance(optimizers[0], FusedBlockOptimizer):

@@ -55,3 +55,17 @@ class NonFiniteLossError(FloatingPointError):
 
     def __reduce__(self) -> tuple[type, tuple]:  # picklable across processes (torch.multiprocessing, distributed ranks)
         return NonFiniteLossError, (self.loss, self.value, self.block, self.batch, self.epoch, self.detail)
+
+
+class DistributedError(RuntimeError):
+    """A distributed run failed on some rank: ``rank`` is the one that failed first, where
+    known, and ``block`` (from 1) and ``batch`` (from 0) say where, where known. Every rank
+    raises it, so that the whole job ends rather than waits."""
+
+    def __init__(self, message: str, rank: int | None = None, block: int | None = None,
+                 batch: int | None = None) -> None:
+        super().__init__(message)
+        self.rank, self.block, self.batch = rank, block, batch
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return DistributedError, (str(self), self.rank, self.block, self.batch)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import importlib
+
 import torch
 from torch import Tensor, nn
 
@@ -138,6 +140,11 @@ def _dense_block_sgd_step_fake(s_prev, t_prev, params, momentum_buffer, lr_fb, l
 
 # ---- ALMLP blocks ----------------------------------------------------------------------
 
+# torch's optimiser functions (torch.optim.adam.adam, torch.optim.sgd.sgd): the modules are
+# shadowed by the classes of the same name in torch.optim's namespace.
+_torch_adam = importlib.import_module("torch.optim.adam")
+_torch_sgd = importlib.import_module("torch.optim.sgd")
+
 _ACTIVATION_NAMES = {module: name for name, module in ACTIVATION_MODULES.items()}
 
 
@@ -224,6 +231,17 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         returned losses (the step was refused all the same)."""
         raise NotImplementedError
 
+    def gradients(self, s_prev: Tensor, t_prev: Tensor) -> DenseBlockStep:
+        """The step's first half, for data parallelism: the forward pass, both local losses and
+        every gradient (in DENSE_PARAMETER_NAMES order), with no update. ``apply_gradients``
+        is the other half, once the gradients are averaged over the replicas."""
+        return dense_block_step(s_prev, t_prev, self._params(), *self._config())
+
+    def apply_gradients(self, grads: Sequence[Tensor]) -> None:
+        """The update of ``train_step`` from given gradients (torch's own optimiser function,
+        on this optimiser's state); the caller checks that the losses were finite."""
+        raise NotImplementedError
+
     def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:
         """This block's step for the C++ scheduler (al_ext.Pipeline), which runs it with no
         Python in the loop; the learning rates are those of the param groups now, and, with
@@ -278,6 +296,17 @@ class FusedBlockAdam(FusedBlockOptimizer):
                 step += 1
         return out
 
+    def apply_gradients(self, grads: Sequence[Tensor]) -> None:
+        params, exp_avg, exp_avg_sq, steps = self._state_lists()
+        h = self._hyper()
+        self._opt_called = True  # type: ignore[attr-defined]
+        params = [p.detach() for p in params]  # updated in place, as the fused op does
+        for group, part in zip(self.param_groups, (slice(0, 6), slice(6, 10))):
+            _torch_adam.adam(params[part], list(grads[part]), exp_avg[part], exp_avg_sq[part], [], steps[part],
+                             decoupled_weight_decay=h["decoupled_weight_decay"], amsgrad=False, beta1=h["beta1"],
+                             beta2=h["beta2"], lr=group["lr"], weight_decay=h["weight_decay"], eps=h["eps"],
+                             maximize=False)
+
     def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:
         params, exp_avg, exp_avg_sq, steps = self._state_lists()
         # On CUDA the step number is counted on the device: a replayed graph cannot take it from
@@ -323,6 +352,16 @@ class FusedBlockSGD(FusedBlockOptimizer):
                                     d["weight_decay"])
         self._finish(out, check_finite)
         return out
+
+    def apply_gradients(self, grads: Sequence[Tensor]) -> None:
+        params, buffers = self._state_lists()
+        d = self.defaults
+        self._opt_called = True  # type: ignore[attr-defined]
+        params = [p.detach() for p in params]  # updated in place, as the fused op does
+        for group, part in zip(self.param_groups, (slice(0, 6), slice(6, 10))):
+            # The buffers start at zero, so the first step moves by the gradient, as torch's does.
+            _torch_sgd.sgd(params[part], list(grads[part]), buffers[part], weight_decay=d["weight_decay"],
+                           momentum=d["momentum"], lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
 
     def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:
         params, buffers = self._state_lists()

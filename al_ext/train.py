@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .callbacks import HOOKS
+from .distributed.config import DistributedConfig, init_process_group
 from .collapse import collapse_warning
 from .engines import Engine, PipelinedALEngine, make_engine
 from .pipeline import Pipeline
@@ -78,7 +80,11 @@ class Trainer:
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,
     on CUDA, ``cuda_graphs``); the parameters are those of the sequential loop, per-step
     schedules included. ``callbacks``: objects with ``on_step``, ``on_validation`` and
-    ``on_epoch`` (al_ext.callbacks). ``seed`` fixes the order of the batches of tensor data;
+    ``on_epoch`` (al_ext.callbacks). ``distributed`` (al_ext.distributed.DistributedConfig),
+    under torchrun: this process trains its share of the run, every process running the same
+    script with the same model, seed and data (the first stage alone reads the training
+    batches; ``batch_size`` is the global batch); checkpoints are written by rank 0 alone.
+    ``seed`` fixes the order of the batches of tensor data;
     a DataLoader shuffles from torch's global generator (whose state checkpoints keep), or
     from its own ``generator=``, which checkpoints do not keep.
     """
@@ -107,6 +113,7 @@ class Trainer:
         callbacks: Sequence[Any] = (),
         precision: str = "fp32",
         compile: bool = False,
+        distributed: DistributedConfig | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -134,6 +141,13 @@ class Trainer:
             raise ValueError("cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True")
         self.schedule = schedule
         self.device = _resolve_device(device)
+        if distributed is not None:
+            if not isinstance(distributed, DistributedConfig):
+                raise TypeError(f"distributed must be an al_ext.distributed.DistributedConfig, got {distributed!r}")
+            self.device = _local_device(self.device)
+            init_process_group(distributed, self.device)
+            if torch.distributed.get_rank() != 0:
+                progress = False  # one progress bar for the job
         self.progress = progress
         self.model = model.to(self.device)
         self.is_al = isinstance(model, AssociatedLearning)
@@ -146,7 +160,7 @@ class Trainer:
         self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay), self.lr,
                                           self.ae_lr, scheduler, scheduler_interval, pipeline,
                                           make_precision(precision, self.model, self.device), bool(compile),
-                                          **pipeline_options)
+                                          distributed, **pipeline_options)
         self.callbacks = list(callbacks)
         for i, callback in enumerate(self.callbacks):
             if not any(hasattr(callback, hook) for hook in HOOKS):
@@ -324,9 +338,11 @@ class Trainer:
         stream = counted()
         last = [time.perf_counter()]
 
-        def on_batch(_: int, losses: Tensor) -> bool:
+        def on_batch(_: int, losses: Tensor, samples: int | None = None) -> bool:
+            # An engine whose rank does not read the batches says how many samples each held.
+            counted = sizes.popleft() if sizes else None
             now = time.perf_counter()
-            self._account(sizes.popleft(), losses, now - last[0], bar)
+            self._account(counted if samples is None else samples, losses, now - last[0], bar)
             last[0] = now
             return self.should_stop or (checkpoint_every is not None and self.position % checkpoint_every == 0)
 
@@ -337,13 +353,13 @@ class Trainer:
                 last[0] = start
                 self._in_run = True
                 try:
-                    self.engine.run(stream, on_batch)
+                    ended = self.engine.run(stream, on_batch)
                 except NonFiniteLossError as exc:
                     raise exc.in_epoch(self.epoch + 1, before + (exc.batch or 0)) from None
                 finally:
                     self._in_run = False
                 self._totals["train_time_s"] += time.perf_counter() - start
-                if exhausted[0] or self.position == before:
+                if exhausted[0] or ended or self.position == before:
                     break
                 if checkpoint is not None:  # stopped at checkpoint_every, or by a callback
                     self.save(checkpoint)
@@ -400,7 +416,9 @@ class Trainer:
         if self.best is None or metrics["accuracy"] > self.best["val_accuracy"]:
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             if self._best_path is not None:
-                torch.save(self._best_state, self._best_path)
+                whole = self.engine.full_model_state(self._best_state)
+                if self.engine.is_writer:
+                    torch.save(whole, self._best_path)
             self.best = {"epoch": self.epoch + 1, "val_accuracy": metrics["accuracy"]}
             self._best_file = self._best_path
         for hook in self._hooks("on_validation"):
@@ -414,7 +432,7 @@ class Trainer:
         if self._best_state is None:
             raise RuntimeError("no best epoch is known: pass val= to fit() to select one (and save_best= to keep "
                                "its weights across a resume)")
-        self.model.load_state_dict(self._best_state)
+        self.engine.load_model_state(self._best_state)
 
     @torch.no_grad()
     def evaluate(self, data: Data) -> dict[str, Any]:
@@ -423,14 +441,11 @@ class Trainer:
         data = self._prepared(data, "data")
         was_training = self.model.training
         self.model.eval()
-        correct: Tensor | None = None
-        samples = 0
-        for x, y in self._batches(data, "data", self.eval_batch_size, shuffle=False):
-            scores = self.model.shortcut_scores(x) if self.is_al else [self.model(x)]
-            hits = torch.stack([(s.argmax(dim=1) == y).sum() for s in scores])
-            correct = hits if correct is None else correct + hits
-            samples += x.shape[0]
-        self.model.train(was_training)
+        try:
+            correct, samples = self.engine.correct_counts(self._batches(data, "data", self.eval_batch_size,
+                                                                        shuffle=False))
+        finally:
+            self.model.train(was_training)
         if correct is None:
             raise ValueError("data holds no samples")
         accuracy = (correct.double() / samples).tolist()
@@ -449,52 +464,80 @@ class Trainer:
     def _signature(self) -> dict[str, list[int]]:
         return {name: list(t.shape) for name, t in self.model.state_dict().items()}
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, sharded: bool = False) -> None:
         """Everything needed to continue the run exactly, from any batch: parameters, optimiser
         and scheduler states, where the run is (epoch, batch, step), this epoch's sums, history,
         best epoch (its weights are in their own file, ``fit(save_best=...)``), and the random
-        number generators' states (CPU and CUDA)."""
+        number generators' states (CPU and CUDA).
+
+        Distributed, every rank calls it: rank 0 writes the whole run to one file, as one
+        process would (and loads), or, with ``sharded=True``, every stage writes its own blocks
+        into the directory ``path`` through torch.distributed.checkpoint, which a job of any
+        number of ranks and stages loads."""
         if self._in_run and isinstance(self.engine, PipelinedALEngine):
             raise RuntimeError("save() was called while the pipeline is running, when its blocks stand at different "
                                "batches: use fit(checkpoint=..., checkpoint_every=N), which drains it first")
-        torch.save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "model_class": type(self.model).__name__,
-                "signature": self._signature(),
-                "model": self.model.state_dict(),
-                "engine": self.engine.state_dict(),
-                "epoch": self.epoch,
-                "position": self.position,
-                "global_step": self.global_step,
-                "totals": self._totals if self.position else {},
-                "epoch_start": self._epoch_start if self.position else None,
-                "history": self.history,
-                "best": self.best,
-                "best_file": None if self._best_file is None else str(self._best_file),
-                "generator": self._generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            },
-            path,
-        )
+        if sharded:
+            if not hasattr(self.engine, "save_sharded"):
+                raise ValueError("sharded=True writes the shards of a distributed run; this trainer runs in one "
+                                 "process: save(path) writes its checkpoint")
+            self.engine.save_sharded(str(path), self._run_state())
+            return
+        model, engine = self.engine.full_model_state(self.model.state_dict()), self.engine.full_state_dict()
+        if self.engine.is_writer:
+            torch.save({**self._run_state(), "model": model, "engine": engine}, path)
+
+    def _run_state(self) -> dict[str, Any]:
+        """The checkpoint but for the model's and the engine's state."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_class": type(self.model).__name__,
+            "signature": self._signature(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "global_step": self.global_step,
+            "totals": self._totals if self.position else {},
+            "epoch_start": self._epoch_start if self.position else None,
+            "history": self.history,
+            "best": self.best,
+            "best_file": None if self._best_file is None else str(self._best_file),
+            "generator": self._generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        }
 
     def load(self, path: str | Path) -> None:
         """Continue from a checkpoint written by ``save`` for a model of the same architecture,
-        trained by the same kind of engine."""
+        trained by the same kind of engine: a file (from one process or a distributed run,
+        into either), or the directory of a sharded one (into a distributed run)."""
+        if Path(path).is_dir():
+            if not hasattr(self.engine, "load_sharded"):
+                raise ValueError(f"{path} is a directory (a sharded checkpoint), which a distributed run loads; in "
+                                 "one process, load the file that save() without sharded=True writes")
+            self._load_run_state(self.engine.load_sharded(str(path)), path)
+            return
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise ValueError(f"{path} is not a readable al_ext checkpoint ({exc})") from exc
+        self._check_format(ckpt, path)
+        self._check_architecture(ckpt, path)
+        self.engine.load_model_state(ckpt["model"])
+        self.engine.load_state_dict(ckpt["engine"])
+        self._load_run_state(ckpt, path)
+
+    @staticmethod
+    def _check_format(ckpt: Any, path: str | Path) -> None:
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             found = ckpt.get("format") if isinstance(ckpt, dict) else None
             raise ValueError(f"{path} is not an al_ext checkpoint of format {CHECKPOINT_FORMAT!r} (found {found!r}; "
                              "a checkpoint of an older al_ext cannot be resumed by this one)")
+
+    def _load_run_state(self, ckpt: dict[str, Any], path: str | Path) -> None:
+        self._check_format(ckpt, path)
         self._check_architecture(ckpt, path)
-        self.model.load_state_dict(ckpt["model"])
-        self.engine.load_state_dict(ckpt["engine"])
         self.epoch, self.position, self.global_step = ckpt["epoch"], ckpt["position"], ckpt["global_step"]
         self._totals = copy.deepcopy(ckpt["totals"])
         self._epoch_start = ckpt["epoch_start"]
@@ -517,6 +560,13 @@ class Trainer:
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             raise ValueError(f"{path} holds a model of another architecture: {shown}")
+
+
+def _local_device(device: torch.device) -> torch.device:
+    """A distributed process's device: an unnumbered "cuda" is the launcher's LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
 
 
 def _progress_text(record: dict[str, Any]) -> str:

@@ -1,0 +1,251 @@
+"""Distributed AL (al_ext.distributed) on the CPU with Gloo: 2 to 4 processes started here
+(tests/distributed_worker.py) on a free port, each with one intra-op thread, compared with
+the same run in this process. Every launch has a time limit, so a hang fails the test.
+The CLI under torchrun is tested in test_cli_distributed.py."""
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import al_ext
+from al_ext.distributed import DistributedConfig
+from al_ext.distributed.config import plan_topology
+
+import distributed_worker as worker
+
+LAUNCH_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Ranks are forked from a server that imported torch, its compiler stack (which any torch
+# optimiser loads) and al_ext once: seconds less per process than a fresh interpreter.
+_FORK = multiprocessing.get_context("forkserver")
+_FORK.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "al_ext", "al_ext.distributed",
+                              "distributed_worker"])
+
+
+@dataclass
+class Rank:
+    returncode: int | None
+    stderr: str  # its whole output
+
+
+def launch(world: int, out: Path, **options: Any) -> list[Rank]:
+    """Runs the worker on ``world`` ranks; returns each rank's exit code and output."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    procs = [_FORK.Process(target=worker.run_rank, args=(rank, world, port, str(out), options))
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if hung:
+        pytest.fail(f"ranks {hung} of a distributed run did not end within {LAUNCH_TIMEOUT_S} s (a hang)")
+    return [Rank(p.exitcode, (out / f"log{rank}.txt").read_text()) for rank, p in enumerate(procs)]
+
+
+def check_ok(procs: list[Rank]) -> None:
+    for rank, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {rank} failed:\n{p.stderr[-3000:]}"
+
+
+def single_process(epochs: int, load: Path | None = None, **options: Any) -> al_ext.Trainer:
+    """The run in this process, with the worker's model, data and settings."""
+    options = {**worker.DEFAULTS, **options}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # equal intra-op thread counts: bit for bit
+    try:
+        trainer = worker.trainer(options, None)
+        if load is not None:
+            trainer.load(load)
+        x, y = worker.data(options)
+        trainer.fit((x, y), (x, y), epochs=epochs)
+    finally:
+        torch.set_num_threads(threads)
+    return trainer
+
+
+def assert_states(checkpoint: Path, trainer: al_ext.Trainer, exact: bool) -> None:
+    saved = torch.load(checkpoint, weights_only=True)
+    ours = trainer.model.state_dict()
+    assert saved["model"].keys() == ours.keys()
+    for key, value in ours.items():
+        if exact:
+            assert torch.equal(saved["model"][key], value), key
+        else:
+            torch.testing.assert_close(saved["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert len(saved["engine"]["optimizers"]) == len(trainer.optimizers)
+
+
+def rank_results(out: Path, world: int) -> list[dict[str, Any]]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def assert_same_results(results: list[dict[str, Any]], trainer: al_ext.Trainer, exact: bool) -> None:
+    x, y = worker.data(worker.DEFAULTS)
+    model = trainer.model
+    for r in results:  # every rank reports the same, and so would one process
+        assert len(r["history"]) == len(trainer.history)
+        for theirs, ours in zip(r["history"], trainer.history):
+            for key in ("loss_as", "loss_ae"):
+                if exact:
+                    assert theirs[key] == ours[key]
+                else:
+                    torch.testing.assert_close(torch.tensor(theirs[key]), torch.tensor(ours[key]), rtol=1e-4, atol=1e-6)
+        assert r["evaluation"] == trainer.evaluate((x, y))
+        assert torch.equal(r["predict"], model.predict(x[:37]))
+        assert torch.equal(r["predict_depth1"], model.predict(x[:37], depth=1))
+        classes, depths = model.predict_adaptive(x[:37], 0.6)
+        assert torch.equal(r["adaptive"][0], classes) and torch.equal(r["adaptive"][1], depths)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two stages, one epoch: a consolidated and a sharded checkpoint."""
+    out = tmp_path_factory.mktemp("pipeline2")
+    check_ok(launch(2, out, stages=2, epochs=1, save=str(out / "epoch1.pt"), sharded_save=str(out / "shards")))
+    return out
+
+
+def test_pipeline_across_ranks_equals_sequential_bit_for_bit(pipeline_run: Path, tmp_path: Path) -> None:
+    """Two stages save a sharded checkpoint after one epoch; four stages (another number of
+    ranks) load it and train the second, stopping the pipeline every 2 batches for a
+    checkpoint: the parameters, optimiser states, losses, evaluation and predictions equal
+    two sequential epochs in one process, bit for bit."""
+    check_ok(launch(4, tmp_path, stages=4, epochs=2, load=str(pipeline_run / "shards"), save=str(tmp_path / "end.pt"),
+                    checkpoint_every=2, max_in_flight=1))
+    reference = single_process(epochs=2)
+    assert_states(tmp_path / "end.pt", reference, exact=True)
+    saved = torch.load(tmp_path / "end.pt", weights_only=True)
+    ours = reference.engine.state_dict()["optimizers"]
+    for theirs, mine in zip(saved["engine"]["optimizers"], ours):
+        for p, state in mine["state"].items():
+            for key, value in state.items():
+                assert torch.equal(theirs["state"][p][key], value), key
+    assert_same_results(rank_results(tmp_path, 4), reference, exact=True)
+
+
+def test_a_distributed_checkpoint_continues_in_one_process(pipeline_run: Path) -> None:
+    """The consolidated file that rank 0 wrote is a single-process checkpoint."""
+    resumed = single_process(epochs=2, load=pipeline_run / "epoch1.pt")
+    straight = single_process(epochs=2)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    timeless = [{k: v for k, v in r.items() if k not in ("samples_per_s", "train_time_s")} for r in straight.history]
+    assert [{k: r[k] for k in t} for r, t in zip(resumed.history, timeless)] == timeless
+
+
+def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    """Two replicas (autograd path) continue a single-process checkpoint: the same as one
+    process with the global batch, within float tolerance."""
+    first = single_process(epochs=1, backend="reference")
+    first.save(tmp_path / "single.pt")
+    check_ok(launch(2, tmp_path, stages=1, replicas=2, backend="reference", epochs=2, load=str(tmp_path / "single.pt"),
+                    save=str(tmp_path / "end.pt")))
+    reference = single_process(epochs=2, backend="reference")
+    assert_states(tmp_path / "end.pt", reference, exact=False)
+    assert_same_results(rank_results(tmp_path, 2), reference, exact=False)
+
+
+def test_pipeline_and_data_parallel_together(tmp_path: Path) -> None:
+    """2 stages x 2 replicas of fused blocks with a per-step schedule; the last batch holds
+    one sample, so one replica's share is empty."""
+    options = dict(samples=129, schedule="step")
+    check_ok(launch(4, tmp_path, stages=2, replicas=2, save=str(tmp_path / "end.pt"), **options))
+    reference = single_process(epochs=2, **options)
+    assert_states(tmp_path / "end.pt", reference, exact=False)
+    results = rank_results(tmp_path, 4)
+    assert [r["blocks"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def _stderr_of(procs: list[Rank]) -> str:
+    return "\n".join(p.stderr for p in procs)
+
+
+def test_a_rank_that_raises_ends_every_rank_with_its_error(tmp_path: Path) -> None:
+    start = time.monotonic()
+    procs = launch(2, tmp_path, stages=2, fail=[1, 3])
+    assert all(p.returncode != 0 for p in procs)
+    assert "DistributedError: rank 0 stopped: rank 1 failed: RuntimeError: injected failure at step 3" in procs[0].stderr
+    assert time.monotonic() - start < 60
+
+
+def test_a_killed_rank_ends_the_job_in_bounded_time(tmp_path: Path) -> None:
+    """A rank killed outright says nothing; its peers see its connections close."""
+    procs = launch(2, tmp_path, stages=2, fail=[1, 3, "die"], timeout_s=30)
+    assert procs[1].returncode != 0
+    assert procs[0].returncode != 0
+    assert "waiting for rank 1" in procs[0].stderr and "That rank failed, died or did not answer" in procs[0].stderr
+
+
+def test_ranks_that_build_different_models_are_refused_at_the_start(tmp_path: Path) -> None:
+    procs = launch(2, tmp_path, stages=2, mismatch=True)
+    assert all(p.returncode != 0 for p in procs)
+    assert "every rank must build the same model" in _stderr_of(procs)
+    assert "blocks.3.b.0.weight ([16, 16] against [16, 20]" in _stderr_of(procs)
+
+
+# ---- in this process ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, world, message", [
+    (DistributedConfig(pipeline_stages=3), 2, "must equal the world size 2"),
+    (DistributedConfig(pipeline_stages=2, data_parallel=3), 4, "launch 6 processes"),
+    (DistributedConfig(pipeline_stages=5), 5, "more than the model's 4 blocks"),
+])
+def test_configurations_that_cannot_run_are_refused(config: DistributedConfig, world: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_topology(config, world, 0, [1.0, 1.0, 1.0, 1.0])
+
+
+def test_stages_are_balanced_by_cost_and_ranks_laid_out_stage_by_stage() -> None:
+    top = plan_topology(DistributedConfig(pipeline_stages=2, data_parallel=2), 4, 3, [8.0, 1.0, 1.0, 1.0])
+    assert (top.stage, top.replica, list(top.blocks)) == (1, 1, [1, 2, 3])
+    assert top.stage_ranks(0) == [0, 1] and top.rank_of(0) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pipeline_stages=0), "pipeline_stages"),
+    (dict(data_parallel=-1), "data_parallel"),
+    (dict(max_in_flight=0), "max_in_flight"),
+    (dict(timeout_s=0), "timeout_s"),
+])
+def test_bad_config_values_name_the_argument(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DistributedConfig(**kwargs)
+
+
+def test_distributed_without_a_launcher_says_how_to_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        al_ext.Trainer(worker.model(worker.DEFAULTS), distributed=DistributedConfig())
+    with pytest.raises(TypeError, match="DistributedConfig"):
+        al_ext.Trainer(worker.model(worker.DEFAULTS), distributed={"pipeline_stages": 2})
+
+
+def test_sharded_checkpoints_belong_to_distributed_runs(tmp_path: Path) -> None:
+    trainer = al_ext.Trainer(worker.model(worker.DEFAULTS), progress=False)
+    with pytest.raises(ValueError, match="one process"):
+        trainer.save(tmp_path / "shards", sharded=True)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ValueError, match="sharded checkpoint"):
+        trainer.load(tmp_path / "dir")
