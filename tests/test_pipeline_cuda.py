@@ -59,7 +59,14 @@ def test_cpp_sequential_mode_on_one_stream_equals_pipelined_streams():
     torch.testing.assert_close(seq_run.losses, pipe_run.losses, rtol=1e-5, atol=1e-7)
     assert all(b["batches"] == 12 and b["busy_s"] > 0 for b in pipe_run.blocks)
     assert len(pipe_run.stages) == 3 and all(0 <= s["idle_fraction"] <= 1 for s in pipe_run.stages)
-    assert all(s["peak_device_bytes"] > 0 for s in pipe_run.stages)
+    assert [s["device"] for s in pipe_run.stages] == ["cuda:0"] * 3
+    (device,) = pipe_run.devices  # one device shared by the three stages: one peak, the device's
+    assert (device["device"], device["blocks"], device["stages"]) == ("cuda:0", [0, 1, 2], [0, 1, 2])
+    assert device["peak_allocated_bytes"] == torch.cuda.max_memory_allocated(0)
+    parameters = sum(p.numel() * p.element_size() for p in runs[1][0])
+    assert device["peak_allocated_bytes"] > 3 * parameters, "the parameters, Adam's two moments, the activations"
+    (seq_device,) = seq_run.devices
+    assert (seq_device["blocks"], seq_device["stages"]) == ([0, 1, 2], []), "one stage, not reported as stages"
 
 
 @needs_cuda

@@ -95,7 +95,8 @@ def test_cpp_sequential_mode_equals_pipelined_mode():
     for block in pipe_run.blocks:
         assert block["batches"] == 12 and block["busy_s"] > 0
     for stage in pipe_run.stages:
-        assert 0.0 <= stage["idle_fraction"] <= 1.0
+        assert 0.0 <= stage["idle_fraction"] <= 1.0 and stage["device"] == "cpu"
+    assert seq_run.stages == [] and seq_run.devices == pipe_run.devices == [], "device peaks are CUDA's"
 
 
 def worker_threads() -> int:

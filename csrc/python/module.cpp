@@ -149,7 +149,6 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::itera
       d["blocks"] = py::make_tuple(w.first_block, w.end_block);
       d["wait_s"] = w.wait_s;
       d["peak_queued_bytes"] = w.peak_queued_bytes;
-      d["peak_device_bytes"] = w.peak_device_bytes;
       workers.append(d);
     }
     result["losses"] = run_result.losses;

@@ -44,8 +44,6 @@ class CpuStage final : public StageDevice {
 
   void leave() override { omp_set_num_threads(caller_threads_); }
 
-  int64_t peak_device_bytes() const override { return 0; }
-
  private:
   const int threads_, hold_back_;
   int caller_threads_ = 1;

@@ -50,7 +50,6 @@ class CudaStage final : public StageDevice {
         started_(events_->acquire()) {
     // The batches and the parameters were last written on the caller's stream.
     started_->record(caller_);
-    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
   }
 
   void enter() override {
@@ -152,12 +151,7 @@ class CudaStage final : public StageDevice {
     const std::shared_ptr<CudaEvent> done = events_->acquire();
     done->record(stream_);
     done->block(caller_);  // whatever the caller enqueues next sees this stage's updates
-    // Entry 0 of a stat array is the aggregate over the allocator's pools (StatType::AGGREGATE,
-    // whose namespace differs between torch releases).
-    peak_bytes_ = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index()).allocated_bytes[0].peak;
   }
-
-  int64_t peak_device_bytes() const override { return peak_bytes_; }
 
  private:
   struct Pending {
@@ -218,7 +212,6 @@ class CudaStage final : public StageDevice {
   int64_t steps_ = 0, copied_steps_ = 0;  // steps enqueued, and those whose losses went to the host
   int open_batch_ = -1;                    // the batch of the latest step
   std::map<c10::DeviceIndex, Transfer> transfers_;
-  int64_t peak_bytes_ = 0;
 };
 
 }  // namespace

@@ -171,7 +171,6 @@ class Run {
     }
     report_complete_batches();  // those completed at the very end
     RunResult result{book_.losses(), stats_, {}, seconds_since(start)};
-    for (size_t g = 0; g < workers_.size(); ++g) workers_[g].peak_device_bytes = devices_[g]->peak_device_bytes();
     if (options_.pipelined) {
       result.workers = workers_;
       for (size_t g = 0; g < queues_.size(); ++g) result.workers[g].peak_queued_bytes = queues_[g]->peak_bytes();

@@ -54,10 +54,6 @@ class StageDevice {
   // On the worker's thread after its last batch, or after a failure: the caller sees this
   // stage's work as done (on CUDA, the caller's stream waits for the stage's stream).
   virtual void leave() = 0;
-  // The most memory allocated at once on this stage's device during the run (0 on the CPU).
-  // The caching allocator counts per device, so stages that share a device report the same
-  // peak: theirs together.
-  virtual int64_t peak_device_bytes() const = 0;
   // A failure's message, with what the device knows of where it came from: on CUDA, a fault
   // surfaces at a later call than the one that caused it, so the host's block may be wrong.
   virtual std::string explain_failure(const std::string& why) { return why; }
