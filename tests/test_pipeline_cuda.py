@@ -1,5 +1,6 @@
 """The pipeline on CUDA: one stream per stage, events at the handoffs. These tests skip,
 saying why, where there is no GPU; the argument checks at the end run everywhere."""
+import functools
 import subprocess
 import sys
 
@@ -250,21 +251,46 @@ def passing(s, t):
     return s * 1, t * 1, s.new_zeros(()), s.new_zeros(())
 
 batches = [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(6)]
-out = _C.run_blocks([_C.python_block_step(faulty), _C.python_block_step(passing)], batches, True, [0, 1], 2, 1,
-                    ["cuda:0", "cuda:0"])
-print("ERROR:", out.get("error"), flush=True)
+side = torch.cuda.Stream()
+with torch.cuda.stream(side):  # the caller's own current stream, which no stage may change
+    out = _C.run_blocks([_C.python_block_step(faulty), _C.python_block_step(passing)], batches, True, [0, 1], 2, 1,
+                        ["cuda:0", "cuda:0"])
+    print("ERROR:", out.get("error"), flush=True)
+    print("STREAM:", "kept" if torch.cuda.current_stream(0) == side else "changed", flush=True)
 """
+
+
+@functools.cache
+def faulting_run() -> tuple[str, str]:
+    """FAULTING_RUN's output, in a process of its own, since the fault leaves the CUDA context
+    unusable; run once for the tests that read it."""
+    result = subprocess.run([sys.executable, "-c", FAULTING_RUN], capture_output=True, text=True, timeout=300)
+    return result.stdout, result.stderr[-3000:]
+
+
+def faulting_run_line(prefix: str) -> str:
+    stdout, stderr = faulting_run()
+    line = next((line for line in stdout.splitlines() if line.startswith(prefix)), None)
+    assert line is not None, stdout + stderr
+    return line
 
 
 @needs_cuda
 def test_an_asynchronous_device_fault_names_the_steps_it_may_lie_in():
     """The host learns of a device fault at whatever call it makes next, so the block it is
-    at may not be the one at fault: the message says so and names the steps in question.
-    In a process of its own, since the fault leaves the CUDA context unusable."""
-    result = subprocess.run([sys.executable, "-c", FAULTING_RUN], capture_output=True, text=True, timeout=300)
-    error = next((line for line in result.stdout.splitlines() if line.startswith("ERROR:")), "")
-    assert "device-side assert" in error or "CUDA error" in error, result.stdout + result.stderr[-3000:]
+    at may not be the one at fault: the message says so and names the steps in question."""
+    error = faulting_run_line("ERROR:")
+    assert "device-side assert" in error or "CUDA error" in error, error
     assert "reports a fault at a later call" in error and "on batch" in error, error
+
+
+@needs_cuda
+def test_stages_failing_as_they_leave_restore_their_streams_on_their_own_threads():
+    """After the fault each stage's leave() throws (no event can be recorded). The stage's
+    stream was its worker thread's current one; restored anywhere but on that thread, it would
+    replace the calling thread's current stream (tests/cpp/test_stage_scope.cpp checks the
+    executor's part of this on the CPU)."""
+    assert faulting_run_line("STREAM:") == "STREAM: kept"
 
 
 @needs_cuda

@@ -202,8 +202,10 @@ class Run {
 
   void run_stage(size_t stage) {
     StageDevice& device = *devices_[stage];
+    // Destroyed last, on this thread: after leave(), even if it threw (stage_device.h).
+    std::unique_ptr<ThreadScope> scope;
     capture_failure(device, [&] {
-      device.enter();
+      scope = device.enter();
       stage_loop(stage, device);
     });
     capture_failure(device, [&] { device.leave(); });
@@ -370,7 +372,14 @@ class Run {
         current_batch_ = j;
         std::optional<Batch> batch = next_batch(j);
         w.wait_s += seconds_since(start);
-        if (!batch) break;  // the end of the stream
+        if (!batch) {
+          // The end of the stream. A failure after it (in leave()) is blamed on the stage's last step.
+          if (j > 0) {
+            current_block_ = w.end_block - 1;
+            current_batch_ = j - 1;
+          }
+          break;
+        }
         std::tie(s, t) = std::move(*batch);
       } else {
         std::optional<Handoff> in = queues_[g - 1]->pop();

@@ -37,11 +37,21 @@ struct StepRecord {
 // Whatever the next stage must wait for before it reads a handoff (on CUDA, an event).
 using ReadyMarker = std::shared_ptr<void>;
 
+// What a stage sets on the worker's thread for its run, undone when destroyed: the intra-op
+// thread count on the CPU, the current device and stream on CUDA. Such state belongs to one
+// thread; undone on another, it would change that thread's current stream. So the executor,
+// not the stage, holds it, and destroys it on the worker's thread after leave(), whether or not
+// leave() threw.
+class ThreadScope {
+ public:
+  virtual ~ThreadScope() = default;
+};
+
 class StageDevice {
  public:
   virtual ~StageDevice() = default;
   // On the worker's thread, before its first batch.
-  virtual void enter() = 0;
+  [[nodiscard]] virtual std::unique_ptr<ThreadScope> enter() = 0;
   // Makes a handed-on (s, t) usable here: waits for `ready` and brings them to this device.
   virtual void receive(at::Tensor& s, at::Tensor& t, const ReadyMarker& ready) = 0;
   // Around each block's step.
@@ -51,8 +61,9 @@ class StageDevice {
   virtual ReadyMarker ready() = 0;
   // The steps whose results can now be read, oldest first; `all` waits for every step so far.
   virtual std::vector<StepRecord> finished(bool all) = 0;
-  // On the worker's thread after its last batch, or after a failure: the caller sees this
-  // stage's work as done (on CUDA, the caller's stream waits for the stage's stream).
+  // On the worker's thread after its last batch, or after a failure, while enter()'s scope
+  // still holds: the caller sees this stage's work as done (on CUDA, the caller's stream waits
+  // for the stage's stream).
   virtual void leave() = 0;
   // A failure's message, with what the device knows of where it came from: on CUDA, a fault
   // surfaces at a later call than the one that caused it, so the host's block may be wrong.
