@@ -208,6 +208,57 @@ def test_a_graphed_step_is_captured_once_and_replayed():
         assert torch.equal(got, x * 2)
 
 
+def pointer_recorder(seen, delay_us=0):
+    """Records where s_prev lies and what it holds, on this stage's stream, after holding the
+    stream for delay_us (while the block below, on its own stream, steps later batches)."""
+    def step(s_prev, t_prev):
+        if delay_us:
+            _C.delay_current_stream(delay_us)
+        seen.append((s_prev.data_ptr(), s_prev.clone()))
+        return s_prev, t_prev, s_prev.new_zeros(()), s_prev.new_zeros(())
+    return step
+
+
+def graphed_doubling():
+    return _C.cuda_graph_block_step(_C.python_block_step(
+        lambda s, t: (s * 2, t.clone(), s.new_zeros(()), s.new_zeros(()))))
+
+
+def cuda_batches(n=6):
+    return [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(n)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("pipelined", [True, False], ids=["one-stage", "sequential"])
+def test_within_a_stage_a_graphs_outputs_are_read_where_the_replay_wrote_them(pipelined):
+    """No copy of s and t between two blocks of one stage: the next block reads the graph's
+    static outputs on the same stream, before the next replay writes them again."""
+    seen, batches = [], cuda_batches()
+    steps = [graphed_doubling(), _C.python_block_step(pointer_recorder(seen))]
+    out = _C.run_blocks(steps, batches, pipelined, [0] if pipelined else [], 2, 1, ["cuda:0"])
+    torch.cuda.synchronize()
+    assert "error" not in out, out
+    for (x, _), (_, got) in zip(batches, seen, strict=True):
+        assert torch.equal(got, x * 2)
+    replayed = {pointer for pointer, _ in seen[1:]}  # batch 0 ran eagerly: the warm-up
+    assert len(replayed) == 1, "every replay's s read in place, in the graph's static buffer"
+
+
+@needs_cuda
+def test_a_graphs_outputs_are_copied_where_they_leave_the_stage():
+    """The handoff to the next stage copies the graph's outputs (here passed on by a block that
+    returns its input): the next stage reads them 20 ms late, when the graph has replayed
+    later batches into its buffers."""
+    seen, batches = [], cuda_batches()
+    passing = _C.python_block_step(lambda s, t: (s, t, s.new_zeros(()), s.new_zeros(())))
+    steps = [graphed_doubling(), passing, _C.python_block_step(pointer_recorder(seen, delay_us=20_000))]
+    out = _C.run_blocks(steps, batches, True, [0, 2], 2, 1, ["cuda:0", "cuda:0"])
+    torch.cuda.synchronize()
+    assert "error" not in out, out
+    for (x, _), (_, got) in zip(batches, seen, strict=True):
+        assert torch.equal(got, x * 2)
+
+
 @needs_cuda
 def test_a_failed_capture_leaves_the_allocator_and_the_stream_usable():
     """A step that fails inside its capture (here: it reads a value back, which a capture

@@ -314,15 +314,38 @@ class Run {
     }
   }
 
-  // One block's training step on one batch.
-  StepResult step(StageDevice& device, int block, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev) {
+  // One block's training step on one batch. `reused`: the buffers that the stage's steps on
+  // this batch returned and write again at their next call (StepResult::outputs_reused); this
+  // step's are added. `hands_on`: its outputs leave the stage (see owned).
+  StepResult step(StageDevice& device, int block, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev,
+                  std::vector<at::Tensor>& reused, bool hands_on) {
     current_block_ = block;  // where a failure will be reported
     current_batch_ = batch;
     device.before_step();
     StepResult out = blocks_[block](s_prev, t_prev);
+    if (out.outputs_reused) {
+      reused.push_back(out.s);
+      reused.push_back(out.t);
+    }
+    if (hands_on) {
+      // Before after_step: on CUDA, the handoff's event then follows the copies too.
+      out.s = owned(out.s, reused);
+      out.t = owned(out.t, reused);
+    }
     device.after_step(block, batch, out);
     account(device.finished(false));
     return out;
+  }
+
+  // A handoff must own its memory: the queue may hold it while the stage steps up to
+  // max_in_flight more batches, and a reused buffer (or a view of one, passed on by a later
+  // step that returns its input) would be written again meanwhile. Within the stage no copy is
+  // needed: the next block reads it before the producer's next call, on the same stream.
+  static at::Tensor owned(const at::Tensor& x, const std::vector<at::Tensor>& reused) {
+    for (const at::Tensor& buffer : reused) {
+      if (x.is_alias_of(buffer)) return x.clone();
+    }
+    return x;
   }
 
   // Steps whose results are in: their time and losses recorded, a non-finite loss refused.
@@ -390,8 +413,9 @@ class Run {
         t = std::move(in->t);
         device.receive(s, t, in->ready);
       }
+      std::vector<at::Tensor> reused;
       for (int b = w.first_block; b < w.end_block; ++b) {
-        StepResult out = step(device, b, j, s, t);
+        StepResult out = step(device, b, j, s, t, reused, /*hands_on=*/!last && b + 1 == w.end_block);
         s = std::move(out.s);
         t = std::move(out.t);
       }

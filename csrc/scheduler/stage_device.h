@@ -21,6 +21,11 @@ namespace al_ext::scheduler {
 // What a block's training step on one batch returns.
 struct StepResult {
   at::Tensor s, t, loss_as, loss_ae;
+  // s and t are buffers the step writes again at its next call (a CUDA graph's static
+  // outputs): valid for work ordered before that call, on the stage's stream (or thread). The
+  // next block of the same stage reads them as they are; the executor copies them before they
+  // leave the stage (executor.cpp: owned), since a queue may hold them over the next call.
+  bool outputs_reused = false;
 };
 
 // Trains one block on one batch: (s_prev, t_prev) -> outputs and losses. On CUDA it runs on
