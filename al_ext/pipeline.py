@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -47,13 +47,28 @@ class PipelineError(RuntimeError):
 
 @dataclass
 class PipelineRun:
-    """What a run did: each block's losses on each batch, per-block busy times, and per
-    stage (a worker running consecutive blocks) its blocks, waits, bubble and queue use."""
+    """What a run did.
 
-    losses: Tensor  # (batches trained, blocks, 2) float64: (L_as, L_ae)
-    blocks: list[dict[str, float]]  # busy_s, batches
-    stages: list[dict[str, Any]]  # blocks, wait_s, idle_fraction, peak_queued_bytes, peak_device_bytes
+    - ``losses``: (batches trained, blocks, 2) float64, each block's (L_as, L_ae) on each batch.
+    - ``blocks``: per block, ``busy_s`` (time inside its steps) and ``batches``.
+    - ``stages`` (pipelined runs; empty for ``pipelined=False``): per stage, a worker running
+      consecutive blocks: ``blocks`` (first, end), ``device``, ``wait_s`` (waiting for input or
+      for room downstream), ``idle_fraction`` and ``peak_queued_bytes`` (the most bytes of its
+      outputs waiting at once in the queue to the next stage).
+    - ``devices``: per CUDA device the run used (none on the CPU): ``device``, ``blocks`` and
+      ``stages`` on it (indices from 0 into the lists above), and ``peak_allocated_bytes``, the
+      most memory torch's caching allocator held allocated at once on that device during the run
+      (``torch.cuda.max_memory_allocated``, whose peak the run resets as it starts). It is the
+      device's figure, not a stage's: the stages on the device together, their parameters,
+      optimiser state, activations and queued handoffs, and whatever else the process keeps
+      there. The allocator counts per device, so no per-stage figure can be measured.
+    """
+
+    losses: Tensor
+    blocks: list[dict[str, float]]
+    stages: list[dict[str, Any]]
     wall_s: float
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Pipeline:
@@ -253,10 +268,14 @@ class Pipeline:
                              f"{', '.join(str(d) for d in self.block_devices)} to "
                              f"{', '.join(str(d) for d in _block_devices(self.model))}); make a new Pipeline")
         starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else [0]
+        stage_devices = self._stage_devices(starts)
+        cuda_devices = sorted({d for d in stage_devices if torch.device(d).type == "cuda"})
+        for device in cuda_devices:
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             with torch.no_grad() if self._fused is not None else torch.enable_grad():
                 out = _C.run_blocks(self._block_steps(), self._prepared(batches), self.pipelined, starts,
-                                    self.max_in_flight, self.threads_per_stage, self._stage_devices(starts),
+                                    self.max_in_flight, self.threads_per_stage, stage_devices,
                                     on_batch=on_batch, should_abort=should_abort, max_unreported=max_unreported)
         finally:
             for opt in self._fused or []:
@@ -270,12 +289,20 @@ class Pipeline:
         if all(b["busy_s"] > 0 for b in out["blocks"]):
             self.block_costs = [b["busy_s"] for b in out["blocks"]]  # balance the next run by what was measured
         stages = []
-        for stage in out["stages"]:
+        for stage, device in zip(out["stages"], stage_devices):
             first, end = stage["blocks"]
             busy = sum(b["busy_s"] for b in out["blocks"][first:end])
-            stages.append(dict(stage, idle_fraction=max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0))
-        self.last_run = PipelineRun(out["losses"], out["blocks"], stages, wall)
+            stages.append(dict(stage, device=device, idle_fraction=max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0))
+        devices = [self._device_peak(device, stage_devices if self.pipelined else []) for device in cuda_devices]
+        self.last_run = PipelineRun(out["losses"], out["blocks"], stages, wall, devices)
         return self.last_run
+
+    def _device_peak(self, device: str, stage_devices: list[str]) -> dict[str, Any]:
+        """What PipelineRun.devices says of ``device`` after a run (every stage on it has left)."""
+        return {"device": device,
+                "blocks": [i for i, d in enumerate(self.block_devices) if str(d) == device],
+                "stages": [g for g, d in enumerate(stage_devices) if d == device],
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}
 
     def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
         """Trains on ``batches`` as ``run`` does, yielding each batch's losses ((blocks, 2):

@@ -1,5 +1,6 @@
 """The pipeline on CUDA: one stream per stage, events at the handoffs. These tests skip,
 saying why, where there is no GPU; the argument checks at the end run everywhere."""
+import functools
 import subprocess
 import sys
 
@@ -59,7 +60,14 @@ def test_cpp_sequential_mode_on_one_stream_equals_pipelined_streams():
     torch.testing.assert_close(seq_run.losses, pipe_run.losses, rtol=1e-5, atol=1e-7)
     assert all(b["batches"] == 12 and b["busy_s"] > 0 for b in pipe_run.blocks)
     assert len(pipe_run.stages) == 3 and all(0 <= s["idle_fraction"] <= 1 for s in pipe_run.stages)
-    assert all(s["peak_device_bytes"] > 0 for s in pipe_run.stages)
+    assert [s["device"] for s in pipe_run.stages] == ["cuda:0"] * 3
+    (device,) = pipe_run.devices  # one device shared by the three stages: one peak, the device's
+    assert (device["device"], device["blocks"], device["stages"]) == ("cuda:0", [0, 1, 2], [0, 1, 2])
+    assert device["peak_allocated_bytes"] == torch.cuda.max_memory_allocated(0)
+    parameters = sum(p.numel() * p.element_size() for p in runs[1][0])
+    assert device["peak_allocated_bytes"] > 3 * parameters, "the parameters, Adam's two moments, the activations"
+    (seq_device,) = seq_run.devices
+    assert (seq_device["blocks"], seq_device["stages"]) == ([0, 1, 2], []), "one stage, not reported as stages"
 
 
 @needs_cuda
@@ -200,6 +208,57 @@ def test_a_graphed_step_is_captured_once_and_replayed():
         assert torch.equal(got, x * 2)
 
 
+def pointer_recorder(seen, delay_us=0):
+    """Records where s_prev lies and what it holds, on this stage's stream, after holding the
+    stream for delay_us (while the block below, on its own stream, steps later batches)."""
+    def step(s_prev, t_prev):
+        if delay_us:
+            _C.delay_current_stream(delay_us)
+        seen.append((s_prev.data_ptr(), s_prev.clone()))
+        return s_prev, t_prev, s_prev.new_zeros(()), s_prev.new_zeros(())
+    return step
+
+
+def graphed_doubling():
+    return _C.cuda_graph_block_step(_C.python_block_step(
+        lambda s, t: (s * 2, t.clone(), s.new_zeros(()), s.new_zeros(()))))
+
+
+def cuda_batches(n=6):
+    return [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(n)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("pipelined", [True, False], ids=["one-stage", "sequential"])
+def test_within_a_stage_a_graphs_outputs_are_read_where_the_replay_wrote_them(pipelined):
+    """No copy of s and t between two blocks of one stage: the next block reads the graph's
+    static outputs on the same stream, before the next replay writes them again."""
+    seen, batches = [], cuda_batches()
+    steps = [graphed_doubling(), _C.python_block_step(pointer_recorder(seen))]
+    out = _C.run_blocks(steps, batches, pipelined, [0] if pipelined else [], 2, 1, ["cuda:0"])
+    torch.cuda.synchronize()
+    assert "error" not in out, out
+    for (x, _), (_, got) in zip(batches, seen, strict=True):
+        assert torch.equal(got, x * 2)
+    replayed = {pointer for pointer, _ in seen[1:]}  # batch 0 ran eagerly: the warm-up
+    assert len(replayed) == 1, "every replay's s read in place, in the graph's static buffer"
+
+
+@needs_cuda
+def test_a_graphs_outputs_are_copied_where_they_leave_the_stage():
+    """The handoff to the next stage copies the graph's outputs (here passed on by a block that
+    returns its input): the next stage reads them 20 ms late, when the graph has replayed
+    later batches into its buffers."""
+    seen, batches = [], cuda_batches()
+    passing = _C.python_block_step(lambda s, t: (s, t, s.new_zeros(()), s.new_zeros(())))
+    steps = [graphed_doubling(), passing, _C.python_block_step(pointer_recorder(seen, delay_us=20_000))]
+    out = _C.run_blocks(steps, batches, True, [0, 2], 2, 1, ["cuda:0", "cuda:0"])
+    torch.cuda.synchronize()
+    assert "error" not in out, out
+    for (x, _), (_, got) in zip(batches, seen, strict=True):
+        assert torch.equal(got, x * 2)
+
+
 @needs_cuda
 def test_a_failed_capture_leaves_the_allocator_and_the_stream_usable():
     """A step that fails inside its capture (here: it reads a value back, which a capture
@@ -243,21 +302,46 @@ def passing(s, t):
     return s * 1, t * 1, s.new_zeros(()), s.new_zeros(())
 
 batches = [(torch.randn(64, 256, device="cuda"), torch.randn(64, 10, device="cuda")) for _ in range(6)]
-out = _C.run_blocks([_C.python_block_step(faulty), _C.python_block_step(passing)], batches, True, [0, 1], 2, 1,
-                    ["cuda:0", "cuda:0"])
-print("ERROR:", out.get("error"), flush=True)
+side = torch.cuda.Stream()
+with torch.cuda.stream(side):  # the caller's own current stream, which no stage may change
+    out = _C.run_blocks([_C.python_block_step(faulty), _C.python_block_step(passing)], batches, True, [0, 1], 2, 1,
+                        ["cuda:0", "cuda:0"])
+    print("ERROR:", out.get("error"), flush=True)
+    print("STREAM:", "kept" if torch.cuda.current_stream(0) == side else "changed", flush=True)
 """
+
+
+@functools.cache
+def faulting_run() -> tuple[str, str]:
+    """FAULTING_RUN's output, in a process of its own, since the fault leaves the CUDA context
+    unusable; run once for the tests that read it."""
+    result = subprocess.run([sys.executable, "-c", FAULTING_RUN], capture_output=True, text=True, timeout=300)
+    return result.stdout, result.stderr[-3000:]
+
+
+def faulting_run_line(prefix: str) -> str:
+    stdout, stderr = faulting_run()
+    line = next((line for line in stdout.splitlines() if line.startswith(prefix)), None)
+    assert line is not None, stdout + stderr
+    return line
 
 
 @needs_cuda
 def test_an_asynchronous_device_fault_names_the_steps_it_may_lie_in():
     """The host learns of a device fault at whatever call it makes next, so the block it is
-    at may not be the one at fault: the message says so and names the steps in question.
-    In a process of its own, since the fault leaves the CUDA context unusable."""
-    result = subprocess.run([sys.executable, "-c", FAULTING_RUN], capture_output=True, text=True, timeout=300)
-    error = next((line for line in result.stdout.splitlines() if line.startswith("ERROR:")), "")
-    assert "device-side assert" in error or "CUDA error" in error, result.stdout + result.stderr[-3000:]
+    at may not be the one at fault: the message says so and names the steps in question."""
+    error = faulting_run_line("ERROR:")
+    assert "device-side assert" in error or "CUDA error" in error, error
     assert "reports a fault at a later call" in error and "on batch" in error, error
+
+
+@needs_cuda
+def test_stages_failing_as_they_leave_restore_their_streams_on_their_own_threads():
+    """After the fault each stage's leave() throws (no event can be recorded). The stage's
+    stream was its worker thread's current one; restored anywhere but on that thread, it would
+    replace the calling thread's current stream (tests/cpp/test_stage_scope.cpp checks the
+    executor's part of this on the CPU)."""
+    assert faulting_run_line("STREAM:") == "STREAM: kept"
 
 
 @needs_cuda

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import include_paths
 
 import al_ext
 from al_ext import Pipeline, PipelineError, Trainer
@@ -20,15 +21,35 @@ from conftest import small_mlp
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_balance_cpp_unit_tests(tmp_path):
+def run_cpp_unit_test(tmp_path, sources: list[str], with_torch: bool = False) -> str:
+    """Builds tests/cpp's test from `sources` (from the repository root) and runs it: its output."""
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
-    binary = tmp_path / "test_balance"
-    subprocess.run([compiler, "-std=c++20", "-O1", ROOT / "tests/cpp/test_balance.cpp",
-                    ROOT / "csrc/scheduler/balance.cpp", "-o", binary], check=True, timeout=120)
+    flags = []
+    if with_torch:  # ATen's headers, and torch's libraries linked where they lie
+        lib = Path(torch.__file__).parent / "lib"
+        flags = [*(f"-I{p}" for p in include_paths()), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+                 f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+    binary = tmp_path / "test"
+    subprocess.run([compiler, "-std=c++20", "-O1", *(ROOT / s for s in sources), "-o", binary, *flags], check=True,
+                   timeout=300)
     result = subprocess.run([binary], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "balance tests passed" in result.stdout, result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_balance_cpp_unit_tests(tmp_path):
+    out = run_cpp_unit_test(tmp_path, ["tests/cpp/test_balance.cpp", "csrc/scheduler/balance.cpp"])
+    assert "balance tests passed" in out
+
+
+def test_stage_state_is_restored_on_its_own_thread_and_a_failing_leave_is_reported(tmp_path):
+    """tests/cpp/test_stage_scope.cpp: the executor with a stage device that, like a CUDA
+    stage, sets a per-thread current stream and may throw as it leaves."""
+    out = run_cpp_unit_test(tmp_path, ["tests/cpp/test_stage_scope.cpp", "csrc/scheduler/executor.cpp"],
+                            with_torch=True)
+    assert "stage scope tests passed" in out
 
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
@@ -95,7 +116,8 @@ def test_cpp_sequential_mode_equals_pipelined_mode():
     for block in pipe_run.blocks:
         assert block["batches"] == 12 and block["busy_s"] > 0
     for stage in pipe_run.stages:
-        assert 0.0 <= stage["idle_fraction"] <= 1.0
+        assert 0.0 <= stage["idle_fraction"] <= 1.0 and stage["device"] == "cpu"
+    assert seq_run.stages == [] and seq_run.devices == pipe_run.devices == [], "device peaks are CUDA's"
 
 
 def worker_threads() -> int:

@@ -43,16 +43,17 @@ NextLearningRates python_learning_rates(std::optional<py::function> fn) {
 }
 
 // Any Python callable (s_prev, t_prev) -> (s, t, loss_as, loss_ae); it runs with the GIL,
-// which the executor's workers otherwise do not hold.
-PyBlockStep python_block_step(py::function fn) {
+// which the executor's workers otherwise do not hold. `reuses_outputs`: it writes s and t into
+// the same buffers at every call, as a CUDA graph's replay does (StepResult::outputs_reused).
+PyBlockStep python_block_step(py::function fn, bool reuses_outputs) {
   auto shared = std::make_shared<py::function>(std::move(fn));
-  return {[shared](const at::Tensor& s_prev, const at::Tensor& t_prev) {
+  return {[shared, reuses_outputs](const at::Tensor& s_prev, const at::Tensor& t_prev) {
     py::gil_scoped_acquire gil;
     try {
       py::tuple out = (*shared)(s_prev, t_prev);
       if (out.size() != 4) throw std::runtime_error("a block step must return (s, t, loss_as, loss_ae)");
       return StepResult{out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>(), out[2].cast<at::Tensor>(),
-                        out[3].cast<at::Tensor>()};
+                        out[3].cast<at::Tensor>(), reuses_outputs};
     } catch (py::error_already_set& e) {
       throw std::runtime_error(e.what());  // the message, taken while the GIL is held
     }
@@ -149,7 +150,6 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::itera
       d["blocks"] = py::make_tuple(w.first_block, w.end_block);
       d["wait_s"] = w.wait_s;
       d["peak_queued_bytes"] = w.peak_queued_bytes;
-      d["peak_device_bytes"] = w.peak_device_bytes;
       workers.append(d);
     }
     result["losses"] = run_result.losses;
@@ -184,7 +184,10 @@ PYBIND11_MODULE(_C, m) {
      "and the library of the fused CPU step's float32 GEMMs ('onednn', or 'aten' where torch lacks oneDNN).");
 
   py::class_<PyBlockStep>(m, "BlockStep", "One block's training step, runnable by the executor.");
-  m.def("python_block_step", &python_block_step, py::arg("step"));
+  m.def("python_block_step", &python_block_step, py::arg("step"), py::arg("reuses_outputs") = false,
+        "A Python callable (s_prev, t_prev) -> (s, t, loss_as, loss_ae) as a block step. reuses_outputs: it "
+        "returns the same s and t buffers at every call, written anew (as a CUDA graph's replay does), so the "
+        "executor copies them where they leave the stage.");
   m.def("fused_adam_block_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> exp_avg, std::vector<at::Tensor> exp_avg_sq,
            std::vector<at::Tensor> steps, double lr_fb, double lr_gh, double beta1, double beta2, double eps,

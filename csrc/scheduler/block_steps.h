@@ -39,7 +39,8 @@ BlockStep fused_sgd_block_step(DenseBlockSpec spec, std::vector<at::Tensor> mome
 
 #ifdef AL_EXT_WITH_CUDA
 // `step` replayed from a CUDA graph after its first call (cuda_graph_step.cpp says what the
-// step must allow). Each call must come from the same thread and on the same stream.
+// step must allow). Each call must come from the same thread and on the same stream. A
+// replay's outputs are the graph's static buffers (StepResult::outputs_reused).
 BlockStep cuda_graph_block_step(BlockStep step);
 #endif
 

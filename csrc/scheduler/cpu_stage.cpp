@@ -12,14 +12,21 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The worker's intra-op thread count for the run (OpenMP's count is per thread), and back.
+class IntraOpThreads final : public ThreadScope {
+ public:
+  explicit IntraOpThreads(int threads) : before_(omp_get_max_threads()) { omp_set_num_threads(threads); }
+  ~IntraOpThreads() override { omp_set_num_threads(before_); }
+
+ private:
+  const int before_;
+};
+
 class CpuStage final : public StageDevice {
  public:
   CpuStage(int threads, int hold_back) : threads_(threads), hold_back_(hold_back) {}
 
-  void enter() override {
-    caller_threads_ = omp_get_max_threads();
-    omp_set_num_threads(threads_);
-  }
+  std::unique_ptr<ThreadScope> enter() override { return std::make_unique<IntraOpThreads>(threads_); }
 
   void receive(at::Tensor&, at::Tensor&, const ReadyMarker&) override {}  // ready once handed on
 
@@ -42,13 +49,10 @@ class CpuStage final : public StageDevice {
     return out;
   }
 
-  void leave() override { omp_set_num_threads(caller_threads_); }
-
-  int64_t peak_device_bytes() const override { return 0; }
+  void leave() override {}  // nothing runs behind the worker's thread
 
  private:
   const int threads_, hold_back_;
-  int caller_threads_ = 1;
   Clock::time_point start_;
   std::deque<StepRecord> done_;
 };

@@ -5,11 +5,26 @@
 // The first call runs the step eagerly: it warms up what must not first happen inside a
 // capture (cuBLAS handles and workspaces, the allocator's pools). The second captures it
 // on the same stream, into the graph's private memory pool, with static input buffers; from
-// then on each call copies (s_prev, t_prev) into those buffers and replays. The graph
-// writes its outputs to the same addresses every time, so s and t are cloned out: the next
-// stage reads them on its own stream while this one replays again. The losses are not
-// cloned, since the executor reads them at once on this stream (the stage's after_step),
-// before the next replay can overwrite them.
+// then on each call copies (s_prev, t_prev) into those buffers and replays.
+//
+// Copies per replay, and why each stays or went:
+// - Outputs: none here. The graph writes s, t and the losses to the same addresses every
+//   time, and the step returns those buffers as they are (outputs_reused). The stage reads
+//   them on this stream before the next replay: the losses go to its loss ring at once, and
+//   the stage's next block reads s and t. Only where s and t leave the stage does the executor
+//   copy them (executor.cpp: owned), since a queue may hold them over the next replay; after
+//   the last block of all, nothing copies them.
+// - Inputs: one copy each of s_prev and t_prev, into the buffers the graph reads. A graph
+//   reads fixed addresses, and what arrives does not live there: a batch from the source (the
+//   caller's tensor, which must not be written), a handoff from another stage (its own
+//   memory, one per batch in flight), or the previous block's outputs. Only the last could be
+//   read in place, and only by knowing that they are a graph's static buffers, which a step
+//   cannot tell from its arguments.
+// So between two graphed blocks of one stage s and t are copied once; from a graphed block to
+// one in the next stage, twice: into the handoff, then into the consumer's graph (a third, the
+// transfer, if the stages are on different devices). One copy could go only if the producer's
+// next replay waited, on the device, for the consumer to have read its buffers, and the
+// consumer may not even have taken the handoff from the queue by then.
 //
 // A batch of another shape (a short last batch) runs eagerly. What the step reads besides
 // its inputs must keep its address and must not depend on the host between calls: the
@@ -47,7 +62,7 @@ class GraphedStep {
     static_s_.copy_(s_prev, /*non_blocking=*/true);
     static_t_.copy_(t_prev, /*non_blocking=*/true);
     graph_->replay();
-    return {out_.s.clone(), out_.t.clone(), out_.loss_as, out_.loss_ae};
+    return {out_.s, out_.t, out_.loss_as, out_.loss_ae, /*outputs_reused=*/true};
   }
 
  private:

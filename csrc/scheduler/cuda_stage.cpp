@@ -30,12 +30,14 @@ void record_on(const CUDAStream& stream, const at::Tensor& t) {
   c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
 }
 
-// Resets the stage's stream guard when leave() ends, even by an exception: the guard belongs
-// to the worker's thread, and if it outlived leave() the stage's destructor would restore it
-// on the calling thread.
-struct ResetOnExit {
-  std::optional<c10::cuda::CUDAStreamGuard>& guard;
-  ~ResetOnExit() { guard.reset(); }
+// The stage's device and stream as the worker thread's current ones, for every op of the
+// stage; the executor restores the thread's own on that thread (stage_device.h: ThreadScope).
+class CurrentStream final : public ThreadScope {
+ public:
+  explicit CurrentStream(const CUDAStream& stream) : guard_(stream) {}
+
+ private:
+  const c10::cuda::CUDAStreamGuard guard_;
 };
 
 class CudaStage final : public StageDevice {
@@ -50,12 +52,12 @@ class CudaStage final : public StageDevice {
         started_(events_->acquire()) {
     // The batches and the parameters were last written on the caller's stream.
     started_->record(caller_);
-    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
   }
 
-  void enter() override {
-    guard_.emplace(stream_);  // this thread's current device and stream, for every op of the stage
+  std::unique_ptr<ThreadScope> enter() override {
+    auto scope = std::make_unique<CurrentStream>(stream_);
     started_->block(stream_);
+    return scope;
   }
 
   void receive(at::Tensor& s, at::Tensor& t, const ReadyMarker& ready) override {
@@ -147,17 +149,13 @@ class CudaStage final : public StageDevice {
            "step enqueued on this stage's stream from " + steps + "; CUDA_LAUNCH_BLOCKING=1 reports it at its step]";
   }
 
+  // After a device fault this throws (the event cannot be recorded); the executor reports it
+  // and still restores the worker's stream on the worker's thread.
   void leave() override {
-    const ResetOnExit reset{guard_};
     const std::shared_ptr<CudaEvent> done = events_->acquire();
     done->record(stream_);
     done->block(caller_);  // whatever the caller enqueues next sees this stage's updates
-    // Entry 0 of a stat array is the aggregate over the allocator's pools (StatType::AGGREGATE,
-    // whose namespace differs between torch releases).
-    peak_bytes_ = c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index()).allocated_bytes[0].peak;
   }
-
-  int64_t peak_device_bytes() const override { return peak_bytes_; }
 
  private:
   struct Pending {
@@ -211,14 +209,12 @@ class CudaStage final : public StageDevice {
   std::shared_ptr<EventPool> events_;
   LossRing losses_;
   std::shared_ptr<CudaEvent> started_;
-  std::optional<c10::cuda::CUDAStreamGuard> guard_;
   std::shared_ptr<CudaEvent> step_start_;
   std::deque<Pending> pending_;
   std::shared_ptr<CudaEvent> last_end_;  // after the latest step: what a handoff waits for
   int64_t steps_ = 0, copied_steps_ = 0;  // steps enqueued, and those whose losses went to the host
   int open_batch_ = -1;                    // the batch of the latest step
   std::map<c10::DeviceIndex, Transfer> transfers_;
-  int64_t peak_bytes_ = 0;
 };
 
 }  // namespace

@@ -171,7 +171,6 @@ class Run {
     }
     report_complete_batches();  // those completed at the very end
     RunResult result{book_.losses(), stats_, {}, seconds_since(start)};
-    for (size_t g = 0; g < workers_.size(); ++g) workers_[g].peak_device_bytes = devices_[g]->peak_device_bytes();
     if (options_.pipelined) {
       result.workers = workers_;
       for (size_t g = 0; g < queues_.size(); ++g) result.workers[g].peak_queued_bytes = queues_[g]->peak_bytes();
@@ -203,8 +202,10 @@ class Run {
 
   void run_stage(size_t stage) {
     StageDevice& device = *devices_[stage];
+    // Destroyed last, on this thread: after leave(), even if it threw (stage_device.h).
+    std::unique_ptr<ThreadScope> scope;
     capture_failure(device, [&] {
-      device.enter();
+      scope = device.enter();
       stage_loop(stage, device);
     });
     capture_failure(device, [&] { device.leave(); });
@@ -313,15 +314,38 @@ class Run {
     }
   }
 
-  // One block's training step on one batch.
-  StepResult step(StageDevice& device, int block, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev) {
+  // One block's training step on one batch. `reused`: the buffers that the stage's steps on
+  // this batch returned and write again at their next call (StepResult::outputs_reused); this
+  // step's are added. `hands_on`: its outputs leave the stage (see owned).
+  StepResult step(StageDevice& device, int block, int batch, const at::Tensor& s_prev, const at::Tensor& t_prev,
+                  std::vector<at::Tensor>& reused, bool hands_on) {
     current_block_ = block;  // where a failure will be reported
     current_batch_ = batch;
     device.before_step();
     StepResult out = blocks_[block](s_prev, t_prev);
+    if (out.outputs_reused) {
+      reused.push_back(out.s);
+      reused.push_back(out.t);
+    }
+    if (hands_on) {
+      // Before after_step: on CUDA, the handoff's event then follows the copies too.
+      out.s = owned(out.s, reused);
+      out.t = owned(out.t, reused);
+    }
     device.after_step(block, batch, out);
     account(device.finished(false));
     return out;
+  }
+
+  // A handoff must own its memory: the queue may hold it while the stage steps up to
+  // max_in_flight more batches, and a reused buffer (or a view of one, passed on by a later
+  // step that returns its input) would be written again meanwhile. Within the stage no copy is
+  // needed: the next block reads it before the producer's next call, on the same stream.
+  static at::Tensor owned(const at::Tensor& x, const std::vector<at::Tensor>& reused) {
+    for (const at::Tensor& buffer : reused) {
+      if (x.is_alias_of(buffer)) return x.clone();
+    }
+    return x;
   }
 
   // Steps whose results are in: their time and losses recorded, a non-finite loss refused.
@@ -371,7 +395,14 @@ class Run {
         current_batch_ = j;
         std::optional<Batch> batch = next_batch(j);
         w.wait_s += seconds_since(start);
-        if (!batch) break;  // the end of the stream
+        if (!batch) {
+          // The end of the stream. A failure after it (in leave()) is blamed on the stage's last step.
+          if (j > 0) {
+            current_block_ = w.end_block - 1;
+            current_batch_ = j - 1;
+          }
+          break;
+        }
         std::tie(s, t) = std::move(*batch);
       } else {
         std::optional<Handoff> in = queues_[g - 1]->pop();
@@ -382,8 +413,9 @@ class Run {
         t = std::move(in->t);
         device.receive(s, t, in->ready);
       }
+      std::vector<at::Tensor> reused;
       for (int b = w.first_block; b < w.end_block; ++b) {
-        StepResult out = step(device, b, j, s, t);
+        StepResult out = step(device, b, j, s, t, reused, /*hands_on=*/!last && b + 1 == w.end_block);
         s = std::move(out.s);
         t = std::move(out.t);
       }

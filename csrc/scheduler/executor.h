@@ -32,7 +32,6 @@ struct WorkerStats {
   int first_block = 0, end_block = 0;  // blocks [first_block, end_block)
   double wait_s = 0.0;                 // waiting for input, or for room downstream
   int64_t peak_queued_bytes = 0;       // most bytes of this stage's outputs queued at once
-  int64_t peak_device_bytes = 0;       // CUDA: most memory allocated at once on the stage's device
 };
 
 using Batch = std::pair<at::Tensor, at::Tensor>;  // (s_0, t_0)

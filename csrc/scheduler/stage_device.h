@@ -21,6 +21,11 @@ namespace al_ext::scheduler {
 // What a block's training step on one batch returns.
 struct StepResult {
   at::Tensor s, t, loss_as, loss_ae;
+  // s and t are buffers the step writes again at its next call (a CUDA graph's static
+  // outputs): valid for work ordered before that call, on the stage's stream (or thread). The
+  // next block of the same stage reads them as they are; the executor copies them before they
+  // leave the stage (executor.cpp: owned), since a queue may hold them over the next call.
+  bool outputs_reused = false;
 };
 
 // Trains one block on one batch: (s_prev, t_prev) -> outputs and losses. On CUDA it runs on
@@ -37,11 +42,21 @@ struct StepRecord {
 // Whatever the next stage must wait for before it reads a handoff (on CUDA, an event).
 using ReadyMarker = std::shared_ptr<void>;
 
+// What a stage sets on the worker's thread for its run, undone when destroyed: the intra-op
+// thread count on the CPU, the current device and stream on CUDA. Such state belongs to one
+// thread; undone on another, it would change that thread's current stream. So the executor,
+// not the stage, holds it, and destroys it on the worker's thread after leave(), whether or not
+// leave() threw.
+class ThreadScope {
+ public:
+  virtual ~ThreadScope() = default;
+};
+
 class StageDevice {
  public:
   virtual ~StageDevice() = default;
   // On the worker's thread, before its first batch.
-  virtual void enter() = 0;
+  [[nodiscard]] virtual std::unique_ptr<ThreadScope> enter() = 0;
   // Makes a handed-on (s, t) usable here: waits for `ready` and brings them to this device.
   virtual void receive(at::Tensor& s, at::Tensor& t, const ReadyMarker& ready) = 0;
   // Around each block's step.
@@ -51,13 +66,10 @@ class StageDevice {
   virtual ReadyMarker ready() = 0;
   // The steps whose results can now be read, oldest first; `all` waits for every step so far.
   virtual std::vector<StepRecord> finished(bool all) = 0;
-  // On the worker's thread after its last batch, or after a failure: the caller sees this
-  // stage's work as done (on CUDA, the caller's stream waits for the stage's stream).
+  // On the worker's thread after its last batch, or after a failure, while enter()'s scope
+  // still holds: the caller sees this stage's work as done (on CUDA, the caller's stream waits
+  // for the stage's stream).
   virtual void leave() = 0;
-  // The most memory allocated at once on this stage's device during the run (0 on the CPU).
-  // The caching allocator counts per device, so stages that share a device report the same
-  // peak: theirs together.
-  virtual int64_t peak_device_bytes() const = 0;
   // A failure's message, with what the device knows of where it came from: on CUDA, a fault
   // surfaces at a later call than the one that caused it, so the host's block may be wrong.
   virtual std::string explain_failure(const std::string& why) { return why; }
