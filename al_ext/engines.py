@@ -87,6 +87,13 @@ class Engine:
             samples += x.shape[0]
         return correct, samples
 
+    def agree(self, flag: bool) -> bool:
+        """Whether to stop, as every process of the run sees it (here: this one)."""
+        return flag
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Tells the other processes of the run, if any, why this one fails."""
+
     # A checkpoint holds the whole run; an engine whose rank holds part of it gathers the rest.
     is_writer = True  # whether this process writes checkpoints
 

@@ -237,10 +237,20 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         is the other half, once the gradients are averaged over the replicas."""
         return dense_block_step(s_prev, t_prev, self._params(), *self._config())
 
-    def apply_gradients(self, grads: Sequence[Tensor]) -> None:
-        """The update of ``train_step`` from given gradients (torch's own optimiser function,
-        on this optimiser's state); the caller checks that the losses were finite."""
+    def apply_gradients(self, grads: Sequence[Tensor], grad_scale: float = 1.0) -> None:
+        """The update of ``train_step`` from given gradients, ``grad_scale`` times too large
+        (a sum over data-parallel replicas), through torch's own optimiser function on this
+        optimiser's state (its fused kernel on the CPU, which unscales as it updates); the
+        caller checks that the losses were finite."""
         raise NotImplementedError
+
+    def _torch_kernel(self, grads: Sequence[Tensor], grad_scale: float) -> tuple[list[Tensor], dict[str, Any]]:
+        """The gradients and the implementation arguments for torch's optimiser function."""
+        if self._params()[0].device.type == "cpu":
+            scale = None if grad_scale == 1.0 else torch.tensor(grad_scale)
+            return list(grads), {"fused": True, "grad_scale": scale,
+                                 "found_inf": None if scale is None else torch.zeros(())}
+        return (list(grads) if grad_scale == 1.0 else torch._foreach_div(list(grads), grad_scale)), {}
 
     def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:
         """This block's step for the C++ scheduler (al_ext.Pipeline), which runs it with no
@@ -296,13 +306,14 @@ class FusedBlockAdam(FusedBlockOptimizer):
                 step += 1
         return out
 
-    def apply_gradients(self, grads: Sequence[Tensor]) -> None:
+    def apply_gradients(self, grads: Sequence[Tensor], grad_scale: float = 1.0) -> None:
         params, exp_avg, exp_avg_sq, steps = self._state_lists()
         h = self._hyper()
         self._opt_called = True  # type: ignore[attr-defined]
         params = [p.detach() for p in params]  # updated in place, as the fused op does
+        grads, kernel = self._torch_kernel(grads, grad_scale)
         for group, part in zip(self.param_groups, (slice(0, 6), slice(6, 10))):
-            _torch_adam.adam(params[part], list(grads[part]), exp_avg[part], exp_avg_sq[part], [], steps[part],
+            _torch_adam.adam(params[part], grads[part], exp_avg[part], exp_avg_sq[part], [], steps[part], **kernel,
                              decoupled_weight_decay=h["decoupled_weight_decay"], amsgrad=False, beta1=h["beta1"],
                              beta2=h["beta2"], lr=group["lr"], weight_decay=h["weight_decay"], eps=h["eps"],
                              maximize=False)
@@ -353,14 +364,15 @@ class FusedBlockSGD(FusedBlockOptimizer):
         self._finish(out, check_finite)
         return out
 
-    def apply_gradients(self, grads: Sequence[Tensor]) -> None:
+    def apply_gradients(self, grads: Sequence[Tensor], grad_scale: float = 1.0) -> None:
         params, buffers = self._state_lists()
         d = self.defaults
         self._opt_called = True  # type: ignore[attr-defined]
         params = [p.detach() for p in params]  # updated in place, as the fused op does
+        grads, kernel = self._torch_kernel(grads, grad_scale)
         for group, part in zip(self.param_groups, (slice(0, 6), slice(6, 10))):
             # The buffers start at zero, so the first step moves by the gradient, as torch's does.
-            _torch_sgd.sgd(params[part], list(grads[part]), buffers[part], weight_decay=d["weight_decay"],
+            _torch_sgd.sgd(params[part], grads[part], buffers[part], **kernel, weight_decay=d["weight_decay"],
                            momentum=d["momentum"], lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
 
     def scheduler_step(self, cuda_graph: bool = False, next_lrs: NextLearningRates | None = None) -> Any:

@@ -293,24 +293,29 @@ class Trainer:
         self._fit_epochs = epochs
         self._best_path = None if save_best is None else Path(save_best)
         self.should_stop = False
-        while self.epoch < epochs and not self.should_stop:
-            finished = self._train_epoch(train, epochs, checkpoint, checkpoint_every)
-            if not finished:
-                break
-            record = self._epoch_record()
-            if val is not None:
-                self._validate(val, record)
-            self.engine.end_epoch(record.get("val_accuracy"))
-            self.epoch += 1
-            self.position = 0
-            self._epoch_start = None
-            self.history.append(record)
-            if checkpoint is not None:
-                self.save(checkpoint)
-            for callback in self._hooks("on_epoch"):
-                callback(self, record)
-            if on_epoch is not None:
-                on_epoch(record)
+        try:
+            while self.epoch < epochs and not self.should_stop:
+                finished = self._train_epoch(train, epochs, checkpoint, checkpoint_every)
+                if not finished:
+                    break
+                record = self._epoch_record()
+                if val is not None:
+                    self._validate(val, record)
+                self.engine.end_epoch(record.get("val_accuracy"))
+                self.epoch += 1
+                self.position = 0
+                self._epoch_start = None
+                self.history.append(record)
+                if checkpoint is not None:
+                    self.save(checkpoint)
+                for callback in self._hooks("on_epoch"):
+                    callback(self, record)
+                if on_epoch is not None:
+                    on_epoch(record)
+                self.should_stop = self.engine.agree(self.should_stop)
+        except BaseException as exc:
+            self.engine.report_failure(exc)  # distributed: so that the other ranks can say what happened
+            raise
         return self.history
 
     def _hooks(self, name: str) -> list[Any]:
@@ -358,6 +363,7 @@ class Trainer:
                     raise exc.in_epoch(self.epoch + 1, before + (exc.batch or 0)) from None
                 finally:
                     self._in_run = False
+                self.should_stop = self.engine.agree(self.should_stop)  # distributed: every rank alike
                 self._totals["train_time_s"] += time.perf_counter() - start
                 if exhausted[0] or ended or self.position == before:
                     break
@@ -514,7 +520,12 @@ class Trainer:
             if not hasattr(self.engine, "load_sharded"):
                 raise ValueError(f"{path} is a directory (a sharded checkpoint), which a distributed run loads; in "
                                  "one process, load the file that save() without sharded=True writes")
-            self._load_run_state(self.engine.load_sharded(str(path)), path)
+            from .distributed.checkpoint import read_run_state
+            run_state = read_run_state(str(path))
+            self._check_format(run_state, path)
+            self._check_architecture(run_state, path)  # before any shard is read
+            self.engine.load_sharded(str(path))
+            self._load_run_state(run_state, path)
             return
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -23,18 +23,21 @@ from al_ext.distributed import DistributedConfig
 DEFAULTS: dict[str, Any] = dict(stages=2, replicas=None, backend="auto", optimizer="adam", epochs=2, batch_size=32,
                                 samples=150, blocks=4, precision="fp32", schedule=None, save=None, load=None,
                                 fail=None, max_in_flight=None, timeout_s=60.0, sharded_save=None, mismatch=False,
-                                checkpoint_every=None)
+                                checkpoint_every=None, cnn=False, stop_at=None, seed_per_rank=False)
 
 
 def data(options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(options["samples"], 12, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # 3 classes a model can learn
-    return x, y
+    return (x.reshape(-1, 1, 3, 4) if options["cnn"] else x), y
 
 
-def model(options: dict[str, Any]) -> al_ext.ALMLP:
+def model(options: dict[str, Any]) -> al_ext.AssociatedLearning:
     torch.manual_seed(0)
+    if options["cnn"]:  # conv blocks: 4-D activations between stages, the autograd path
+        return al_ext.models.ALCNN((1, 3, 4), 3, channels=((4, 4),) * options["blocks"],
+                                   strides=(1,) * options["blocks"], label_dim=8, bridge_factor=2)
     hidden = [16] * options["blocks"]
     if options["mismatch"] and os.environ.get("RANK") == "1":
         hidden[-1] = 20  # a bug: this rank builds another model
@@ -44,9 +47,21 @@ def model(options: dict[str, Any]) -> al_ext.ALMLP:
 def trainer(options: dict[str, Any], distributed: DistributedConfig | None) -> al_ext.Trainer:
     scheduler = ((lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5))
                  if options["schedule"] == "step" else None)
-    return al_ext.Trainer(model(options), lr=3e-3, batch_size=options["batch_size"], seed=0, progress=False,
+    seed = int(os.environ.get("RANK", 0)) if options["seed_per_rank"] else 0  # a bug: replicas read other batches
+    return al_ext.Trainer(model(options), lr=3e-3, batch_size=options["batch_size"], seed=seed, progress=False,
                           optimizer=options["optimizer"], precision=options["precision"], scheduler=scheduler,
                           distributed=distributed)
+
+
+class StopAt(al_ext.callbacks.Callback):
+    """Asks the run to stop, on one rank only, after one step."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_step(self, trainer: al_ext.Trainer, record: dict[str, Any]) -> None:
+        if torch.distributed.get_rank() == self.rank and record["step"] == self.step:
+            trainer.should_stop = True
 
 
 class FailAt(al_ext.callbacks.Callback):
@@ -71,6 +86,8 @@ def main(out: Path, options: dict[str, Any]) -> None:
     t = trainer(options, config)
     if options["fail"] is not None:
         t.callbacks.append(FailAt(*options["fail"]))
+    if options["stop_at"] is not None:
+        t.callbacks.append(StopAt(*options["stop_at"]))
     if options["load"] is not None:
         t.load(options["load"])  # a file or a sharded checkpoint's directory
     x, y = data(options)
@@ -81,7 +98,7 @@ def main(out: Path, options: dict[str, Any]) -> None:
         t.save(options["save"])
     if options["sharded_save"] is not None:
         t.save(options["sharded_save"], sharded=True)
-    result = {"history": history, "evaluation": t.evaluate((x, y)), "predict": t.engine.predict(x[:37]),
+    result = {"history": history, "position": (t.epoch, t.position), "evaluation": t.evaluate((x, y)), "predict": t.engine.predict(x[:37]),
               "predict_depth1": t.engine.predict(x[:37], depth=1),
               "adaptive": t.engine.predict_adaptive(x[:37], 0.6), "blocks": list(t.engine.topology.blocks)}
     torch.save(result, out / f"rank{torch.distributed.get_rank()}.pt")

@@ -7,11 +7,15 @@ own blocks (one replica per stage), loadable into any number of ranks and stages
 """
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .transport import collective, failure_seen
 
 if TYPE_CHECKING:
     from .engine import DistributedALEngine
@@ -39,7 +43,10 @@ def _gather_to_first_rank(engine: DistributedALEngine, mine: Any) -> list[Any] |
     top = engine.topology
     contribution = mine if top.replica == 0 else None
     gathered: list[Any] | None = [None] * top.world_size if top.rank == 0 else None
-    dist.gather_object(contribution, gathered, dst=0)
+    try:
+        dist.gather_object(contribution, gathered, dst=0)
+    except Exception as exc:  # noqa: BLE001 - a peer that failed or died
+        raise failure_seen(None, "the checkpoint's gathering on rank 0", exc) from None
     if gathered is None:
         return None
     return [gathered[top.rank_of(stage, 0)] for stage in range(top.stages)]
@@ -62,6 +69,16 @@ def full_engine_state(engine: DistributedALEngine, state: dict[str, Any]) -> dic
         return None
     merged = {j: s for part in parts for j, s in part.items()}
     return dict(state, optimizers=[merged[j] for j in range(len(engine.optimizers))])
+
+
+def load_hyperparameters(opt: torch.optim.Optimizer, param_groups: list[dict[str, Any]]) -> None:
+    """An optimiser's learning rates and other group settings, without its state (which
+    another rank holds)."""
+    if len(param_groups) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint's optimiser has {len(param_groups)} parameter groups, this one "
+                         f"{len(opt.param_groups)}")
+    for group, saved in zip(opt.param_groups, param_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def load_owned(engine: DistributedALEngine, model_state: dict[str, Tensor]) -> None:
@@ -109,7 +126,7 @@ def _optimizer_tensors(engine: DistributedALEngine) -> dict[str, Tensor]:
 def save_sharded(engine: DistributedALEngine, directory: str, run_state: dict[str, Any]) -> None:
     """Writes the run into ``directory``: through torch.distributed.checkpoint each stage's
     first replica its own blocks and optimiser states; rank 0 the rest (``run_state``, the
-    schedulers, every optimiser's param groups, which every rank holds alike) in one file."""
+    schedulers, every optimiser's param groups, which every rank keeps alike) in one file."""
     import torch.distributed.checkpoint as dcp  # a second of imports, only where asked for
     top = engine.topology
     tensors: dict[str, Tensor] = {}
@@ -122,14 +139,23 @@ def save_sharded(engine: DistributedALEngine, directory: str, run_state: dict[st
         rest = {"schedulers": state["schedulers"], "precision": state["precision"],
                 "param_groups": [s["param_groups"] for s in state["optimizers"]]}
         torch.save({**run_state, "engine": rest}, f"{directory}/{RUN_STATE_FILE}")
-    dist.barrier()  # the directory is whole when save returns on any rank
+    # The directory is whole when save returns, on any rank.
+    collective(partial(dist.barrier, async_op=True), "the other ranks' shards")
 
 
-def load_sharded(engine: DistributedALEngine, directory: str) -> dict[str, Any]:
-    """Loads this rank's blocks and optimiser states, the schedulers and the precision from
-    a sharded checkpoint written by any number of ranks; returns the run state saved with it."""
+def read_run_state(directory: str) -> dict[str, Any]:
+    """What rank 0 wrote beside the shards: the run's place, history and the like."""
+    path = Path(directory) / RUN_STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} holds no {RUN_STATE_FILE}: it is not a sharded al_ext checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_sharded(engine: DistributedALEngine, directory: str) -> None:
+    """Loads this rank's blocks and optimiser states, every optimiser's hyperparameters, the
+    schedulers and the precision from a sharded checkpoint written by any number of ranks."""
     import torch.distributed.checkpoint as dcp
-    run_state = torch.load(f"{directory}/{RUN_STATE_FILE}", map_location="cpu", weights_only=True)
+    rest = read_run_state(directory)["engine"]
     model_state = owned_model_state(engine, engine.model.state_dict())
     wanted: dict[str, Any] = {f"model.{k}": v for k, v in model_state.items()}
     owned = set(_owned_optimizers(engine))
@@ -141,15 +167,16 @@ def load_sharded(engine: DistributedALEngine, directory: str) -> dict[str, Any]:
     dcp.load(wanted, checkpoint_id=directory)
     engine.model.load_state_dict({k.removeprefix("model."): v for k, v in wanted.items() if k.startswith("model.")},
                                  strict=False)
-    rest = run_state.pop("engine")
-    for j in sorted(owned):
+    for j, opt in enumerate(engine.optimizers):
+        if j not in owned:
+            load_hyperparameters(opt, rest["param_groups"][j])
+            continue
         state: dict[int, dict[str, Tensor]] = {}
         for key, value in wanted.items():
             kind, index, *where = key.split(".")
             if kind == "optim" and int(index) == j:
                 state.setdefault(int(where[0]), {})[".".join(where[1:])] = value
-        engine.optimizers[j].load_state_dict({"state": state, "param_groups": rest["param_groups"][j]})
+        opt.load_state_dict({"state": state, "param_groups": rest["param_groups"][j]})
     for scheduler, s in zip(engine.schedulers, rest["schedulers"]):
         scheduler.load_state_dict(s)
     engine.precision.load_state_dict(rest["precision"])
-    return run_state

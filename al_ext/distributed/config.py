@@ -27,7 +27,8 @@ class DistributedConfig:
     yet heard back (None: 2 P), which bounds the activations held across ranks.
     ``timeout_s``: how long any rank waits for another (sends, receives, all-reduces)
     before the run fails, naming the rank it waited for: the bound on a hang when a rank
-    stops without saying why."""
+    stops without saying why. (Where the caller started the default process group itself,
+    its own timeout holds for the messages between stages.)"""
 
     pipeline_stages: int = 1
     data_parallel: int | None = None
@@ -40,8 +41,9 @@ class DistributedConfig:
             check_positive_int(self.data_parallel, "data_parallel")
         if self.max_in_flight is not None:
             check_positive_int(self.max_in_flight, "max_in_flight")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be a number of seconds > 0, got {self.timeout_s!r}")
+        if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
+                or not 0 < self.timeout_s < 10**7):
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s!r}")
 
 
 @dataclass(frozen=True)

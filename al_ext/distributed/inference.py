@@ -10,30 +10,33 @@ Each replica's pipeline takes its share of the rows; the results are summed over
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import DistributedError
 from ..pipeline import Batch
 from .engine import DistributedALEngine
-from .transport import BACKWARD_TAG, END, EVAL, FORWARD_TAG, Header, Link, report_failure
+from .transport import BACKWARD_TAG, END, EVAL, FORWARD_TAG, Header, Link, collective, report_failure
 
 
 class CrossRankInference:
     def __init__(self, engine: DistributedALEngine) -> None:
         self.engine, self.model, self.top = engine, engine.model, engine.topology
-        dev, top = engine._link_device, engine.topology
+        dev, top = engine.link_device, engine.topology
         self._up = None if top.is_last else Link(top.rank_of(top.stage + 1), dev, FORWARD_TAG)
         self._from_below = None if top.is_first else Link(top.rank_of(top.stage - 1), dev, FORWARD_TAG)
-        self._scores_from_above = None if top.is_last else Link(top.rank_of(top.stage + 1), dev, BACKWARD_TAG)
-        self._scores_down = None if top.is_first else Link(top.rank_of(top.stage - 1), dev, BACKWARD_TAG)
+        group = engine.scores_group
+        self._scores_from_above = None if top.is_last else Link(top.rank_of(top.stage + 1), dev, BACKWARD_TAG, group)
+        self._scores_down = None if top.is_first else Link(top.rank_of(top.stage - 1), dev, BACKWARD_TAG, group)
 
     def _stage_scores(self, s: Tensor) -> list[Tensor]:
         """Scores of every depth from this stage's first block on, decoded down to the
         input of the previous stage's last h (the class scores, on the first stage); the
         later stages' part comes from above."""
-        blocks, dev = self.model.blocks, self.engine._link_device
+        blocks, dev = self.model.blocks, self.engine.link_device
         first, end = self.top.blocks.start, self.top.blocks.stop
         bridged = []
         for k in range(first, end):
@@ -80,13 +83,16 @@ class CrossRankInference:
 
     def _serve(self) -> None:
         assert self._from_below is not None and self._scores_down is not None
-        dev = self.engine._link_device
+        dev = self.engine.link_device
         while True:
             header, tensors = self._from_below.receive(self._from_below.post_header(), "inputs from the previous stage")
             if header.kind == END:
                 if self._up is not None:
                     self._up.send(Header(END))
                 return
+            if header.kind != EVAL:
+                raise DistributedError(f"{self.top.describe()} got a message of kind {header.kind} while evaluating: "
+                                       "the ranks are out of step (did every rank call fit, evaluate and save alike?)")
             scores = self._stage_scores(tensors[0].to(self.engine.device))
             stacked = torch.stack(scores)
             self._scores_down.send(Header(EVAL, header.samples, (tuple(stacked.shape),), (stacked.dtype,)),
@@ -113,7 +119,7 @@ class CrossRankInference:
         else:
             for _ in self.scores_of_batches(None):
                 pass
-        correct = _summed_over_ranks(correct, self.engine._link_device)
+        correct = _summed_over_ranks(correct, self.engine.link_device)
         samples = int(correct[-1])
         return (correct[:-1].long() if samples else None), samples
 
@@ -141,8 +147,8 @@ class CrossRankInference:
         else:
             for _ in self.scores_of_batches(None):
                 pass
-        return (_summed_over_ranks(classes, self.engine._link_device),
-                _summed_over_ranks(depths, self.engine._link_device))
+        return (_summed_over_ranks(classes, self.engine.link_device),
+                _summed_over_ranks(depths, self.engine.link_device))
 
     def _choose(self, scores: list[Tensor], depth: int | None, threshold: float | None) -> tuple[Tensor, Tensor]:
         n = scores[0].shape[0]
@@ -163,5 +169,5 @@ class CrossRankInference:
 def _summed_over_ranks(tensor: Tensor, device: torch.device) -> Tensor:
     """The sum over every rank, on the CPU (NCCL reduces only tensors on the GPU)."""
     on_device = tensor.to(device)
-    dist.all_reduce(on_device)
+    collective(partial(dist.all_reduce, on_device, async_op=True), "the evaluation's counts")
     return on_device.cpu()

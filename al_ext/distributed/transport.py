@@ -16,6 +16,8 @@ that quotes it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +27,10 @@ from torch import Tensor
 
 from ..errors import DistributedError
 
-HEADER_SIZE = 16
 MAX_DIMS = 6
+HEADER_SIZE = 3 + 3 * (2 + MAX_DIMS)  # kind, samples, count; per tensor its dtype, ndim and shape
 # Header kinds: a training batch, an evaluation batch, the end of the stream, a stop asked
-# for by the first stage's reader (the stream is not exhausted), a scores message.
+# for by the first stage's reader (the stream is not exhausted).
 BATCH, EVAL, END, STOP = 1, 2, 3, 4
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64)
 FORWARD_TAG, LOSSES_TAG, BACKWARD_TAG = 1, 2, 3
@@ -66,33 +68,40 @@ class Header:
 
 
 class Link:
-    """Point-to-point messages with one peer rank, on ``device`` (the CPU for Gloo)."""
+    """Point-to-point messages with one peer rank, on ``device`` (the CPU for Gloo), in
+    ``group`` (the default one if None)."""
 
-    def __init__(self, peer: int, device: torch.device, tag: int) -> None:
-        self.peer, self.device, self.tag = peer, device, tag
+    def __init__(self, peer: int, device: torch.device, tag: int, group: Any = None) -> None:
+        self.peer, self.device, self.tag, self.group = peer, device, tag, group
         self._sends: list[tuple[Any, Tensor]] = []  # in flight: the work, and the tensor it must keep alive
+
+    def _isend(self, tensor: Tensor) -> None:
+        tensor = tensor.contiguous()
+        with failures_explained(self.peer, "a message to be sent"):
+            self._sends.append((dist.isend(tensor, self.peer, group=self.group, tag=self.tag), tensor))
+
+    def _irecv(self, buffer: Tensor) -> tuple[Any, Tensor]:
+        with failures_explained(self.peer, "a message to be received"):
+            return dist.irecv(buffer, self.peer, group=self.group, tag=self.tag), buffer
 
     def send(self, header: Header, tensors: tuple[Tensor, ...] = ()) -> None:
         """Sends the header and the tensors, without waiting for them to arrive."""
         self._reap()
         for tensor in (header.encode().to(self.device), *tensors):
-            tensor = tensor.contiguous()
-            self._sends.append((dist.isend(tensor, self.peer, tag=self.tag), tensor))
+            self._isend(tensor)
 
     def send_tensor(self, tensor: Tensor) -> None:
         """Sends one tensor whose size the peer knows, without waiting."""
         self._reap()
-        tensor = tensor.contiguous()
-        self._sends.append((dist.isend(tensor, self.peer, tag=self.tag), tensor))
+        self._isend(tensor)
 
     def post_tensor(self, buffer: Tensor) -> tuple[Any, Tensor]:
         """A receive into ``buffer``, posted now: receives posted on one link complete in order."""
-        return dist.irecv(buffer, self.peer, tag=self.tag), buffer
+        return self._irecv(buffer)
 
     def post_header(self) -> tuple[Any, Tensor]:
         """A receive of the next header, posted now, completed by ``receive``."""
-        buffer = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self.device)
-        return dist.irecv(buffer, self.peer, tag=self.tag), buffer
+        return self._irecv(torch.empty(HEADER_SIZE, dtype=torch.int64, device=self.device))
 
     def receive(self, posted: tuple[Any, Tensor], what: str) -> tuple[Header, list[Tensor]]:
         """Completes a posted header's receive, then receives the tensors it announces."""
@@ -101,8 +110,7 @@ class Link:
         header = Header.decode(buffer.cpu())
         tensors = [torch.empty(shape, dtype=dtype, device=self.device)
                    for shape, dtype in zip(header.shapes, header.dtypes)]
-        works = [dist.irecv(t, self.peer, tag=self.tag) for t in tensors]
-        for w in works:
+        for w, _ in [self._irecv(t) for t in tensors]:
             wait(w, self.peer, what)
         return header, tensors
 
@@ -116,13 +124,29 @@ class Link:
         self._sends = []
 
 
-def wait(work: Any, peer: int | None, what: str) -> None:
-    """Waits for a send, receive or collective, turning a broken connection or a timeout
-    into a DistributedError that says which rank failed first and why, where it said so."""
+@contextmanager
+def failures_explained(peer: int | None, what: str) -> Iterator[None]:
+    """Turns a broken connection or a timeout inside into a DistributedError that says which
+    rank failed first and why, where it said so."""
     try:
-        work.wait()
+        yield
+    except DistributedError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any transport failure ends the run the same way
         raise failure_seen(peer, what, exc) from None
+
+
+def wait(work: Any, peer: int | None, what: str) -> None:
+    """Waits for a send, receive or collective (see ``failures_explained``)."""
+    with failures_explained(peer, what):
+        work.wait()
+
+
+def collective(start: Callable[[], Any], what: str) -> None:
+    """Starts a collective (``start`` calls it with ``async_op=True``) and waits for it."""
+    with failures_explained(None, what):
+        work = start()
+    wait(work, None, what)
 
 
 def failure_seen(peer: int | None, what: str, exc: BaseException) -> DistributedError:
