@@ -30,7 +30,8 @@ from ..nn import AssociatedLearning
 from ..pipeline import Batch, BatchCallback
 from ..precision import Precision
 from . import checkpoint
-from .config import DistributedConfig, Topology, make_topology
+from .config import DistributedConfig, make_topology
+from .inference import CrossRankInference
 from .stage_step import StageStep
 from .transport import BATCH, END, FORWARD_TAG, LOSSES_TAG, STOP, Header, Link, collective, report_failure, wait
 
@@ -82,7 +83,7 @@ class DistributedALEngine(Engine):
                              for s in range(top.stages - 1)] if top.is_last else [])
         self._step = StageStep(model, self._block_optimizers, top.blocks, precision, top.replicas, self.replica_group)
         self.in_run = False  # inside run: the stages stand at different batches
-        self._inference: Any = None
+        self._inference: CrossRankInference | None = None
 
     def _drop_other_blocks(self) -> None:
         for i, block in enumerate(self.model.blocks):
@@ -106,9 +107,8 @@ class DistributedALEngine(Engine):
         report_failure(exc)
 
     @property
-    def inference(self) -> Any:
+    def inference(self) -> CrossRankInference:
         if self._inference is None:
-            from .inference import CrossRankInference  # which imports this module
             self._inference = CrossRankInference(self)
         return self._inference
 

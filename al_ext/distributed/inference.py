@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -18,11 +19,15 @@ from torch import Tensor
 
 from ..errors import DistributedError
 from ..pipeline import Batch
-from .engine import DistributedALEngine
 from .transport import BACKWARD_TAG, END, EVAL, FORWARD_TAG, Header, Link, collective, report_failure
+
+if TYPE_CHECKING:
+    from .engine import DistributedALEngine
 
 
 class CrossRankInference:
+    """The evaluation and prediction of a DistributedALEngine's model, every rank taking part."""
+
     def __init__(self, engine: DistributedALEngine) -> None:
         self.engine, self.model, self.top = engine, engine.model, engine.topology
         dev, top = engine.link_device, engine.topology
