@@ -100,7 +100,8 @@ def main(out: Path, options: dict[str, Any]) -> None:
         t.save(options["sharded_save"], sharded=True)
     result = {"history": history, "position": (t.epoch, t.position), "evaluation": t.evaluate((x, y)), "predict": t.engine.predict(x[:37]),
               "predict_depth1": t.engine.predict(x[:37], depth=1),
-              "adaptive": t.engine.predict_adaptive(x[:37], 0.6), "blocks": list(t.engine.topology.blocks)}
+              "adaptive": t.engine.predict_adaptive(x[:37], 0.6), "blocks": list(t.engine.topology.blocks),
+              "block_costs": t.engine.block_costs}
     torch.save(result, out / f"rank{torch.distributed.get_rank()}.pt")
     torch.distributed.destroy_process_group()
 

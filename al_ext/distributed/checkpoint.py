@@ -31,7 +31,9 @@ def owns_key(engine: DistributedALEngine, key: str) -> bool:
     """Whether this rank holds the trained value of a model state entry (keys outside the
     blocks belong to the first stage)."""
     block = block_of(key)
-    return engine.topology.is_first if block is None else block in engine.topology.blocks
+    if block is None:
+        return not engine.placed or engine.topology.is_first
+    return engine.owns_block(block)
 
 
 def owned_model_state(engine: DistributedALEngine, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -62,8 +64,7 @@ def full_model_state(engine: DistributedALEngine, state: dict[str, Tensor]) -> d
 
 def full_engine_state(engine: DistributedALEngine, state: dict[str, Any]) -> dict[str, Any] | None:
     """The engine's state_dict with each block's optimiser states from the rank that trains it."""
-    per_block = len(engine.optimizers) // engine.model.depth
-    owned = {j: state["optimizers"][j] for i in engine.topology.blocks for j in range(per_block * i, per_block * (i + 1))}
+    owned = {j: state["optimizers"][j] for j in engine.owned_optimizers()}
     parts = _gather_to_first_rank(engine, _to_cpu(owned))
     if parts is None:
         return None
@@ -104,16 +105,11 @@ def _to_cpu(value: Any) -> Any:
 RUN_STATE_FILE = "run_state.pt"
 
 
-def _owned_optimizers(engine: DistributedALEngine) -> list[int]:
-    per_block = len(engine.optimizers) // engine.model.depth
-    return [j for i in engine.topology.blocks for j in range(per_block * i, per_block * (i + 1))]
-
-
 def _optimizer_tensors(engine: DistributedALEngine) -> dict[str, Tensor]:
     """This rank's optimiser states under names that do not depend on the layout of ranks:
     optimiser j's ``key`` of its parameter p is ``optim.j.p.key``."""
     out: dict[str, Tensor] = {}
-    for j in _owned_optimizers(engine):
+    for j in engine.owned_optimizers():
         for p, entries in engine.optimizers[j].state_dict()["state"].items():
             for key, value in entries.items():
                 if not isinstance(value, Tensor):
@@ -158,7 +154,7 @@ def load_sharded(engine: DistributedALEngine, directory: str) -> None:
     rest = read_run_state(directory)["engine"]
     model_state = owned_model_state(engine, engine.model.state_dict())
     wanted: dict[str, Any] = {f"model.{k}": v for k, v in model_state.items()}
-    owned = set(_owned_optimizers(engine))
+    owned = set(engine.owned_optimizers())
     # Optimiser states exist only after a first step: their tensors are made from the metadata.
     metadata = dcp.FileSystemReader(directory).read_metadata()
     for key, meta in metadata.state_dict_metadata.items():

@@ -13,7 +13,9 @@ using them fails loudly. Checkpoints gather them (al_ext.distributed.checkpoint)
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import itertools
 from collections import deque
 from functools import partial
 from collections.abc import Iterable, Iterator
@@ -29,7 +31,8 @@ from ..fused import FusedBlockOptimizer
 from ..nn import AssociatedLearning
 from ..pipeline import Batch, BatchCallback
 from ..precision import Precision
-from . import checkpoint
+from .._extension import _C
+from . import checkpoint, placement
 from .config import DistributedConfig, make_topology
 from .inference import CrossRankInference
 from .stage_step import StageStep
@@ -40,8 +43,9 @@ class DistributedALEngine(Engine):
     """One rank's share of an AL run across processes (see the module's docstring).
     ``optimizers`` and ``schedulers`` are those of the whole model, as one process would
     make them (one fused optimiser or a torch pair per block); this rank steps its own and
-    every scheduler (all ranks alike, so the rates stay one). The blocks this rank does not
-    train go to the meta device."""
+    every scheduler (all ranks alike, so the rates stay one). Every rank holds the whole
+    model until the blocks are placed (al_ext.distributed.placement), at the first training
+    batch; then the blocks this rank does not train go to the meta device."""
 
     def __init__(self, model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
                  scheduler_interval: str, precision: Precision, config: DistributedConfig) -> None:
@@ -50,13 +54,13 @@ class DistributedALEngine(Engine):
             raise ValueError("distributed training runs in fp32 or bf16: fp16's loss scale is one state that "
                              "stages training different batches at once cannot share")
         self.config = config
-        costs = [float(sum(p.numel() for p in block.parameters())) for block in model.blocks]
-        top = self.topology = make_topology(config, costs)
+        self.placed = False
+        self.block_costs: list[float] | None = None  # what the blocks were placed by
+        top = self.topology = make_topology(config, placement.parameter_costs(self))
         _check_same_model(model)
         per_block = 1 if isinstance(optimizers[0], FusedBlockOptimizer) else 2
-        self._block_optimizers = [optimizers[per_block * i : per_block * (i + 1)] for i in range(model.depth)]
+        self.block_optimizers = [optimizers[per_block * i : per_block * (i + 1)] for i in range(model.depth)]
         self.device = next(model.parameters()).device
-        self._drop_other_blocks()
         timeout = datetime.timedelta(seconds=config.timeout_s)
         # Every rank makes every group, in the same order. A stage's replicas all-reduce in
         # theirs; the losses and the evaluation's scores travel in groups of their own, so that
@@ -67,12 +71,6 @@ class DistributedALEngine(Engine):
         self.first_stage_group = stage_groups[0]
         self.losses_group = dist.new_group(list(range(top.world_size)), timeout=timeout)
         self.scores_group = dist.new_group(list(range(top.world_size)), timeout=timeout)
-        if top.replicas > 1:  # the replicas start alike, as DistributedDataParallel's do
-            first = top.rank_of(top.stage, 0)
-            for i in top.blocks:
-                for tensor in model.blocks[i].state_dict().values():
-                    collective(partial(dist.broadcast, tensor, src=first, group=self.replica_group, async_op=True),
-                               "the replicas' first weights")
         self.max_in_flight = config.max_in_flight or 2 * top.stages
         self.link_device = torch.device("cpu") if dist.get_backend() == "gloo" else self.device
         self._prev = None if top.is_first else Link(top.rank_of(top.stage - 1), self.link_device, FORWARD_TAG)
@@ -81,19 +79,52 @@ class DistributedALEngine(Engine):
         self._losses_back = None if top.is_last else Link(last, self.link_device, LOSSES_TAG, self.losses_group)
         self._losses_out = ([Link(top.rank_of(s), self.link_device, LOSSES_TAG, self.losses_group)
                              for s in range(top.stages - 1)] if top.is_last else [])
-        self._step = StageStep(model, self._block_optimizers, top.blocks, precision, top.replicas, self.replica_group)
+        self._step: StageStep | None = None  # made when the blocks are placed
         self.in_run = False  # inside run: the stages stand at different batches
         self._inference: CrossRankInference | None = None
 
-    def _drop_other_blocks(self) -> None:
+    # ---- placement ------------------------------------------------------------------------
+
+    def _place(self, costs: list[float]) -> None:
+        """Gives each stage its blocks, balanced by ``costs`` (the same on every rank); the
+        blocks this rank does not train, and their optimisers' state, leave it."""
+        top = self.topology = dataclasses.replace(self.topology, block_starts=tuple(
+            _C.balanced_groups(costs, self.topology.stages)))
+        self.block_costs = costs
         for i, block in enumerate(self.model.blocks):
-            if i in self.topology.blocks:
+            if i in top.blocks:
                 continue
             block.to("meta")  # keeps the Parameter objects that the optimisers hold
-            for opt in self._block_optimizers[i]:
+            for opt in self.block_optimizers[i]:
+                opt.state.clear()
                 # Every rank steps every scheduler alike; these optimisers step elsewhere,
                 # which torch's check of the order of step() calls cannot know.
                 opt._opt_called = True  # type: ignore[attr-defined]
+        if top.replicas > 1:  # the replicas start alike, as DistributedDataParallel's do
+            first = top.rank_of(top.stage, 0)
+            for i in top.blocks:
+                for tensor in self.model.blocks[i].state_dict().values():
+                    collective(partial(dist.broadcast, tensor, src=first, group=self.replica_group, async_op=True),
+                               "the replicas' first weights")
+        self._step = StageStep(self.model, self.block_optimizers, top.blocks, self.precision, top.replicas,
+                               self.replica_group)
+        self.placed = True
+
+    def ensure_placed(self) -> None:
+        """Places the blocks by parameter count where the run needs them placed before it has
+        trained (every rank gets here alike: evaluation and checkpoints are collective)."""
+        if not self.placed:
+            self._place(placement.parameter_costs(self))
+
+    def _place_by_first_batch(self, batch: Batch | None) -> None:
+        """Rank 0 times every block on the first batch and tells the others."""
+        costs = torch.tensor(placement.parameter_costs(self), dtype=torch.float64)
+        if self.topology.rank == 0 and batch is not None:
+            x, y = (v.to(self.device) for v in batch)
+            costs = torch.tensor(placement.measured_costs(self, x, y), dtype=torch.float64)
+        costs = costs.to(self.link_device)
+        collective(partial(dist.broadcast, costs, src=0, async_op=True), "the blocks' measured costs")
+        self._place(costs.cpu().tolist())
 
     # ---- what the Trainer asks of every rank at once --------------------------------------
 
@@ -108,6 +139,7 @@ class DistributedALEngine(Engine):
 
     @property
     def inference(self) -> CrossRankInference:
+        self.ensure_placed()
         if self._inference is None:
             self._inference = CrossRankInference(self)
         return self._inference
@@ -142,9 +174,11 @@ class DistributedALEngine(Engine):
 
     def full_model_state(self, state: dict[str, Tensor]) -> dict[str, Tensor] | None:
         self._refuse_in_run("save()")
+        self.ensure_placed()
         return checkpoint.full_model_state(self, state)
 
     def full_state_dict(self) -> dict[str, Any] | None:
+        self.ensure_placed()
         return checkpoint.full_engine_state(self, self.state_dict())
 
     def load_model_state(self, state: dict[str, Tensor]) -> None:
@@ -156,8 +190,7 @@ class DistributedALEngine(Engine):
         all, as it steps every scheduler), the schedulers and the precision."""
         if len(state["optimizers"]) != len(self.optimizers) or len(state["schedulers"]) != len(self.schedulers):
             super().load_state_dict(state)  # says what does not match
-        per_block = len(self.optimizers) // self.model.depth
-        owned = {j for i in self.topology.blocks for j in range(per_block * i, per_block * (i + 1))}
+        owned = set(self.owned_optimizers())
         for j, (opt, saved) in enumerate(zip(self.optimizers, state["optimizers"])):
             if j in owned:
                 opt.load_state_dict(saved)
@@ -167,8 +200,20 @@ class DistributedALEngine(Engine):
             scheduler.load_state_dict(s)
         self.precision.load_state_dict(state["precision"])
 
+    def owns_block(self, block: int) -> bool:
+        """Whether this rank holds block ``block``'s trained state (before the blocks are
+        placed, every rank holds every block)."""
+        return not self.placed or block in self.topology.blocks
+
+    def owned_optimizers(self) -> list[int]:
+        """The optimisers (by index) whose whole state this rank holds."""
+        per_block = len(self.optimizers) // self.model.depth
+        return [j for i in range(self.model.depth) if self.owns_block(i)
+                for j in range(per_block * i, per_block * (i + 1))]
+
     def save_sharded(self, directory: str, run_state: dict[str, Any]) -> None:
         self._refuse_in_run("save()")
+        self.ensure_placed()
         checkpoint.save_sharded(self, directory, run_state)
 
     def load_sharded(self, directory: str) -> None:
@@ -206,6 +251,7 @@ class DistributedALEngine(Engine):
         """This rank's blocks on batch ``index``; errors say which batch, and a first batch
         that the blocks cannot take, which stage sent what."""
         try:
+            assert self._step is not None
             s, t = self._step(s, t, samples, losses)
         except NonFiniteLossError as exc:
             raise exc.at_batch(index) from None
@@ -243,6 +289,10 @@ class DistributedALEngine(Engine):
         return bool(on_batch(i, message[1:].reshape(self.model.depth, 2), int(message[0])))
 
     def _run_first(self, batches: Iterator[Batch], on_batch: BatchCallback) -> bool:
+        if not self.placed:
+            first = next(batches, None)
+            self._place_by_first_batch(first)
+            batches = itertools.chain([] if first is None else [first], batches)
         top = self.topology
         waiting: deque[tuple[int, Any]] = deque()  # batches handed on whose losses have not come back
         index, stop, ended = 0, False, False
@@ -314,6 +364,8 @@ class DistributedALEngine(Engine):
                              "batch among the replicas itself)")
 
     def _run_later(self, on_batch: BatchCallback) -> bool:
+        if not self.placed:
+            self._place_by_first_batch(None)
         top = self.topology
         assert self._prev is not None
         waiting: deque[tuple[int, Any]] = deque()

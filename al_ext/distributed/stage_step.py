@@ -74,12 +74,7 @@ class StageStep:
         return f"blocks {first + 1}-{block} of this stage were updated on this batch" if block > first else ""
 
     def _autograd(self, i: int, s: Tensor, t: Tensor) -> reference.BlockLosses:
-        for opt in self.block_optimizers[i]:
-            opt.zero_grad()
-        with self.precision.autocast():
-            out = reference.local_losses(self.model.blocks[i], s, t, self.model.variant, self.model.ae_loss_of(i))
-        (out.loss_as + out.loss_ae).backward()
-        return out
+        return losses_backward(self.model, self.block_optimizers[i], i, s, t, self.precision)
 
     def _params(self, i: int) -> list[Tensor]:
         return [p for opt in self.block_optimizers[i] for group in opt.param_groups for p in group["params"]]
@@ -134,3 +129,14 @@ class StageStep:
             p.grad = g
         for opt in self.block_optimizers[i]:
             opt.step()
+
+
+def losses_backward(model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], i: int, s: Tensor, t: Tensor,
+                    precision: Precision) -> reference.BlockLosses:
+    """Block i's forward pass and local losses, and their gradients in its parameters' .grad."""
+    for opt in optimizers:
+        opt.zero_grad()
+    with precision.autocast():
+        out = reference.local_losses(model.blocks[i], s, t, model.variant, model.ae_loss_of(i))
+    (out.loss_as + out.loss_ae).backward()
+    return out
