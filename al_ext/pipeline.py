@@ -155,8 +155,8 @@ class Pipeline:
             self._fused = optimizers
         elif len(optimizers) == 2 * model.depth:
             self._fused = None
-            self._steps = [self._python_step(i, optimizers[2 * i : 2 * i + 2], schedulers[2 * i : 2 * i + 2])
-                           for i in range(model.depth)]
+            self._steps = [python_block_step(model, i, optimizers[2 * i : 2 * i + 2], schedulers[2 * i : 2 * i + 2],
+                                             self.precision) for i in range(model.depth)]
         else:
             raise ValueError(f"optimizers must hold one fused optimiser per block ({model.depth}) or a pair per "
                              f"block ({2 * model.depth}), got {len(optimizers)}")
@@ -172,45 +172,10 @@ class Pipeline:
                              "devices and one fused optimiser (FusedBlockAdam or FusedBlockSGD) per block")
         self.last_run: PipelineRun | None = None
 
-    def _python_step(self, index: int, pair: Sequence[torch.optim.Optimizer], schedulers: Sequence[Scheduler | None]
-                     ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
-        model, block = self.model, self.model.blocks[index]
-        ae_loss = model.ae_loss_of(index)
-
-        def step(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            for opt in pair:
-                opt.zero_grad()
-            with self.precision.autocast():  # per thread: each stage enters it itself
-                out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss)
-            (out.loss_as + out.loss_ae).backward()
-            # A non-finite loss changes nothing, as in the fused step: the scheduler reports it.
-            if bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):
-                for opt in pair:
-                    opt.step()
-                for scheduler in schedulers:
-                    if scheduler is not None:
-                        scheduler.step()
-            return out.s.detach(), out.t.detach(), out.loss_as.detach(), out.loss_ae.detach()
-
-        return step
-
-    def _next_lrs(self, index: int) -> Callable[[], tuple[float, float]] | None:
-        """For fused block ``index``: steps its scheduler and returns the new rates (f, b), (g, h)."""
-        scheduler, opt = self._schedulers[index], self._fused[index]
-        if scheduler is None:
-            return None
-
-        def next_lrs() -> tuple[float, float]:
-            scheduler.step()
-            fb, gh = opt.param_groups
-            return fb["lr"], gh["lr"]
-
-        return next_lrs
-
     def _block_steps(self) -> list[Any]:
         # Built for each run, so that the learning rates are the param groups' current ones.
         if self._fused is not None:
-            return [opt.scheduler_step(cuda_graph=self.cuda_graphs, next_lrs=self._next_lrs(i))
+            return [opt.scheduler_step(cuda_graph=self.cuda_graphs, next_lrs=stepped_rates(self._schedulers[i], opt))
                     for i, opt in enumerate(self._fused)]
         return [_C.python_block_step(step) for step in self._steps]
 
@@ -356,6 +321,46 @@ class Pipeline:
                 except queue.Empty:
                     pass
             worker.join()
+
+
+def python_block_step(model: AssociatedLearning, index: int, pair: Sequence[torch.optim.Optimizer],
+                      schedulers: Sequence[Scheduler | None], precision: Precision
+                      ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Block ``index``'s step through autograd and its pair of torch optimisers (and their
+    per-step schedulers), as the scheduler's stages call it: (s_prev, t_prev) -> (s, t,
+    L_as, L_ae)."""
+    block, ae_loss = model.blocks[index], model.ae_loss_of(index)
+
+    def step(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        for opt in pair:
+            opt.zero_grad()
+        with precision.autocast():  # per thread: each stage enters it itself
+            out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss)
+        (out.loss_as + out.loss_ae).backward()
+        # A non-finite loss changes nothing, as in the fused step: the scheduler reports it.
+        if bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):
+            for opt in pair:
+                opt.step()
+            for scheduler in schedulers:
+                if scheduler is not None:
+                    scheduler.step()
+        return out.s.detach(), out.t.detach(), out.loss_as.detach(), out.loss_ae.detach()
+
+    return step
+
+
+def stepped_rates(scheduler: Scheduler | None, opt: FusedBlockOptimizer) -> Callable[[], tuple[float, float]] | None:
+    """For a fused block's step in the scheduler: steps its scheduler and returns the new
+    rates of (f, b) and (g, h); None without a scheduler."""
+    if scheduler is None:
+        return None
+
+    def next_lrs() -> tuple[float, float]:
+        scheduler.step()
+        fb, gh = opt.param_groups
+        return fb["lr"], gh["lr"]
+
+    return next_lrs
 
 
 def _block_devices(model: AssociatedLearning) -> list[torch.device]:

@@ -23,7 +23,8 @@ from al_ext.distributed import DistributedConfig
 DEFAULTS: dict[str, Any] = dict(stages=2, replicas=None, backend="auto", optimizer="adam", epochs=2, batch_size=32,
                                 samples=150, blocks=4, precision="fp32", schedule=None, save=None, load=None,
                                 fail=None, max_in_flight=None, timeout_s=60.0, sharded_save=None, mismatch=False,
-                                checkpoint_every=None, cnn=False, stop_at=None, seed_per_rank=False)
+                                checkpoint_every=None, cnn=False, stop_at=None, seed_per_rank=False,
+                                rank_stages=1)
 
 
 def data(options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +83,8 @@ def main(out: Path, options: dict[str, Any]) -> None:
     options = {**DEFAULTS, **options}
     torch.set_num_threads(1)
     config = DistributedConfig(pipeline_stages=options["stages"], data_parallel=options["replicas"],
-                               max_in_flight=options["max_in_flight"], timeout_s=options["timeout_s"])
+                               max_in_flight=options["max_in_flight"], timeout_s=options["timeout_s"],
+                               rank_stages=options["rank_stages"])
     t = trainer(options, config)
     if options["fail"] is not None:
         t.callbacks.append(FailAt(*options["fail"]))
@@ -101,7 +103,7 @@ def main(out: Path, options: dict[str, Any]) -> None:
     result = {"history": history, "position": (t.epoch, t.position), "evaluation": t.evaluate((x, y)), "predict": t.engine.predict(x[:37]),
               "predict_depth1": t.engine.predict(x[:37], depth=1),
               "adaptive": t.engine.predict_adaptive(x[:37], 0.6), "blocks": list(t.engine.topology.blocks),
-              "block_costs": t.engine.block_costs}
+              "block_costs": t.engine.block_costs, "in_scheduler": t.engine.in_scheduler()}
     torch.save(result, out / f"rank{torch.distributed.get_rank()}.pt")
     torch.distributed.destroy_process_group()
 

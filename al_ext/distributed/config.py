@@ -25,6 +25,9 @@ class DistributedConfig:
 
     ``max_in_flight``: the batches the first stage may have started whose losses it has not
     yet heard back (None: 2 P), which bounds the activations held across ranks.
+    ``rank_stages``: with one replica on the CPU, a rank that trains several blocks runs
+    them as a pipeline of this many threads in al_ext's scheduler (None: one per intra-op
+    thread of the rank, at most one per block; 1: one after another).
     ``timeout_s``: how long any rank waits for another (sends, receives, all-reduces)
     before the run fails, naming the rank it waited for: the bound on a hang when a rank
     stops without saying why. (Where the caller started the default process group itself,
@@ -33,6 +36,7 @@ class DistributedConfig:
     pipeline_stages: int = 1
     data_parallel: int | None = None
     max_in_flight: int | None = None
+    rank_stages: int | None = None
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -41,6 +45,8 @@ class DistributedConfig:
             check_positive_int(self.data_parallel, "data_parallel")
         if self.max_in_flight is not None:
             check_positive_int(self.max_in_flight, "max_in_flight")
+        if self.rank_stages is not None:
+            check_positive_int(self.rank_stages, "rank_stages")
         if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
                 or not 0 < self.timeout_s < 10**7):
             raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s!r}")

@@ -1,7 +1,8 @@
 """DistributedALEngine: the engine (al_ext.engines) of one rank of a distributed AL run.
 
 Each rank trains a contiguous range of blocks (its stage) on its share of every batch (its
-replica; al_ext.distributed.stage_step says how). Only activations travel: (s, t) forward
+replica; al_ext.distributed.stage_step says how, and rank_scheduler how a rank pipelines
+its blocks in threads). Only activations travel: (s, t) forward
 from stage to stage, and each batch's losses back from the last stage, so that every rank
 reports the same losses in order. Nothing else crosses a stage, so there is no backward
 flush and no bubble but the first fill. The first stage reads the data; it starts a batch
@@ -35,6 +36,7 @@ from .._extension import _C
 from . import checkpoint, placement
 from .config import DistributedConfig, make_topology
 from .inference import CrossRankInference
+from .rank_scheduler import run_in_scheduler
 from .stage_step import StageStep
 from .transport import BATCH, END, FORWARD_TAG, LOSSES_TAG, STOP, Header, Link, collective, report_failure, wait
 
@@ -70,8 +72,10 @@ class DistributedALEngine(Engine):
         self.replica_group = stage_groups[top.stage]
         self.first_stage_group = stage_groups[0]
         self.losses_group = dist.new_group(list(range(top.world_size)), timeout=timeout)
+        self.partial_losses_group = dist.new_group(list(range(top.world_size)), timeout=timeout)
         self.scores_group = dist.new_group(list(range(top.world_size)), timeout=timeout)
         self.max_in_flight = config.max_in_flight or 2 * top.stages
+        self.rank_stages = config.rank_stages or torch.get_num_threads()
         self.link_device = torch.device("cpu") if dist.get_backend() == "gloo" else self.device
         self._prev = None if top.is_first else Link(top.rank_of(top.stage - 1), self.link_device, FORWARD_TAG)
         self._next = None if top.is_last else Link(top.rank_of(top.stage + 1), self.link_device, FORWARD_TAG)
@@ -79,8 +83,16 @@ class DistributedALEngine(Engine):
         self._losses_back = None if top.is_last else Link(last, self.link_device, LOSSES_TAG, self.losses_group)
         self._losses_out = ([Link(top.rank_of(s), self.link_device, LOSSES_TAG, self.losses_group)
                              for s in range(top.stages - 1)] if top.is_last else [])
+        # Each batch's losses of the blocks so far, from each stage to the next, apart from (s, t):
+        # a stage running its blocks in the scheduler knows them only once the batch is done.
+        group = self.partial_losses_group
+        self._partial_in = None if top.is_first else Link(top.rank_of(top.stage - 1), self.link_device, LOSSES_TAG,
+                                                          group)
+        self._partial_out = None if top.is_last else Link(top.rank_of(top.stage + 1), self.link_device, LOSSES_TAG,
+                                                          group)
         self._step: StageStep | None = None  # made when the blocks are placed
         self.in_run = False  # inside run: the stages stand at different batches
+        self.received_end = END  # how the previous stage ended the last stream
         self._inference: CrossRankInference | None = None
 
     # ---- placement ------------------------------------------------------------------------
@@ -233,14 +245,29 @@ class DistributedALEngine(Engine):
         self.model.train()
         self.in_run = True
         try:
+            stream: Iterator[Batch] | None = None
             if self.topology.is_first:
-                return self._run_first(iter(batches), on_batch)
-            return self._run_later(on_batch)
+                stream = iter(batches)
+                if not self.placed:
+                    first = next(stream, None)
+                    self._place_by_first_batch(first)
+                    stream = itertools.chain([] if first is None else [first], stream)
+            elif not self.placed:
+                self._place_by_first_batch(None)
+            if self.in_scheduler():
+                return run_in_scheduler(self, stream, on_batch)
+            return self._run_first(stream, on_batch) if stream is not None else self._run_later(on_batch)
         except BaseException as exc:
             report_failure(exc)
             raise
         finally:
             self.in_run = False
+
+    def in_scheduler(self) -> bool:
+        """Whether this rank's blocks run as a pipeline of threads (al_ext.distributed.rank_scheduler):
+        on the CPU, with one replica, and more than one block and ``rank_stages``."""
+        return (self.topology.replicas == 1 and self.device.type == "cpu"
+                and min(self.rank_stages, len(self.topology.blocks)) > 1)
 
     def _step_schedulers(self) -> None:
         if self.scheduler_interval == "step":
@@ -264,35 +291,51 @@ class DistributedALEngine(Engine):
         self._step_schedulers()
         return s, t
 
-    def _hand_on(self, s: Tensor, t: Tensor, losses: Tensor, samples: int) -> None:
-        """(s, t) to the next stage; from the last, the losses to every earlier one."""
-        if self._next is not None:
-            self._next.send(Header(BATCH, samples, (tuple(s.shape), tuple(t.shape), tuple(losses.shape)),
-                                   (s.dtype, t.dtype, losses.dtype)),
-                            (s.to(self.link_device), t.to(self.link_device), losses.to(self.link_device)))
-        else:
-            message = torch.cat([torch.tensor([float(samples)], dtype=torch.float64), losses.reshape(-1)])
-            for link in self._losses_out:
-                link.send_tensor(message.to(self.link_device))
+    def send_activations(self, s: Tensor, t: Tensor) -> None:
+        """A batch's (s, t) to the next stage, behind a header that says their shapes."""
+        assert self._next is not None
+        self._next.send(Header(BATCH, s.shape[0], (tuple(s.shape), tuple(t.shape)), (s.dtype, t.dtype)),
+                        (s.to(self.link_device), t.to(self.link_device)))
 
-    def _post_losses(self) -> tuple[Any, Tensor]:
+    def send_losses(self, losses: Tensor, samples: int) -> None:
+        """A batch's losses so far: to the next stage; from the last (all of them), to every earlier one."""
+        message = torch.cat([torch.tensor([float(samples)], dtype=torch.float64), losses.reshape(-1)])
+        message = message.to(self.link_device)
+        for link in [self._partial_out] if self._partial_out is not None else self._losses_out:
+            link.send_tensor(message)
+
+    def _losses_message(self) -> Tensor:
+        return torch.empty(1 + 2 * self.model.depth, dtype=torch.float64, device=self.link_device)
+
+    def post_losses(self) -> tuple[Any, Tensor]:
         """A receive of one batch's losses from the last stage: [samples, L_as_1, L_ae_1, ...]
         in float64, of a fixed size, so that several can wait in order."""
         assert self._losses_back is not None
-        return self._losses_back.post_tensor(torch.empty(1 + 2 * self.model.depth, dtype=torch.float64,
-                                                         device=self.link_device))
+        return self._losses_back.post_tensor(self._losses_message())
 
-    def _report(self, entry: tuple[int, Any], on_batch: BatchCallback) -> bool:
-        i, (work, message) = entry
-        wait(work, self._losses_back.peer if self._losses_back else None, f"the losses of batch {i}")
+    def post_partial_losses(self) -> tuple[Any, Tensor]:
+        """A receive of one batch's losses of the blocks before this stage, from the previous one."""
+        assert self._partial_in is not None
+        return self._partial_in.post_tensor(self._losses_message())
+
+    def losses_of(self, posted: tuple[Any, Tensor], peer: int | None, what: str) -> tuple[Tensor, int]:
+        """A posted losses message, waited for: (losses (blocks, 2) float64, samples)."""
+        work, message = posted
+        wait(work, peer, what)
         message = message.cpu()
-        return bool(on_batch(i, message[1:].reshape(self.model.depth, 2), int(message[0])))
+        return message[1:].reshape(self.model.depth, 2).clone(), int(message[0])
+
+    def report(self, entry: tuple[int, Any], on_batch: BatchCallback) -> bool:
+        """Hands a batch's losses, back from the last stage, to ``on_batch``; its result."""
+        i, posted = entry
+        losses, samples = self.losses_of(posted, self._losses_back.peer if self._losses_back else None,
+                                         f"the losses of batch {i}")
+        return bool(on_batch(i, losses, samples))
+
+    def arrived(self, waiting: deque[tuple[int, Any]]) -> bool:
+        return bool(waiting) and bool(waiting[0][1][0].is_completed())
 
     def _run_first(self, batches: Iterator[Batch], on_batch: BatchCallback) -> bool:
-        if not self.placed:
-            first = next(batches, None)
-            self._place_by_first_batch(first)
-            batches = itertools.chain([] if first is None else [first], batches)
         top = self.topology
         waiting: deque[tuple[int, Any]] = deque()  # batches handed on whose losses have not come back
         index, stop, ended = 0, False, False
@@ -300,8 +343,8 @@ class DistributedALEngine(Engine):
             # Replicas report on the same batches before each decision (so they agree on it);
             # alone, a stage also takes whatever losses have already arrived.
             while waiting and (len(waiting) >= self.max_in_flight
-                               or (top.replicas == 1 and bool(waiting[0][1][0].is_completed()))):
-                stop = self._report(waiting.popleft(), on_batch) or stop
+                               or (top.replicas == 1 and self.arrived(waiting))):
+                stop = self.report(waiting.popleft(), on_batch) or stop
             if top.replicas > 1:
                 stop = self._agree_among_replicas(stop)
             if stop:
@@ -322,15 +365,23 @@ class DistributedALEngine(Engine):
             if top.is_last:
                 stop = bool(on_batch(index, losses, samples))
             else:
-                self._hand_on(s, t, losses, samples)
-                waiting.append((index, self._post_losses()))
+                self.send_activations(s, t)
+                self.send_losses(losses, samples)
+                waiting.append((index, self.post_losses()))
             index += 1
+        return self.finish_run(END if ended else STOP, waiting, on_batch)
+
+    def finish_run(self, kind: int, waiting: deque[tuple[int, Any]], on_batch: BatchCallback) -> bool:
+        """Tells the next stage how the stream ended, reports the batches still out, and
+        waits for what this rank sent; whether the stream ran out."""
         if self._next is not None:
-            self._next.send(Header(END if ended else STOP))
+            self._next.send(Header(kind))
         while waiting:
-            self._report(waiting.popleft(), on_batch)  # the batches already started finish
-        self._flush()
-        return ended
+            self.report(waiting.popleft(), on_batch)  # the batches already started finish
+        for link in [self._next, self._partial_out, *self._losses_out]:
+            if link is not None:
+                link.flush()
+        return kind == END
 
     def _shard(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """This replica's rows of a batch: consecutive, as even as the batch allows."""
@@ -364,43 +415,43 @@ class DistributedALEngine(Engine):
                              "batch among the replicas itself)")
 
     def _run_later(self, on_batch: BatchCallback) -> bool:
-        if not self.placed:
-            self._place_by_first_batch(None)
         top = self.topology
-        assert self._prev is not None
         waiting: deque[tuple[int, Any]] = deque()
+        for index, s, t, posted in self.received_batches():
+            losses, samples = self.losses_of(posted, top.rank_of(top.stage - 1), f"batch {index}'s losses so far")
+            s, t = self._train(index, s.to(self.device), t.to(self.device), samples, losses)
+            if not top.is_last:
+                self.send_activations(s, t)
+            self.send_losses(losses, samples)
+            if top.is_last:
+                on_batch(index, losses, samples)
+            else:
+                waiting.append((index, self.post_losses()))
+            while self.arrived(waiting):
+                self.report(waiting.popleft(), on_batch)
+        return self.finish_run(self.received_end, waiting, on_batch)
+
+    def received_batches(self) -> Iterator[tuple[int, Tensor, Tensor, tuple[Any, Tensor]]]:
+        """The batches the previous stage sends: (index, s, t, the posted receive of their
+        losses so far), until it says the stream ended (``_received_end``: END or STOP). The
+        next batch's receives are posted before this one is handed out."""
+        assert self._prev is not None
+        top = self.topology
         posted = self._prev.post_header()
         index = 0
         while True:
             header, tensors = self._prev.receive(posted, f"batch {index}'s activations")
             if header.kind in (END, STOP):
-                break
+                self.received_end = header.kind
+                return
             if header.kind != BATCH:
                 raise DistributedError(f"{top.describe()} got a message of kind {header.kind} while training: the "
                                        "ranks are out of step (did every rank call fit, evaluate and save alike?)")
-            posted = self._prev.post_header()  # the next header's receive waits while this batch trains
-            s, t, losses = (v.to(self.device) for v in tensors)
-            losses = losses.cpu()
-            s, t = self._train(index, s, t, header.samples, losses)
-            self._hand_on(s, t, losses, header.samples)
-            if top.is_last:
-                on_batch(index, losses, header.samples)
-            else:
-                waiting.append((index, self._post_losses()))
-            while waiting and bool(waiting[0][1][0].is_completed()):
-                self._report(waiting.popleft(), on_batch)
+            losses = self.post_partial_losses()  # sent after (s, t), so posted only for a batch that comes
+            posted = self._prev.post_header()
+            s, t = tensors
+            yield index, s, t, losses
             index += 1
-        if self._next is not None:
-            self._next.send(Header(header.kind))
-        while waiting:
-            self._report(waiting.popleft(), on_batch)
-        self._flush()
-        return header.kind == END
-
-    def _flush(self) -> None:
-        for link in [self._next, *self._losses_out]:
-            if link is not None:
-                link.flush()
 
 
 def _check_same_model(model: AssociatedLearning) -> None:
