@@ -2,8 +2,8 @@
 
 Each rank trains a contiguous range of blocks (its stage) on its share of every batch (its
 replica; al_ext.distributed.stage_step says how, and rank_scheduler how a rank pipelines
-its blocks in threads). Only activations travel: (s, t) forward
-from stage to stage, and each batch's losses back from the last stage, so that every rank
+its blocks in threads). Only activations travel: (s, t) forward from stage to stage, and
+each batch's losses forward with them and back from the last stage, so that every rank
 reports the same losses in order. Nothing else crosses a stage, so there is no backward
 flush and no bubble but the first fill. The first stage reads the data; it starts a batch
 only while fewer than ``max_in_flight`` batches await their losses, and it alone decides
@@ -18,8 +18,8 @@ import dataclasses
 import datetime
 import itertools
 from collections import deque
-from functools import partial
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,8 +31,8 @@ from ..errors import DistributedError, NonFiniteLossError
 from ..fused import FusedBlockOptimizer
 from ..nn import AssociatedLearning
 from ..pipeline import Batch, BatchCallback
-from ..precision import Precision
 from .._extension import _C
+from ..precision import Precision
 from . import checkpoint, placement
 from .config import DistributedConfig, make_topology
 from .inference import CrossRankInference
