@@ -59,6 +59,7 @@ def dense_block_adam_step_(
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
     compute_dtype: torch.dtype | None = None,
+    compute_weights: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole training step of one dense block: the gradients of ``dense_block_step``
     applied in place by Adam (torch.optim.Adam's update; ``step`` is the step number after
@@ -73,7 +74,11 @@ def dense_block_adam_step_(
     A step whose loss is not finite changes nothing (nor does it count): the op returns
     the non-finite losses for the caller to see, without raising, on every device (on CUDA
     it never waits for the device). ``FusedBlockAdam.train_step`` raises for them. The SGD
-    form behaves the same. ``compute_dtype``: as for ``dense_block_step``.
+    form behaves the same. ``compute_dtype``: as for ``dense_block_step``; with bfloat16,
+    ``compute_weights`` may hold the parameters rounded to bfloat16, kept by the caller between
+    steps: the op takes its GEMM operands from them instead of rounding the parameters, and
+    rewrites them from the updated parameters (saving a pass over the weights per step). They
+    must equal the rounded parameters when the op is called (the SGD form takes them too).
     """
     if isinstance(step, Tensor):
         op, step_arg = torch.ops.al_ext.dense_block_adam_step_.step_tensor, step
@@ -83,7 +88,7 @@ def dense_block_adam_step_(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [m.detach() for m in exp_avg],
         [v.detach() for v in exp_avg_sq], step_arg, float(lr_fb), float(lr_gh), float(betas[0]),
         float(betas[1]), float(eps), x_activation, h_activation, variant, ae_loss, float(weight_decay),
-        bool(decoupled_weight_decay), compute_dtype,
+        bool(decoupled_weight_decay), compute_dtype, _detached(compute_weights),
     )
 
 
@@ -101,15 +106,21 @@ def dense_block_sgd_step_(
     ae_loss: str = "mse",
     weight_decay: float = 0.0,
     compute_dtype: torch.dtype | None = None,
+    compute_weights: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole training step of one dense block with torch.optim.SGD's momentum update (no
     dampening; zero buffers make the first step use the plain gradient, as torch does) and
-    its L2 ``weight_decay``; ``compute_dtype`` as for ``dense_block_step``."""
+    its L2 ``weight_decay``; ``compute_dtype`` as for ``dense_block_step``, ``compute_weights``
+    as for ``dense_block_adam_step_``."""
     return torch.ops.al_ext.dense_block_sgd_step_.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [b.detach() for b in momentum_buffer],
         float(lr_fb), float(lr_gh), float(momentum), x_activation, h_activation, variant, ae_loss,
-        float(weight_decay), compute_dtype,
+        float(weight_decay), compute_dtype, _detached(compute_weights),
     )
+
+
+def _detached(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
+    return None if tensors is None else [t.detach() for t in tensors]
 
 
 def bf16_compute_available() -> bool:
@@ -140,20 +151,21 @@ def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, v
 @torch.library.register_fake("al_ext::dense_block_adam_step_")
 def _dense_block_adam_step_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2,
                                 eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
-                                decoupled_weight_decay=False, compute_dtype=None):
+                                decoupled_weight_decay=False, compute_dtype=None, compute_weights=None):
     return _outputs_like(s_prev, t_prev, params, compute_dtype)
 
 
 @torch.library.register_fake("al_ext::dense_block_adam_step_.step_tensor")
 def _dense_block_adam_step_counted_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1,
                                         beta2, eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
-                                        decoupled_weight_decay=False, compute_dtype=None):
+                                        decoupled_weight_decay=False, compute_dtype=None, compute_weights=None):
     return _outputs_like(s_prev, t_prev, params, compute_dtype)
 
 
 @torch.library.register_fake("al_ext::dense_block_sgd_step_")
 def _dense_block_sgd_step_fake(s_prev, t_prev, params, momentum_buffer, lr_fb, lr_gh, momentum, x_activation,
-                               h_activation, variant, ae_loss, weight_decay=0.0, compute_dtype=None):
+                               h_activation, variant, ae_loss, weight_decay=0.0, compute_dtype=None,
+                               compute_weights=None):
     return _outputs_like(s_prev, t_prev, params, compute_dtype)
 
 
@@ -222,6 +234,10 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         params, self.x_activation, self.h_activation = dense_block_layout(block)
         self.variant, self.ae_loss = variant, ae_loss
         self.compute_dtype = compute_dtype
+        # bf16 compute: the parameters rounded to bf16, which the op rewrites as it updates them,
+        # and the parameters' version counters when they last matched (see _compute_weights).
+        self._kept: list[Tensor] | None = None
+        self._kept_versions: list[int] = []
         super().__init__([{"params": params[:6], "lr": lr}, {"params": params[6:], "lr": ae_lr}], defaults)
 
     def _params(self) -> list[Tensor]:
@@ -229,6 +245,20 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
 
     def _config(self) -> tuple[str, str, str, str]:
         return self.x_activation, self.h_activation, self.variant, self.ae_loss
+
+    def _compute_weights(self, params: list[Tensor]) -> list[Tensor] | None:
+        """The bf16 copies of ``params`` for the update forms, made anew where a parameter changed
+        since the op last wrote them (a loaded checkpoint, apply_gradients, any in-place edit
+        that torch counts in the tensor's version); None for compute in the parameters' dtype."""
+        if self.compute_dtype is None:
+            return None
+        if self._kept is None or [p._version for p in params] != self._kept_versions:
+            self._kept = [p.detach().to(self.compute_dtype) for p in params]
+        return self._kept
+
+    def _kept_in_step(self, params: list[Tensor]) -> None:
+        """After the op updated ``params`` and rewrote their copies."""
+        self._kept_versions = [p._version for p in params]
 
     def _lrs(self) -> tuple[float, float]:
         fb, gh = self.param_groups
@@ -322,7 +352,9 @@ class FusedBlockAdam(FusedBlockOptimizer):
         h = self._hyper()
         out = dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq, int(steps[0].item()) + 1,
                                      *self._lrs(), (h["beta1"], h["beta2"]), h["eps"], *self._config(),
-                                     h["weight_decay"], h["decoupled_weight_decay"], self.compute_dtype)
+                                     h["weight_decay"], h["decoupled_weight_decay"], self.compute_dtype,
+                                     self._compute_weights(params))
+        self._kept_in_step(params)
         if not self._finish(out, check_finite):  # a refused step does not count (unknown: CUDA, unchecked)
             for step in steps:
                 step += 1
@@ -352,7 +384,8 @@ class FusedBlockAdam(FusedBlockOptimizer):
                                         **self._hyper(), x_activation=self.x_activation,
                                         h_activation=self.h_activation, variant=self.variant, ae_loss=self.ae_loss,
                                         step_count=self._step_count, next_lrs=next_lrs,
-                                        compute_dtype=self.compute_dtype)
+                                        compute_dtype=self.compute_dtype,
+                                        compute_weights=self._compute_weights(params) or [])
         return _cuda_graph_step(step) if cuda_graph else step
 
     def scheduler_run_done(self) -> None:
@@ -384,7 +417,8 @@ class FusedBlockSGD(FusedBlockOptimizer):
         params, buffers = self._state_lists()
         d = self.defaults
         out = dense_block_sgd_step_(s_prev, t_prev, params, buffers, *self._lrs(), d["momentum"], *self._config(),
-                                    d["weight_decay"], self.compute_dtype)
+                                    d["weight_decay"], self.compute_dtype, self._compute_weights(params))
+        self._kept_in_step(params)
         self._finish(out, check_finite)
         return out
 
@@ -405,7 +439,8 @@ class FusedBlockSGD(FusedBlockOptimizer):
         self._opt_called = True  # type: ignore[attr-defined]
         step = _C.fused_sgd_block_step([p.detach() for p in params], buffers, *self._lrs(), d["momentum"],
                                        *self._config(), weight_decay=d["weight_decay"], next_lrs=next_lrs,
-                                       compute_dtype=self.compute_dtype)
+                                       compute_dtype=self.compute_dtype,
+                                       compute_weights=self._compute_weights(params) or [])
         return _cuda_graph_step(step) if cuda_graph else step
 
 

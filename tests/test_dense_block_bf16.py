@@ -88,6 +88,10 @@ def test_opcheck():
                            "mse", 0.0, False, BF16))
     torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default,
                           (s_prev, t_prev, params, state[0], 1e-3, 2e-3, 0.9, "elu", "sigmoid", "B", "mse", 0.0, BF16))
+    kept = [p.to(BF16) for p in params]
+    torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.default,
+                          (s_prev, t_prev, params, *state, 2.0, 1e-3, 2e-3, 0.9, 0.999, 1e-8, "elu", "sigmoid", "A",
+                           "mse", 0.0, False, BF16, kept))
 
 
 # The update forms round each weight-gradient tile to bfloat16 (as autocast rounds dW) and
@@ -224,3 +228,57 @@ def test_trainer_bf16_falls_back_to_the_general_path_without_bf16_hardware(monke
     assert isinstance(al_ext.Trainer(small_mlp(), precision="bf16", progress=False).engine, ALEngine)
     with pytest.raises(ValueError, match="backend='fused' cannot train this way: this CPU has no bfloat16 matrix"):
         al_ext.Trainer(small_mlp(backend="fused"), precision="bf16", progress=False)
+
+
+# ---- kept bf16 copies of the weights -----------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_kept_compute_weights_give_the_same_step_and_stay_the_rounded_parameters(optimizer):
+    _, _, params = make_block(17, 20, 33, 65, 9, 5, dtype=torch.float32)
+    runs = []
+    for keep in (False, True):
+        ours = [p.clone() for p in params]
+        states = [[torch.zeros_like(p) for p in ours] for _ in range(2)]
+        kept = [p.to(BF16) for p in ours] if keep else None
+        outs = []
+        for step in range(1, 4):
+            s_prev, t_prev, _ = make_block(17, 20, 33, 65, 9, 5, dtype=torch.float32, seed=step)
+            if optimizer == "adam":
+                out = fused.dense_block_adam_step_(s_prev, t_prev, ours, *states, step, 1e-3, 2e-3,
+                                                   compute_dtype=BF16, compute_weights=kept)
+            else:
+                out = fused.dense_block_sgd_step_(s_prev, t_prev, ours, states[0], 1e-2, 2e-2, 0.9,
+                                                  compute_dtype=BF16, compute_weights=kept)
+            outs += list(out)
+            if keep:
+                assert all(torch.equal(k, p.to(BF16)) for k, p in zip(kept, ours)), "copies follow the update"
+        runs.append(outs + ours)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_kept_compute_weights_are_refused_without_bf16_compute():
+    s_prev, t_prev, params = make_block(4, 5, 6, 7, 3, 2, dtype=torch.float32)
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    kept = [p.to(BF16) for p in params]
+    with pytest.raises(RuntimeError, match="compute_weights go with compute_dtype=torch.bfloat16"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 1, 1e-3, 2e-3, compute_weights=kept)
+    with pytest.raises(RuntimeError, match=r"compute_weights\[3\] must be a contiguous bfloat16 tensor"):
+        fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 1, 1e-3, 2e-3, compute_dtype=BF16,
+                                     compute_weights=kept[:3] + [params[3]] + kept[4:])
+
+
+def test_optimizer_remakes_its_kept_weights_after_the_parameters_change():
+    """A parameter changed outside the op (here in place; a loaded checkpoint alike) is seen
+    through its version counter: the next step rounds the parameters anew."""
+    block = small_mlp().blocks[0]
+    opt = fused.FusedBlockAdam(block, 1e-3, 2e-3, compute_dtype=BF16)
+    x, t = torch.randn(8, 20), torch.nn.functional.one_hot(torch.arange(8) % 5, 5).float()
+    opt.train_step(x, t)
+    with torch.no_grad():
+        opt._params()[0].mul_(0.5)  # W_f
+    params, exp_avg, exp_avg_sq, steps = opt._state_lists()
+    clones = [[p.detach().clone() for p in group] for group in (params, exp_avg, exp_avg_sq)]
+    want = fused.dense_block_adam_step_(x, t, *clones, 2, 1e-3, 2e-3, compute_dtype=BF16)  # rounds afresh
+    got = opt.train_step(x, t)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(params, clones[0]))

@@ -144,6 +144,23 @@ inline DenseBlockConfig check_dense_block_call(const char* op, const at::Tensor&
   return cfg;
 }
 
+// The update forms' compute_weights: the parameters rounded to bfloat16, kept by the caller
+// between steps, with compute_dtype=bfloat16 only.
+inline void check_compute_weights(const char* op, at::TensorList params, const DenseBlockConfig& cfg,
+                                  const std::optional<at::TensorList>& compute_weights) {
+  if (!compute_weights) return;
+  TORCH_CHECK(cfg.bf16_compute, op, ": compute_weights go with compute_dtype=torch.bfloat16 (they are the "
+              "parameters rounded to bfloat16)");
+  TORCH_CHECK(compute_weights->size() == kDenseParams, op, ": compute_weights must hold one tensor per parameter "
+              "(10), got ", compute_weights->size());
+  for (int i = 0; i < kDenseParams; ++i) {
+    const at::Tensor& c = (*compute_weights)[i];
+    TORCH_CHECK(c.defined() && c.scalar_type() == at::kBFloat16 && c.sizes() == params[i].sizes() &&
+                c.device() == params[i].device() && c.is_contiguous(), op, ": compute_weights[", i,
+                "] must be a contiguous bfloat16 tensor shaped like params[", i, "] (", dense_param_name(i), ")");
+  }
+}
+
 // Whether both losses are finite (reads them: on a device, waits for it).
 inline bool losses_are_finite(const at::Tensor& loss_as, const at::Tensor& loss_ae) {
   return std::isfinite(loss_as.item<double>()) && std::isfinite(loss_ae.item<double>());
