@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .errors import NonFiniteLossError
-from .fused import FusedBlockOptimizer, fused_block_optimizer
+from .fused import FusedBlockOptimizer, bf16_compute_available, fused_block_optimizer
 from .nn import AssociatedLearning
 from .optim import OptimizerFactory, OptimizerSpec, SchedulerFactory, optimizer_factory, step_scheduler
 from .pipeline import Batch, BatchCallback, Pipeline
@@ -278,14 +278,23 @@ class PipelinedALEngine(Engine):
 
 def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.optim.Optimizer],
                       precision: Precision, compile: bool) -> list[FusedBlockOptimizer] | str:
-    """The fused optimisers that do what the torch ones would, or why there are none."""
-    if precision.name != "fp32":
-        return f"the fused dense step has no {precision.name} kernel yet"
+    """The fused optimisers that do what the torch ones would, or why there are none. bf16: the
+    fused step's bf16 GEMMs over float32 master weights, on a CPU that multiplies bf16 in
+    hardware (elsewhere the general path, autocast, is as fast or faster)."""
+    if precision.name == "fp16":
+        return "the fused dense step has no fp16 kernel (fp16 needs loss scaling; use precision='bf16')"
+    if precision.compute_dtype is not None:
+        if next(model.parameters()).device.type != "cpu":
+            return f"the fused dense step computes in {precision.name} on the CPU only so far"
+        if not bf16_compute_available():
+            return ("this CPU has no bfloat16 matrix hardware (AVX512_BF16 or AMX) for the fused bf16 step; "
+                    "the general path runs bf16 under autocast")
     if compile:
         return "compile=True compiles the general path (the fused step is one op already)"
     try:
         return [fused_block_optimizer(block, torch_optimizers[2 * i], torch_optimizers[2 * i + 1], model.variant,
-                                      model.ae_loss_of(i)) for i, block in enumerate(model.blocks)]
+                                      model.ae_loss_of(i), precision.compute_dtype)
+                for i, block in enumerate(model.blocks)]
     except ValueError as exc:
         return str(exc)
 
@@ -296,7 +305,8 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
                 distributed: Any = None, **pipeline_options: Any) -> Engine:
     """The engine for ``model`` (on its device): BP for a plain classifier; for AL the fused
     engine where the model's backend takes it (dense blocks; "auto" on the CPU), the optimiser
-    has a fused form (Adam, AdamW, SGD), the precision is fp32 and no schedule cycles momentum,
+    has a fused form (Adam, AdamW, SGD), the precision is fp32 (or bf16 on a CPU with bf16
+    hardware: the fused step's bf16 GEMMs over float32 master weights) and no schedule cycles momentum,
     else autograd; pipelined if ``pipeline``. ``optimizer``: a name ("adam", "adamw", "sgd")
     or a callable ``(params, lr) -> Optimizer`` (AL: (f, b) with ``lr``, (g, h) with ``ae_lr``,
     2 x lr by default); ``scheduler(opt)``, if given, makes a scheduler for each. ``compile=True``

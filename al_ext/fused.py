@@ -23,13 +23,20 @@ def dense_block_step(
     h_activation: str = "sigmoid",
     variant: str = "A",
     ae_loss: str = "mse",
+    compute_dtype: torch.dtype | None = None,
 ) -> DenseBlockStep:
     """Forward pass, both local losses and every gradient of one dense block in one call.
 
     Returns exactly what ``al_ext.reference.dense_block_step`` returns (the specification).
+    ``compute_dtype=torch.bfloat16`` (float32 parameters, CPU with bf16 hardware, see
+    ``bf16_compute_available``): the GEMMs take bfloat16 operands with float32 accumulation,
+    as under ``torch.autocast("cpu", torch.bfloat16)``; s and t come out in bfloat16 (as
+    autocast's), the losses and the gradients in float32. The update forms take it too, and
+    keep the parameters and the optimiser's state float32 (master weights).
     """
     s, t, loss_as, loss_ae, grads = torch.ops.al_ext.dense_block_step.default(
-        s_prev.detach(), t_prev.detach(), [p.detach() for p in params], x_activation, h_activation, variant, ae_loss
+        s_prev.detach(), t_prev.detach(), [p.detach() for p in params], x_activation, h_activation, variant, ae_loss,
+        compute_dtype,
     )
     return DenseBlockStep(s, t, loss_as, loss_ae, list(grads))
 
@@ -51,6 +58,8 @@ def dense_block_adam_step_(
     ae_loss: str = "mse",
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    compute_weights: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole training step of one dense block: the gradients of ``dense_block_step``
     applied in place by Adam (torch.optim.Adam's update; ``step`` is the step number after
@@ -65,7 +74,11 @@ def dense_block_adam_step_(
     A step whose loss is not finite changes nothing (nor does it count): the op returns
     the non-finite losses for the caller to see, without raising, on every device (on CUDA
     it never waits for the device). ``FusedBlockAdam.train_step`` raises for them. The SGD
-    form behaves the same.
+    form behaves the same. ``compute_dtype``: as for ``dense_block_step``; with bfloat16,
+    ``compute_weights`` may hold the parameters rounded to bfloat16, kept by the caller between
+    steps: the op takes its GEMM operands from them instead of rounding the parameters, and
+    rewrites them from the updated parameters (saving a pass over the weights per step). They
+    must equal the rounded parameters when the op is called (the SGD form takes them too).
     """
     if isinstance(step, Tensor):
         op, step_arg = torch.ops.al_ext.dense_block_adam_step_.step_tensor, step
@@ -75,7 +88,7 @@ def dense_block_adam_step_(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [m.detach() for m in exp_avg],
         [v.detach() for v in exp_avg_sq], step_arg, float(lr_fb), float(lr_gh), float(betas[0]),
         float(betas[1]), float(eps), x_activation, h_activation, variant, ae_loss, float(weight_decay),
-        bool(decoupled_weight_decay),
+        bool(decoupled_weight_decay), compute_dtype, _detached(compute_weights),
     )
 
 
@@ -92,50 +105,68 @@ def dense_block_sgd_step_(
     variant: str = "A",
     ae_loss: str = "mse",
     weight_decay: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
+    compute_weights: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A whole training step of one dense block with torch.optim.SGD's momentum update (no
     dampening; zero buffers make the first step use the plain gradient, as torch does) and
-    its L2 ``weight_decay``."""
+    its L2 ``weight_decay``; ``compute_dtype`` as for ``dense_block_step``, ``compute_weights``
+    as for ``dense_block_adam_step_``."""
     return torch.ops.al_ext.dense_block_sgd_step_.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [b.detach() for b in momentum_buffer],
         float(lr_fb), float(lr_gh), float(momentum), x_activation, h_activation, variant, ae_loss,
-        float(weight_decay),
+        float(weight_decay), compute_dtype, _detached(compute_weights),
     )
 
 
-def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _detached(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
+    return None if tensors is None else [t.detach() for t in tensors]
+
+
+def bf16_compute_available() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512_BF16 or AMX) with
+    torch's oneDNN: what the CPU kernels' ``compute_dtype=torch.bfloat16`` needs (elsewhere
+    they refuse it: emulated bf16 GEMMs are slower than float32)."""
+    return bool(_C.build_info()["cpu_bf16_gemm"])
+
+
+def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor], compute_dtype: torch.dtype | None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """s and t in the compute dtype (the parameters' by default), the losses in the parameters'."""
     torch._check(len(params) == len(DENSE_PARAMETER_NAMES), lambda: "params must hold the 10 tensors W_f ... c_h")
     for name, p in [("t_prev", t_prev), *zip(DENSE_PARAMETER_NAMES, params)]:
         torch._check(p.device == s_prev.device, lambda: f"{name} must be on s_prev's device {s_prev.device}, got {p.device}")
-    n = s_prev.shape[0]
-    s = s_prev.new_empty((n, params[0].shape[0]))
-    t = s_prev.new_empty((n, params[6].shape[0]))
-    return s, t, s_prev.new_empty(()), s_prev.new_empty(())
+    n, param_dtype = s_prev.shape[0], params[0].dtype
+    act_dtype = param_dtype if compute_dtype is None else compute_dtype
+    s = s_prev.new_empty((n, params[0].shape[0]), dtype=act_dtype)
+    t = s_prev.new_empty((n, params[6].shape[0]), dtype=act_dtype)
+    return s, t, s_prev.new_empty((), dtype=param_dtype), s_prev.new_empty((), dtype=param_dtype)
 
 
 @torch.library.register_fake("al_ext::dense_block_step")
-def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss):
-    return (*_outputs_like(s_prev, t_prev, params), [torch.empty_like(p) for p in params])
+def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype=None):
+    return (*_outputs_like(s_prev, t_prev, params, compute_dtype), [torch.empty_like(p) for p in params])
 
 
 @torch.library.register_fake("al_ext::dense_block_adam_step_")
 def _dense_block_adam_step_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2,
                                 eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
-                                decoupled_weight_decay=False):
-    return _outputs_like(s_prev, t_prev, params)
+                                decoupled_weight_decay=False, compute_dtype=None, compute_weights=None):
+    return _outputs_like(s_prev, t_prev, params, compute_dtype)
 
 
 @torch.library.register_fake("al_ext::dense_block_adam_step_.step_tensor")
 def _dense_block_adam_step_counted_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1,
                                         beta2, eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
-                                        decoupled_weight_decay=False):
-    return _outputs_like(s_prev, t_prev, params)
+                                        decoupled_weight_decay=False, compute_dtype=None, compute_weights=None):
+    return _outputs_like(s_prev, t_prev, params, compute_dtype)
 
 
 @torch.library.register_fake("al_ext::dense_block_sgd_step_")
 def _dense_block_sgd_step_fake(s_prev, t_prev, params, momentum_buffer, lr_fb, lr_gh, momentum, x_activation,
-                               h_activation, variant, ae_loss, weight_decay=0.0):
-    return _outputs_like(s_prev, t_prev, params)
+                               h_activation, variant, ae_loss, weight_decay=0.0, compute_dtype=None,
+                               compute_weights=None):
+    return _outputs_like(s_prev, t_prev, params, compute_dtype)
 
 
 # ---- ALMLP blocks ----------------------------------------------------------------------
@@ -194,12 +225,19 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     """An optimiser for one dense ALMLP block whose whole step (forward, local losses,
     gradients and update) is one op call: ``train_step(s_prev, t_prev)``. Two parameter
     groups, (f, b) with ``lr`` and (g, h) with ``ae_lr``; the per-parameter state is that of
-    the torch optimiser it matches, so state_dict, checkpoints and schedulers work as usual."""
+    the torch optimiser it matches, so state_dict, checkpoints and schedulers work as usual.
+    ``compute_dtype=torch.bfloat16``: the step's GEMMs in bfloat16 over float32 parameters and
+    state (see ``dense_block_step``); s and t come out in bfloat16."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str, ae_loss: str,
-                 defaults: dict[str, Any]) -> None:
+                 defaults: dict[str, Any], compute_dtype: torch.dtype | None = None) -> None:
         params, self.x_activation, self.h_activation = dense_block_layout(block)
         self.variant, self.ae_loss = variant, ae_loss
+        self.compute_dtype = compute_dtype
+        # bf16 compute: the parameters rounded to bf16, which the op rewrites as it updates them,
+        # and the parameters' version counters when they last matched (see _compute_weights).
+        self._kept: list[Tensor] | None = None
+        self._kept_versions: list[int] = []
         super().__init__([{"params": params[:6], "lr": lr}, {"params": params[6:], "lr": ae_lr}], defaults)
 
     def _params(self) -> list[Tensor]:
@@ -207,6 +245,20 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
 
     def _config(self) -> tuple[str, str, str, str]:
         return self.x_activation, self.h_activation, self.variant, self.ae_loss
+
+    def _compute_weights(self, params: list[Tensor]) -> list[Tensor] | None:
+        """The bf16 copies of ``params`` for the update forms, made anew where a parameter changed
+        since the op last wrote them (a loaded checkpoint, apply_gradients, any in-place edit
+        that torch counts in the tensor's version); None for compute in the parameters' dtype."""
+        if self.compute_dtype is None:
+            return None
+        if self._kept is None or [p._version for p in params] != self._kept_versions:
+            self._kept = [p.detach().to(self.compute_dtype) for p in params]
+        return self._kept
+
+    def _kept_in_step(self, params: list[Tensor]) -> None:
+        """After the op updated ``params`` and rewrote their copies."""
+        self._kept_versions = [p._version for p in params]
 
     def _lrs(self) -> tuple[float, float]:
         fb, gh = self.param_groups
@@ -235,7 +287,7 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         """The step's first half, for data parallelism: the forward pass, both local losses and
         every gradient (in DENSE_PARAMETER_NAMES order), with no update. ``apply_gradients``
         is the other half, once the gradients are averaged over the replicas."""
-        return dense_block_step(s_prev, t_prev, self._params(), *self._config())
+        return dense_block_step(s_prev, t_prev, self._params(), *self._config(), self.compute_dtype)
 
     def apply_gradients(self, grads: Sequence[Tensor], grad_scale: float = 1.0) -> None:
         """The update of ``train_step`` from given gradients, ``grad_scale`` times too large
@@ -274,10 +326,10 @@ class FusedBlockAdam(FusedBlockOptimizer):
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__(block, lr, ae_lr, variant, ae_loss,
                          {"betas": betas, "eps": eps, "weight_decay": weight_decay,
-                          "decoupled_weight_decay": decoupled_weight_decay})
+                          "decoupled_weight_decay": decoupled_weight_decay}, compute_dtype)
         self._step_count: Tensor | None = None  # the device's step count during a scheduler run on CUDA
 
     def _state_lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
@@ -300,7 +352,9 @@ class FusedBlockAdam(FusedBlockOptimizer):
         h = self._hyper()
         out = dense_block_adam_step_(s_prev, t_prev, params, exp_avg, exp_avg_sq, int(steps[0].item()) + 1,
                                      *self._lrs(), (h["beta1"], h["beta2"]), h["eps"], *self._config(),
-                                     h["weight_decay"], h["decoupled_weight_decay"])
+                                     h["weight_decay"], h["decoupled_weight_decay"], self.compute_dtype,
+                                     self._compute_weights(params))
+        self._kept_in_step(params)
         if not self._finish(out, check_finite):  # a refused step does not count (unknown: CUDA, unchecked)
             for step in steps:
                 step += 1
@@ -329,7 +383,9 @@ class FusedBlockAdam(FusedBlockOptimizer):
         step = _C.fused_adam_block_step([p.detach() for p in params], exp_avg, exp_avg_sq, steps, *self._lrs(),
                                         **self._hyper(), x_activation=self.x_activation,
                                         h_activation=self.h_activation, variant=self.variant, ae_loss=self.ae_loss,
-                                        step_count=self._step_count, next_lrs=next_lrs)
+                                        step_count=self._step_count, next_lrs=next_lrs,
+                                        compute_dtype=self.compute_dtype,
+                                        compute_weights=self._compute_weights(params) or [])
         return _cuda_graph_step(step) if cuda_graph else step
 
     def scheduler_run_done(self) -> None:
@@ -345,8 +401,9 @@ class FusedBlockSGD(FusedBlockOptimizer):
     dense block, fused."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
-                 momentum: float = 0.9, weight_decay: float = 0.0) -> None:
-        super().__init__(block, lr, ae_lr, variant, ae_loss, {"momentum": momentum, "weight_decay": weight_decay})
+                 momentum: float = 0.9, weight_decay: float = 0.0, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__(block, lr, ae_lr, variant, ae_loss, {"momentum": momentum, "weight_decay": weight_decay},
+                         compute_dtype)
 
     def _state_lists(self) -> tuple[list[Tensor], list[Tensor]]:
         params = self._params()
@@ -360,7 +417,8 @@ class FusedBlockSGD(FusedBlockOptimizer):
         params, buffers = self._state_lists()
         d = self.defaults
         out = dense_block_sgd_step_(s_prev, t_prev, params, buffers, *self._lrs(), d["momentum"], *self._config(),
-                                    d["weight_decay"])
+                                    d["weight_decay"], self.compute_dtype, self._compute_weights(params))
+        self._kept_in_step(params)
         self._finish(out, check_finite)
         return out
 
@@ -380,15 +438,18 @@ class FusedBlockSGD(FusedBlockOptimizer):
         d = self.defaults
         self._opt_called = True  # type: ignore[attr-defined]
         step = _C.fused_sgd_block_step([p.detach() for p in params], buffers, *self._lrs(), d["momentum"],
-                                       *self._config(), weight_decay=d["weight_decay"], next_lrs=next_lrs)
+                                       *self._config(), weight_decay=d["weight_decay"], next_lrs=next_lrs,
+                                       compute_dtype=self.compute_dtype,
+                                       compute_weights=self._compute_weights(params) or [])
         return _cuda_graph_step(step) if cuda_graph else step
 
 
 def fused_block_optimizer(block: nn.Module, fb: torch.optim.Optimizer, gh: torch.optim.Optimizer, variant: str,
-                          ae_loss: str) -> FusedBlockOptimizer:
+                          ae_loss: str, compute_dtype: torch.dtype | None = None) -> FusedBlockOptimizer:
     """The fused optimiser that does what the torch optimisers ``fb`` (over f and b) and
     ``gh`` (over g and h) would: Adam, AdamW or SGD with momentum, with their learning rates
-    and hyperparameters. ValueError, saying what does not fit, for any other."""
+    and hyperparameters, computing in ``compute_dtype``. ValueError, saying what does not fit,
+    for any other."""
     if type(fb) is not type(gh):
         raise ValueError(f"the two optimisers of a block must be of one type, got {type(fb).__name__} and "
                          f"{type(gh).__name__}")
@@ -405,9 +466,9 @@ def fused_block_optimizer(block: nn.Module, fb: torch.optim.Optimizer, gh: torch
             raise ValueError("tensor learning rates or betas have no fused form")
         decoupled = type(fb) is torch.optim.AdamW or bool(d.get("decoupled_weight_decay", False))
         return FusedBlockAdam(block, lr, ae_lr, variant, ae_loss, tuple(d["betas"]), d["eps"], d["weight_decay"],
-                              decoupled)
+                              decoupled, compute_dtype)
     if type(fb) is torch.optim.SGD:
         if d.get("nesterov") or d.get("dampening", 0) != 0:
             raise ValueError("SGD with nesterov=True or dampening has no fused form")
-        return FusedBlockSGD(block, lr, ae_lr, variant, ae_loss, d["momentum"], d["weight_decay"])
+        return FusedBlockSGD(block, lr, ae_lr, variant, ae_loss, d["momentum"], d["weight_decay"], compute_dtype)
     raise ValueError(f"{type(fb).__name__} has no fused form (the fused step has torch.optim.Adam, AdamW and SGD)")

@@ -160,9 +160,10 @@ class Pipeline:
         else:
             raise ValueError(f"optimizers must hold one fused optimiser per block ({model.depth}) or a pair per "
                              f"block ({2 * model.depth}), got {len(optimizers)}")
-        if self._fused is not None and self.precision.name != "fp32":
-            raise ValueError(f"the fused block steps run in the parameters' dtype; precision={self.precision.name!r} "
-                             "needs torch optimisers (the general path)")
+        if self._fused is not None and any(o.compute_dtype != self.precision.compute_dtype for o in self._fused):
+            raise ValueError(f"precision={self.precision.name!r} needs fused block steps with compute_dtype="
+                             f"{self.precision.compute_dtype} (the Trainer makes them so), got "
+                             f"{[o.compute_dtype for o in self._fused]}; or torch optimisers (the general path)")
         self.cuda_graphs = bool(cuda_graphs)
         if self.cuda_graphs and any(s is not None for s in schedulers):
             raise ValueError("cuda_graphs=True replays each step with the learning rates it was captured with; a "

@@ -24,6 +24,9 @@ class Precision:
     """fp32: every step as written, in the parameters' dtype."""
 
     name = "fp32"
+    # What the fused dense step takes as compute_dtype for this precision (None: the
+    # parameters' dtype), with float32 master weights.
+    compute_dtype: torch.dtype | None = None
 
     def autocast(self) -> ContextManager[Any]:
         """The context a step's forward pass (and loss) runs in."""
@@ -47,6 +50,7 @@ class Precision:
 
 class BF16Precision(Precision):
     name = "bf16"
+    compute_dtype = torch.bfloat16
 
     def __init__(self, device: torch.device) -> None:
         self.device_type = device.type
@@ -60,6 +64,7 @@ class FP16Precision(Precision):
     overflow is skipped and the scale lowered (torch.amp.GradScaler)."""
 
     name = "fp16"
+    compute_dtype = torch.float16
 
     def __init__(self, device: torch.device) -> None:
         self.scaler = torch.amp.GradScaler(device.type)

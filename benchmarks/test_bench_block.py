@@ -7,6 +7,8 @@ Implementations, on the same model and batch, taking turns (benchmarks/interleav
             the CPU (forward and input gradients through oneDNN, weight gradients through
             torch.mm; on CUDA all through torch.mm): what the GEMM libraries give at these shapes;
 - fused:    FusedBlockAdam.train_step, one al_ext::dense_block_adam_step_ call per block;
+- fused-bf16: the same with compute_dtype=torch.bfloat16 (bf16 GEMMs, float32 master
+            weights, Adam state and losses), where the CPU has bf16 hardware;
 - eager:    the reference (al_ext.reference via model.local_losses, one backward of the summed
             losses) with torch.optim.Adam(fused=True), torch's fastest optimiser, and
             zero_grad() with its default: what a user would write;
@@ -19,8 +21,9 @@ The floor of a step is the larger of its FLOPs over the GEMM rate (2048^3 float3
 unavoidable bytes over the copy bandwidth, both measured in this run; the GEMM rate is the
 better of torch.mm's (MKL) and oneDNN's. The summary (shown with -s) gives, per
 implementation, the median time, samples/s, GFLOP/s, the speed-up over eager (median of
-per-round ratios, and best time against best time), the fraction of the same-shape GEMMs'
-time, and the fraction of the floor reached, also at torch.mm's GEMM rate alone.
+per-round ratios, and best time against best time), the speed-up over eager-bf16 (median of
+per-round ratios), the fraction of the same-shape GEMMs' time, and the fraction of the floor
+reached, also at torch.mm's GEMM rate alone.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import pytest
 import torch
 
 import al_ext
-from al_ext.fused import FusedBlockAdam
+from al_ext.fused import FusedBlockAdam, bf16_compute_available
 
 from interleave import best_ratio, interleaved, median_ratio, median_time
 
@@ -97,13 +100,14 @@ def results(machine):
     yield table
     print(f"\nmeasured in this run: GEMM (2048^3 float32) {machine['mm_flops'] / 1e9:.0f} GFLOP/s torch.mm, "
           f"{machine['onednn_flops'] / 1e9:.0f} GFLOP/s oneDNN; copy {machine['copy_bytes'] / 1e9:.0f} GB/s")
-    print("| batch | width | impl | ms/step | samples/s | GFLOP/s | x eager | x eager, best times | of GEMMs | "
-          "floor ms | of floor | of floor at torch.mm's rate |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | width | impl | ms/step | samples/s | GFLOP/s | x eager | x eager, best times | x eager-bf16 | "
+          "of GEMMs | floor ms | of floor | of floor at torch.mm's rate |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (batch, width), impls in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         for impl, r in impls.items():
             print(f"| {batch} | {width} | {impl} | {r['ms']:.1f} | {r['samples_per_s']:,.0f} | {r['gflops']:.0f} | "
-                  f"{r['x_eager']:.2f} | {r['x_eager_best']:.2f} | {r['of_gemms']:.0%} | {r['floor_ms']:.1f} | "
+                  f"{r['x_eager']:.2f} | {r['x_eager_best']:.2f} | {r['x_eager_bf16']:.2f} | {r['of_gemms']:.0%} | "
+                  f"{r['floor_ms']:.1f} | "
                   f"{r['of_floor']:.0%} | {r['of_mm_floor']:.0%} |")
 
 
@@ -130,12 +134,13 @@ def build(impl: str, batch: int, width: int, device: str = "cpu", dtype: torch.d
     if impl == "gemms":
         return gemms_of_step(batch, width, device, dtype)
     torch.manual_seed(0)
-    backend = "fused" if impl == "fused" else "reference"
+    backend = "fused" if impl.startswith("fused") else "reference"
     model = al_ext.ALMLP(784, 10, hidden=(width, width), label_dim=width, backend=backend).to(device, dtype)
     x = torch.rand(batch, 784, device=device, dtype=dtype)
     y = torch.randint(0, 10, (batch,), device=device)
-    if impl == "fused":
-        opts = [FusedBlockAdam(block, 1e-4, 2e-4) for block in model.blocks]
+    if impl in ("fused", "fused-bf16"):
+        compute_dtype = torch.bfloat16 if impl == "fused-bf16" else None
+        opts = [FusedBlockAdam(block, 1e-4, 2e-4, compute_dtype=compute_dtype) for block in model.blocks]
         t0 = model.label_targets(y)
 
         def step():
@@ -171,6 +176,7 @@ def summarise(times: dict[str, list[float]], batch: int, width: int) -> dict[str
         seconds = median_time(t)
         out[impl] = {"ms": seconds * 1e3, "samples_per_s": batch / seconds, "gflops": flops / seconds / 1e9,
                      "x_eager": median_ratio(times["eager"], t), "x_eager_best": best_ratio(times["eager"], t),
+                     "x_eager_bf16": median_ratio(times["eager-bf16"], t),
                      "of_gemms": median_ratio(times["gemms"], t)}
     return out
 
@@ -178,7 +184,8 @@ def summarise(times: dict[str, list[float]], batch: int, width: int) -> dict[str
 @pytest.mark.parametrize("point", POINTS, ids=lambda p: f"batch{p[0]}-width{p[1]}")
 def test_mlp_training_step(benchmark, machine, results, point):
     batch, width = point
-    impls = ["gemms", "fused", "eager", "eager-bf16"] + (["compiled"] if point in COMPILED_POINTS else [])
+    impls = ["gemms", "fused"] + (["fused-bf16"] if bf16_compute_available() else []) + ["eager", "eager-bf16"]
+    impls += ["compiled"] if point in COMPILED_POINTS else []
     steps = {impl: build(impl, batch, width) for impl in impls}
     for _ in range(2):  # warm-up; torch.compile compiles on the first call
         for step in steps.values():

@@ -3,6 +3,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <ATen/cpu/Utils.h>
 
 #include <optional>
 #include <string>
@@ -55,9 +56,23 @@ at::Tensor onednn_linear(const c10::OperatorHandle& op, const at::Tensor& x, con
 
 const char* cpu_gemm_library() { return linear_pointwise_op() ? "onednn" : "aten"; }
 
+bool cpu_has_bf16_gemm() {
+  static const bool has = [] {
+    if (!linear_pointwise_op()) return false;
+    const auto caps = at::cpu::get_cpu_capabilities();  // cpuinfo's flags
+    const auto flag = [&](const char* name) {
+      const auto it = caps.find(name);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return flag("avx512_bf16") || flag("amx_bf16");
+  }();
+  return has;
+}
+
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, Activation act) {
   const auto& op = linear_pointwise_op();
-  if (!op || x.scalar_type() != at::kFloat) return linear_forward(x, w, bias, act);
+  const bool onednn_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  if (!op || !onednn_dtype) return linear_forward(x, w, bias, act);
   const char* post_op = fused_post_op(act);
   at::Tensor z = onednn_linear(*op, x, w, bias, post_op ? post_op : "none");
   return post_op ? z : apply_activation_(z, act);

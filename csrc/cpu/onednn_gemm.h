@@ -14,11 +14,17 @@ namespace al_ext {
 
 // act(x w^T + bias) for 2-D x (N, in), w (out, in), bias (out) or undefined. ReLU, sigmoid
 // and tanh ride in the GEMM as oneDNN post-ops; ELU is applied after it. Uses oneDNN for
-// float32 where torch has it, linear_forward (ATen) otherwise. Any strides.
+// float32 and bfloat16 (bfloat16 operands, float32 accumulation, bfloat16 result) where torch
+// has it, linear_forward (ATen) otherwise. Any strides.
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, Activation act);
 
 // "onednn" where the float32 GEMMs above go through oneDNN, "aten" where torch has no oneDNN.
 const char* cpu_gemm_library();
+
+// Whether this CPU multiplies bfloat16 matrices in hardware (AVX512_BF16 or AMX, as cpuinfo
+// reports) and torch has oneDNN to do it: where not, bf16 GEMMs are emulated, slower than
+// float32, and the fused step refuses compute_dtype=bfloat16.
+bool cpu_has_bf16_gemm();
 
 // a b for 2-D a (N, K) and b (K, M): cpu_linear(a, b^T) with no bias.
 inline at::Tensor cpu_matmul(const at::Tensor& a, const at::Tensor& b) {

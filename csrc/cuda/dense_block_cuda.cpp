@@ -124,8 +124,12 @@ struct CudaKernels {
   }
 };
 
-void check_cuda(const char* op, const at::Tensor& s_prev) {
+void check_cuda(const char* op, const at::Tensor& s_prev, const DenseBlockConfig& cfg) {
   TORCH_CHECK(s_prev.is_cuda(), op, ": CUDA kernel got s_prev on ", s_prev.device());
+  // bf16 parameters run here in bf16 (the kernels take them); float32 master weights with bf16
+  // GEMMs are the CPU kernel's alone so far.
+  TORCH_CHECK(!cfg.bf16_compute, op, ": compute_dtype=torch.bfloat16 over float32 parameters runs on the CPU only "
+              "so far; on CUDA use compute_dtype=None, or the general path (precision='bf16')");
 }
 
 DenseBlockOutputs run_on_cuda(const char* op, const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg,
@@ -152,11 +156,12 @@ cuda::FloatType param_type(at::TensorList params, const char* op) { return to_fl
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> dense_block_step_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, c10::string_view x_activation,
-    c10::string_view h_activation, c10::string_view variant, c10::string_view ae_loss) {
+    c10::string_view h_activation, c10::string_view variant, c10::string_view ae_loss,
+    std::optional<at::ScalarType> compute_dtype) {
   constexpr const char* op = "al_ext::dense_block_step";
   const DenseBlockConfig cfg =
-      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
-  check_cuda(op, s_prev);
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
+  check_cuda(op, s_prev, cfg);
   std::vector<at::Tensor> grads = empty_like_each(params);
   DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, nullptr, {}, {});
   return {out.s, out.t, out.loss_as, out.loss_ae, grads};
@@ -170,14 +175,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, const at::Tensor& step_count, double lr_fb, double lr_gh, double beta1,
     double beta2, double eps, c10::string_view x_activation, c10::string_view h_activation,
-    c10::string_view variant, c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
+    c10::string_view variant, c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay,
+    std::optional<at::ScalarType> compute_dtype, std::optional<at::TensorList> compute_weights) {
   constexpr const char* op = "al_ext::dense_block_adam_step_";
   const DenseBlockConfig cfg =
-      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
   // Before check_cuda: CPU tensors with a CUDA counter dispatch here, and the message must
   // name the counter, as the CPU kernel's does.
   if (step_count.defined()) check_step_count(op, step_count, s_prev.device());
-  check_cuda(op, s_prev);
+  check_cuda(op, s_prev, cfg);  // refuses bf16 compute, hence compute_weights
+  check_compute_weights(op, params, cfg, compute_weights);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
   check_weight_decay(op, weight_decay);
   cuda::MultiTensorUpdateParams update;
@@ -203,29 +210,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
     c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay,
+    std::optional<at::ScalarType> compute_dtype, std::optional<at::TensorList> compute_weights) {
   return adam_step_cuda(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, at::Tensor(), lr_fb, lr_gh, beta1, beta2,
-                        eps, x_activation, h_activation, variant, ae_loss, weight_decay, decoupled_weight_decay);
+                        eps, x_activation, h_activation, variant, ae_loss, weight_decay, decoupled_weight_decay,
+                        compute_dtype, compute_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step_counted_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList exp_avg,
     at::TensorList exp_avg_sq, const at::Tensor& step, double lr_fb, double lr_gh, double beta1, double beta2,
     double eps, c10::string_view x_activation, c10::string_view h_activation, c10::string_view variant,
-    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay) {
+    c10::string_view ae_loss, double weight_decay, bool decoupled_weight_decay,
+    std::optional<at::ScalarType> compute_dtype, std::optional<at::TensorList> compute_weights) {
   // The host's step number is only a placeholder here (1 passes the checks): the kernel reads `step`.
   return adam_step_cuda(s_prev, t_prev, params, exp_avg, exp_avg_sq, 1.0, step, lr_fb, lr_gh, beta1, beta2, eps,
-                        x_activation, h_activation, variant, ae_loss, weight_decay, decoupled_weight_decay);
+                        x_activation, h_activation, variant, ae_loss, weight_decay, decoupled_weight_decay,
+                        compute_dtype, compute_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_cuda(
     const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params, at::TensorList momentum_buffer,
     double lr_fb, double lr_gh, double momentum, c10::string_view x_activation, c10::string_view h_activation,
-    c10::string_view variant, c10::string_view ae_loss, double weight_decay) {
+    c10::string_view variant, c10::string_view ae_loss, double weight_decay,
+    std::optional<at::ScalarType> compute_dtype, std::optional<at::TensorList> compute_weights) {
   constexpr const char* op = "al_ext::dense_block_sgd_step_";
   const DenseBlockConfig cfg =
-      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss);
-  check_cuda(op, s_prev);
+      check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
+  check_cuda(op, s_prev, cfg);  // refuses bf16 compute, hence compute_weights
+  check_compute_weights(op, params, cfg, compute_weights);
   check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
   check_weight_decay(op, weight_decay);
   cuda::MultiTensorUpdateParams update;

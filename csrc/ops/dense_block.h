@@ -9,6 +9,7 @@
 #include <c10/util/string_view.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "checks.h"
@@ -30,6 +31,9 @@ struct DenseBlockConfig {
   Activation h_activation = Activation::kSigmoid;
   bool variant_b = false;
   bool cross_entropy = false;
+  // compute_dtype=bfloat16 over float32 parameters: the GEMMs take bfloat16 operands, while
+  // the parameters, the optimiser's state, the update and the losses stay float32.
+  bool bf16_compute = false;
 };
 
 struct DenseBlockOutputs {
@@ -63,8 +67,23 @@ inline void check_shape(const char* op, const at::Tensor& t, const char* name, a
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, " (", why, "), got ", t.sizes());
 }
 
+// Whether a step computes in bfloat16 over float32 master weights. compute_dtype None (or the
+// parameters' own dtype) is the step in the parameters' dtype.
+inline bool wants_bf16_compute(const char* op, at::TensorList params, std::optional<at::ScalarType> compute_dtype) {
+  if (!compute_dtype || params.empty() || !params[0].defined() || *compute_dtype == params[0].scalar_type()) {
+    return false;
+  }
+  TORCH_CHECK(*compute_dtype == at::kBFloat16, op, ": compute_dtype must be None (the parameters' dtype) or "
+              "torch.bfloat16, got ", *compute_dtype);
+  TORCH_CHECK(params[0].scalar_type() == at::kFloat, op, ": compute_dtype=torch.bfloat16 keeps float32 master "
+              "weights: the parameters must be float32, got ", params[0].scalar_type());
+  return true;
+}
+
+// `bf16_compute`: the parameters are float32, and s_prev and t_prev each float32 or bfloat16
+// (a previous bf16 step's outputs); else all share s_prev's dtype.
 inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, const at::Tensor& t_prev,
-                                     at::TensorList params) {
+                                     at::TensorList params, bool bf16_compute = false) {
   TORCH_CHECK(params.size() == kDenseParams, op, ": params must hold the 10 tensors W_f, c_f, W_b1, c_b1, W_b2, "
               "c_b2, W_g, c_g, W_h, c_h; got ", params.size());
   TORCH_CHECK(s_prev.dim() == 2 && s_prev.size(0) > 0, op, ": s_prev must be a non-empty 2-D batch (N, d_x), got shape ",
@@ -73,17 +92,25 @@ inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, c
               s_prev.size(0), " rows, got shape ", t_prev.sizes());
   TORCH_CHECK(is_supported_float_type(s_prev.scalar_type()), op, ": s_prev must be floating point, got ",
               s_prev.scalar_type());
+  if (bf16_compute) {
+    for (const auto& [tensor, name] : {std::pair{&s_prev, "s_prev"}, std::pair{&t_prev, "t_prev"}}) {
+      TORCH_CHECK(tensor->scalar_type() == at::kFloat || tensor->scalar_type() == at::kBFloat16, op, ": ", name,
+                  " must be float32 or bfloat16 with compute_dtype=torch.bfloat16, got ", tensor->scalar_type());
+    }
+  }
+  const at::ScalarType param_dtype = bf16_compute ? at::kFloat : s_prev.scalar_type();
+  const char* param_dtype_is = bf16_compute ? "float32 (master weights)" : "s_prev's dtype";
   for (const auto& [tensor, name] : {std::pair{&t_prev, "t_prev"}}) {
-    TORCH_CHECK(tensor->scalar_type() == s_prev.scalar_type(), op, ": ", name, " must have s_prev's dtype ",
-                s_prev.scalar_type(), ", got ", tensor->scalar_type());
+    TORCH_CHECK(bf16_compute || tensor->scalar_type() == s_prev.scalar_type(), op, ": ", name,
+                " must have s_prev's dtype ", s_prev.scalar_type(), ", got ", tensor->scalar_type());
     TORCH_CHECK(tensor->device() == s_prev.device(), op, ": ", name, " must be on s_prev's device ", s_prev.device(),
                 ", got ", tensor->device());
   }
   for (int i = 0; i < kDenseParams; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.defined(), op, ": params[", i, "] (", dense_param_name(i), ") is undefined");
-    TORCH_CHECK(p.scalar_type() == s_prev.scalar_type(), op, ": params[", i, "] (", dense_param_name(i),
-                ") must have s_prev's dtype ", s_prev.scalar_type(), ", got ", p.scalar_type());
+    TORCH_CHECK(p.scalar_type() == param_dtype, op, ": params[", i, "] (", dense_param_name(i),
+                ") must have ", param_dtype_is, " ", param_dtype, ", got ", p.scalar_type());
     TORCH_CHECK(p.device() == s_prev.device(), op, ": params[", i, "] (", dense_param_name(i),
                 ") must be on s_prev's device ", s_prev.device(), ", got ", p.device());
     TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] (", dense_param_name(i), ") must be contiguous");
@@ -109,10 +136,29 @@ inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, c
 inline DenseBlockConfig check_dense_block_call(const char* op, const at::Tensor& s_prev, const at::Tensor& t_prev,
                                                at::TensorList params, c10::string_view x_activation,
                                                c10::string_view h_activation, c10::string_view variant,
-                                               c10::string_view ae_loss) {
-  const DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
-  check_dense_block_inputs(op, s_prev, t_prev, params);
+                                               c10::string_view ae_loss,
+                                               std::optional<at::ScalarType> compute_dtype = std::nullopt) {
+  DenseBlockConfig cfg = parse_dense_block_config(op, x_activation, h_activation, variant, ae_loss);
+  cfg.bf16_compute = wants_bf16_compute(op, params, compute_dtype);
+  check_dense_block_inputs(op, s_prev, t_prev, params, cfg.bf16_compute);
   return cfg;
+}
+
+// The update forms' compute_weights: the parameters rounded to bfloat16, kept by the caller
+// between steps, with compute_dtype=bfloat16 only.
+inline void check_compute_weights(const char* op, at::TensorList params, const DenseBlockConfig& cfg,
+                                  const std::optional<at::TensorList>& compute_weights) {
+  if (!compute_weights) return;
+  TORCH_CHECK(cfg.bf16_compute, op, ": compute_weights go with compute_dtype=torch.bfloat16 (they are the "
+              "parameters rounded to bfloat16)");
+  TORCH_CHECK(compute_weights->size() == kDenseParams, op, ": compute_weights must hold one tensor per parameter "
+              "(10), got ", compute_weights->size());
+  for (int i = 0; i < kDenseParams; ++i) {
+    const at::Tensor& c = (*compute_weights)[i];
+    TORCH_CHECK(c.defined() && c.scalar_type() == at::kBFloat16 && c.sizes() == params[i].sizes() &&
+                c.device() == params[i].device() && c.is_contiguous(), op, ": compute_weights[", i,
+                "] must be a contiguous bfloat16 tensor shaped like params[", i, "] (", dense_param_name(i), ")");
+  }
 }
 
 // Whether both losses are finite (reads them: on a device, waits for it).

@@ -179,9 +179,11 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = false;
 #endif
     info["cpu_gemm"] = al_ext::cpu_gemm_library();
+    info["cpu_bf16_gemm"] = al_ext::cpu_has_bf16_gemm();
     return info;
   }, "How this extension was built: the torch version it was compiled against, whether it has CUDA kernels, "
-     "and the library of the fused CPU step's float32 GEMMs ('onednn', or 'aten' where torch lacks oneDNN).");
+     "the library of the fused CPU step's float32 GEMMs ('onednn', or 'aten' where torch lacks oneDNN), and whether "
+     "the CPU multiplies bfloat16 in hardware, which the fused step's compute_dtype=torch.bfloat16 needs.");
 
   py::class_<PyBlockStep>(m, "BlockStep", "One block's training step, runnable by the executor.");
   m.def("python_block_step", &python_block_step, py::arg("step"), py::arg("reuses_outputs") = false,
@@ -193,9 +195,11 @@ PYBIND11_MODULE(_C, m) {
            std::vector<at::Tensor> steps, double lr_fb, double lr_gh, double beta1, double beta2, double eps,
            std::string x_activation, std::string h_activation, std::string variant, std::string ae_loss,
            double weight_decay, bool decoupled_weight_decay, std::optional<at::Tensor> step_count,
-           std::optional<py::function> next_lrs) {
+           std::optional<py::function> next_lrs, std::optional<at::ScalarType> compute_dtype,
+           std::vector<at::Tensor> compute_weights) {
           DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh,
-                              weight_decay, python_learning_rates(std::move(next_lrs))};
+                              weight_decay, python_learning_rates(std::move(next_lrs)), compute_dtype,
+                              std::move(compute_weights)};
           return PyBlockStep{fused_adam_block_step(std::move(spec), std::move(exp_avg), std::move(exp_avg_sq),
                                                    std::move(steps), beta1, beta2, eps, decoupled_weight_decay,
                                                    step_count.value_or(at::Tensor()))};
@@ -203,19 +207,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lr_gh"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("x_activation"),
         py::arg("h_activation"), py::arg("variant"), py::arg("ae_loss"), py::arg("weight_decay") = 0.0,
         py::arg("decoupled_weight_decay") = false, py::arg("step_count") = py::none(), py::arg("next_lrs") = py::none(),
+        py::arg("compute_dtype") = py::none(), py::arg("compute_weights") = std::vector<at::Tensor>(),
         "A fused Adam block step; with step_count, the step number is read and advanced there, on the "
         "parameters' device, and `steps` are left alone. next_lrs() -> (lr_fb, lr_gh), called after each step "
         "taken, gives the rates of the next (a schedule stepped by the block's own stage).");
   m.def("fused_sgd_block_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffer, double lr_fb, double lr_gh,
            double momentum, std::string x_activation, std::string h_activation, std::string variant,
-           std::string ae_loss, double weight_decay, std::optional<py::function> next_lrs) {
+           std::string ae_loss, double weight_decay, std::optional<py::function> next_lrs,
+           std::optional<at::ScalarType> compute_dtype, std::vector<at::Tensor> compute_weights) {
           DenseBlockSpec spec{std::move(params), x_activation, h_activation, variant, ae_loss, lr_fb, lr_gh,
-                              weight_decay, python_learning_rates(std::move(next_lrs))};
+                              weight_decay, python_learning_rates(std::move(next_lrs)), compute_dtype,
+                              std::move(compute_weights)};
           return PyBlockStep{fused_sgd_block_step(std::move(spec), std::move(momentum_buffer), momentum)};
         }, py::arg("params"), py::arg("momentum_buffer"), py::arg("lr_fb"), py::arg("lr_gh"), py::arg("momentum"),
         py::arg("x_activation"), py::arg("h_activation"), py::arg("variant"), py::arg("ae_loss"),
-        py::arg("weight_decay") = 0.0, py::arg("next_lrs") = py::none(),
+        py::arg("weight_decay") = 0.0, py::arg("next_lrs") = py::none(), py::arg("compute_dtype") = py::none(),
+        py::arg("compute_weights") = std::vector<at::Tensor>(),
         "A fused SGD (momentum) block step; next_lrs as for fused_adam_block_step.");
   m.def("balanced_groups", &balanced_groups, py::arg("costs"), py::arg("workers"),
         "First block of each group of consecutive blocks, balanced so that the costliest group is cheapest.");

@@ -26,6 +26,11 @@ void advance_learning_rates(DenseBlockSpec& spec) {
   if (spec.next_lrs) std::tie(spec.lr_fb, spec.lr_gh) = spec.next_lrs();
 }
 
+std::optional<at::TensorList> compute_weights(const DenseBlockSpec& spec) {
+  if (spec.compute_weights.empty()) return std::nullopt;
+  return at::TensorList(spec.compute_weights);
+}
+
 }  // namespace
 
 BlockStep fused_adam_block_step(DenseBlockSpec spec_arg, std::vector<at::Tensor> exp_avg,
@@ -33,11 +38,12 @@ BlockStep fused_adam_block_step(DenseBlockSpec spec_arg, std::vector<at::Tensor>
                                 double beta2, double eps, bool decoupled_weight_decay, at::Tensor step_count) {
   using Signature = Outputs(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
                             double, double, double, double, double, double, c10::string_view, c10::string_view,
-                            c10::string_view, c10::string_view, double, bool);
+                            c10::string_view, c10::string_view, double, bool,
+                            std::optional<at::ScalarType>, std::optional<at::TensorList>);
   using CountedSignature = Outputs(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
                                    at::TensorList, const at::Tensor&, double, double, double, double, double,
                                    c10::string_view, c10::string_view, c10::string_view, c10::string_view, double,
-                                   bool);
+                                   bool, std::optional<at::ScalarType>, std::optional<at::TensorList>);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("al_ext::dense_block_adam_step_", "").typed<Signature>();
   static const auto counted_op = c10::Dispatcher::singleton()
@@ -49,7 +55,7 @@ BlockStep fused_adam_block_step(DenseBlockSpec spec_arg, std::vector<at::Tensor>
       StepResult out = to_step_result(counted_op.call(
           s_prev, t_prev, spec->params, exp_avg, exp_avg_sq, step_count, spec->lr_fb, spec->lr_gh, beta1, beta2, eps,
           spec->x_activation, spec->h_activation, spec->variant, spec->ae_loss, spec->weight_decay,
-          decoupled_weight_decay));
+          decoupled_weight_decay, spec->compute_dtype, compute_weights(*spec)));
       advance_learning_rates(*spec);
       return out;
     };
@@ -59,7 +65,7 @@ BlockStep fused_adam_block_step(DenseBlockSpec spec_arg, std::vector<at::Tensor>
     StepResult out = to_step_result(op.call(s_prev, t_prev, spec->params, exp_avg, exp_avg_sq, step, spec->lr_fb,
                                             spec->lr_gh, beta1, beta2, eps, spec->x_activation, spec->h_activation,
                                             spec->variant, spec->ae_loss, spec->weight_decay,
-                                            decoupled_weight_decay));
+                                            decoupled_weight_decay, spec->compute_dtype, compute_weights(*spec)));
     if (!refused_on_host(out)) {  // a refused step does not count
       for (const at::Tensor& counter : steps) counter.add_(1);
       advance_learning_rates(*spec);
@@ -73,12 +79,14 @@ BlockStep fused_sgd_block_step(DenseBlockSpec spec_arg, std::vector<at::Tensor> 
                              .findSchemaOrThrow("al_ext::dense_block_sgd_step_", "")
                              .typed<Outputs(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
                                             double, double, double, c10::string_view, c10::string_view,
-                                            c10::string_view, c10::string_view, double)>();
+                                            c10::string_view, c10::string_view, double,
+                                            std::optional<at::ScalarType>, std::optional<at::TensorList>)>();
   auto spec = std::make_shared<DenseBlockSpec>(std::move(spec_arg));
   return [=](const at::Tensor& s_prev, const at::Tensor& t_prev) {
     StepResult out = to_step_result(op.call(s_prev, t_prev, spec->params, momentum_buffer, spec->lr_fb, spec->lr_gh,
                                             momentum, spec->x_activation, spec->h_activation, spec->variant,
-                                            spec->ae_loss, spec->weight_decay));
+                                            spec->ae_loss, spec->weight_decay, spec->compute_dtype,
+                                            compute_weights(*spec)));
     if (!refused_on_host(out)) advance_learning_rates(*spec);
     return out;
   };

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,6 +23,8 @@ struct DenseBlockSpec {
   double lr_fb = 0.0, lr_gh = 0.0;
   double weight_decay = 0.0;
   NextLearningRates next_lrs;  // optional: the rates stay as they are without it
+  std::optional<at::ScalarType> compute_dtype;  // the op's compute_dtype (None: the parameters' dtype)
+  std::vector<at::Tensor> compute_weights;      // the op's compute_weights (none if empty)
 };
 
 // al_ext::dense_block_adam_step_; `steps` are the parameters' step counters, all advanced
