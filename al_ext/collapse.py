@@ -26,8 +26,8 @@ LEARNT_MULTIPLE = 3.0
 
 ADVICE = ("try first_ae_loss='cross_entropy' (it leaves the plateau sooner), a smaller batch, a larger ae_lr, "
           "or more epochs")
-LAG_ADVICE = ("try a larger ae_lr (the label side's rate; 10 x lr instead of 2 x), a smaller batch, a zero-centred "
-              "label side (al_ext.label_side.LabelSide(activation='tanh', bridge_activation='tanh')), or more "
+LAG_ADVICE = ("a zero-centred label side keeps the classes apart from block to block "
+              "(label_side=al_ext.label_side.ZERO_CENTRED, or the iclr22 preset's); else a smaller batch or more "
               "epochs")
 
 

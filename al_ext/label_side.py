@@ -84,3 +84,11 @@ class LabelSide:
             layers = [*linear_then(features, hidden, self.bridge_activation),
                       *linear_then(hidden, label_dim, self.bridge_activation)]
         return nn.Sequential(*reduce, *layers)
+
+
+# NECO's form (two-layer bridges, every decoder activated) with tanh in place of sigmoid. A
+# sigmoid's outputs share an offset of about 1/2, which the next block's weights turn into a
+# common input that swamps the classes' differences, so every block keeps less of their
+# separation and its auto-encoder starts on a longer plateau; tanh is centred on 0. The
+# remedy the collapse warning names when deeper blocks lag (experiments/preset_batch_grid.py).
+ZERO_CENTRED = LabelSide(activation="tanh", bridge_activation="tanh", decoder_activation="tanh")

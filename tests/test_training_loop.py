@@ -482,7 +482,7 @@ def test_deeper_blocks_lagging_behind_a_good_shortcut_are_reported(accuracy, exp
     if expected is None:
         assert warning is None
     else:
-        assert expected in warning and "larger ae_lr" in warning
+        assert expected in warning and "label_side=al_ext.label_side.ZERO_CENTRED" in warning
 
 
 # ---- what the review found ---------------------------------------------------------------
