@@ -50,7 +50,9 @@ def collapse_warning(first_loss_ae: float, shortcut_accuracy: list[float], num_c
     depth = len(shortcut_accuracy)
     best = max(range(depth), key=lambda k: shortcut_accuracy[k])
     if depth in at_chance and shortcut_accuracy[best] >= min(LEARNT_MULTIPLE / num_classes, 0.9):
-        return (f"the full path answers at chance (shortcut depths {', '.join(map(str, at_chance))} do) while the "
+        shallower = [k for k in at_chance if k < depth]
+        also = f" (so do the shortcuts of depth {', '.join(map(str, shallower))})" if shallower else ""
+        return (f"the full path answers at chance{also} while the "
                 f"shortcut of depth {best + 1} reaches {shortcut_accuracy[best]:.3f}: the deeper blocks' label side "
                 f"has not yet told the classes apart; {LAG_ADVICE}; meanwhile model.predict(x, depth={best + 1}) "
                 f"answers")
