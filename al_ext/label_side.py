@@ -11,8 +11,8 @@ The two references differ exactly in these parts:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import nn
 

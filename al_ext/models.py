@@ -10,7 +10,8 @@ authors' code it reproduces (al_ext.presets); arguments left at None take the pr
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -211,4 +212,4 @@ class ResNet_AL(_VisionAL):
 
 
 # The text models live in al_ext.sequence_models; here too, so that the zoo is one import.
-from .sequence_models import LSTM_AL, Transformer_AL  # noqa: E402,F401
+from .sequence_models import LSTM_AL, Transformer_AL  # noqa: F401

@@ -18,8 +18,9 @@ settings, for a Trainer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .label_side import LabelSide
 
@@ -39,8 +40,8 @@ def neco_mlp() -> PresetOptions:
     blocks f = Dense(1024) + ELU; bridges Dense(5 x 1024) + sigmoid, Dense(1024) + sigmoid on
     each block's output; g = Dense(1024) + sigmoid, h = Dense + sigmoid, MSE throughout;
     He-normal weights, zero biases. Also al_ext's default for ALMLP."""
-    return dict(hidden=(1024, 1024), label_dim=1024, bridge_factor=5, activation="elu",
-                first_ae_loss="mse", label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"hidden": (1024, 1024), "label_dim": 1024, "bridge_factor": 5, "activation": "elu",
+            "first_ae_loss": "mse", "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 def neco_cnn() -> PresetOptions:
@@ -49,9 +50,9 @@ def neco_cnn() -> PresetOptions:
     64, 64 | 64, 64 (stride 2); each bridge Dense(5 x 256) + sigmoid, Dense(256) + sigmoid on
     the flattened feature map; the NECO label side (width 256); He-normal. Also al_ext's
     default for ALCNN."""
-    return dict(channels=((32, 32), (32, 32), (64, 64), (64, 64)), strides=(1, 2, 1, 2), label_dim=256,
-                bridge_factor=5, activation="elu", bridge_input="flatten", first_ae_loss="mse",
-                label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"channels": ((32, 32), (32, 32), (64, 64), (64, 64)), "strides": (1, 2, 1, 2), "label_dim": 256,
+            "bridge_factor": 5, "activation": "elu", "bridge_input": "flatten", "first_ae_loss": "mse",
+            "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 def neco_vgg() -> PresetOptions:
@@ -61,9 +62,9 @@ def neco_vgg() -> PresetOptions:
     flattened map; each bridge Dense(1500) + sigmoid, Dense(300) + sigmoid on the flattened
     block output; the NECO label side of width 300; He-normal. (The reference also puts an
     L2 penalty of 1e-5 on the x-side and bridge kernels: the Trainer's weight_decay.)"""
-    return dict(stages=((128, 256), (256, 512), (512, "M", 512)), head=(1024, 1024), batch_norm=False,
-                activation="elu", bridge_input="flatten", label_dim=300, bridge_factor=5, first_ae_loss="mse",
-                label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"stages": ((128, 256), (256, 512), (512, "M", 512)), "head": (1024, 1024), "batch_norm": False,
+            "activation": "elu", "bridge_input": "flatten", "label_dim": 300, "bridge_factor": 5, "first_ae_loss": "mse",
+            "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 def neco_resnet() -> PresetOptions:
@@ -75,9 +76,9 @@ def neco_resnet() -> PresetOptions:
     ELU; every convolution has a bias. Each bridge Dense(1500) + sigmoid, Dense(300) + sigmoid
     on the flattened block output; the NECO label side of width 300; He-normal. (The
     reference's L2 penalty of 1e-4 is the Trainer's weight_decay.)"""
-    return dict(widths=(16, 32, 64), stem_block=True, residual_unit="neco", activation="elu",
-                bridge_input="flatten", label_dim=300, bridge_factor=5, first_ae_loss="mse",
-                label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"widths": (16, 32, 64), "stem_block": True, "residual_unit": "neco", "activation": "elu",
+            "bridge_input": "flatten", "label_dim": 300, "bridge_factor": 5, "first_ae_loss": "mse",
+            "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 def iclr22_lstm() -> PresetOptions:
@@ -89,9 +90,9 @@ def iclr22_lstm() -> PresetOptions:
     too; each bridge Linear + tanh on the sum of the two directions' final h. Label side:
     g = Linear(128) + tanh, h_1 = Linear + tanh before the cross-entropy, later h = Linear;
     PyTorch's default initialisation."""
-    return dict(embed_dim=300, hidden=(128, 128), label_dim=128, bridge_factor=5, first_ae_loss="cross_entropy",
-                embedding_block=True, bidirectional=True, pass_state=True, bridge_input="final_state",
-                mask_padding=False, label_side=ICLR22_LABEL_SIDE, init="torch")
+    return {"embed_dim": 300, "hidden": (128, 128), "label_dim": 128, "bridge_factor": 5, "first_ae_loss": "cross_entropy",
+            "embedding_block": True, "bidirectional": True, "pass_state": True, "bridge_input": "final_state",
+            "mask_padding": False, "label_side": ICLR22_LABEL_SIDE, "init": "torch"}
 
 
 def iclr22_transformer() -> PresetOptions:
@@ -102,9 +103,9 @@ def iclr22_transformer() -> PresetOptions:
     pre-norm residuals with LayerNorm (x - mean) / (std + 1e-6), a closing LayerNorm,
     dropout 0.1, Xavier-uniform weight matrices; each bridge Linear + tanh on the mean of the
     real positions. The label side of iclr22_lstm (width 128)."""
-    return dict(dim=300, heads=4, feedforward=256, num_blocks=2, layers_per_block=1, positions=False,
-                encoder_layer="iclr22", dropout=0.1, embedding_block=True, mask_padding=False, label_dim=128,
-                bridge_factor=5, first_ae_loss="cross_entropy", label_side=ICLR22_LABEL_SIDE, init="torch")
+    return {"dim": 300, "heads": 4, "feedforward": 256, "num_blocks": 2, "layers_per_block": 1, "positions": False,
+            "encoder_layer": "iclr22", "dropout": 0.1, "embedding_block": True, "mask_padding": False, "label_dim": 128,
+            "bridge_factor": 5, "first_ae_loss": "cross_entropy", "label_side": ICLR22_LABEL_SIDE, "init": "torch"}
 
 
 # al_ext's own defaults where they differ from the references (the behaviour before presets).
@@ -113,9 +114,9 @@ def al_ext_vgg() -> PresetOptions:
     """al_ext's VGG_AL: VGG-11's stages for 32x32 images (3x3 convolutions, batch norm, ReLU,
     a 2x2 max-pool closing each stage), each bridge on the average-pooled stage output, the
     NECO label side of width 256, He-normal."""
-    return dict(stages=((64,), (128,), (256, 256), (512, 512), (512, 512)), head=(), batch_norm=True,
-                activation="relu", bridge_input="avgpool", label_dim=256, bridge_factor=5, first_ae_loss="mse",
-                label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"stages": ((64,), (128,), (256, 256), (512, 512), (512, 512)), "head": (), "batch_norm": True,
+            "activation": "relu", "bridge_input": "avgpool", "label_dim": 256, "bridge_factor": 5, "first_ae_loss": "mse",
+            "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 def al_ext_resnet() -> PresetOptions:
@@ -123,9 +124,9 @@ def al_ext_resnet() -> PresetOptions:
     stem opens the first), units conv-BN-ReLU, conv-BN plus the (projected, batch-normed)
     input, then ReLU; bridges on the average-pooled stage output; NECO label side of width
     256; He-normal."""
-    return dict(widths=(16, 32, 64), stem_block=False, residual_unit="he2016", activation="relu",
-                bridge_input="avgpool", label_dim=256, bridge_factor=5, first_ae_loss="mse",
-                label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"widths": (16, 32, 64), "stem_block": False, "residual_unit": "he2016", "activation": "relu",
+            "bridge_input": "avgpool", "label_dim": 256, "bridge_factor": 5, "first_ae_loss": "mse",
+            "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 def al_ext_lstm() -> PresetOptions:
@@ -133,9 +134,9 @@ def al_ext_lstm() -> PresetOptions:
     (256) in each further block, each bridge on the mean of the real positions; padding never
     changes a result; NECO label side of width 128, He-normal on the label side and bridges
     (the embedding and LSTMs keep PyTorch's initialisation)."""
-    return dict(embed_dim=128, hidden=(256, 256), label_dim=128, bridge_factor=5, first_ae_loss="mse",
-                embedding_block=False, bidirectional=False, pass_state=False, bridge_input="mean",
-                mask_padding=True, label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"embed_dim": 128, "hidden": (256, 256), "label_dim": 128, "bridge_factor": 5, "first_ae_loss": "mse",
+            "embedding_block": False, "bidirectional": False, "pass_state": False, "bridge_input": "mean",
+            "mask_padding": True, "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 def al_ext_transformer() -> PresetOptions:
@@ -143,9 +144,9 @@ def al_ext_transformer() -> PresetOptions:
     attention layer, torch's post-norm nn.TransformerEncoderLayer (4 heads, feed-forward 256,
     no dropout) in each block, bridges on the mean of the real positions, NECO label side of
     width 128, He-normal on the label side and bridges."""
-    return dict(dim=128, heads=4, feedforward=256, num_blocks=2, layers_per_block=1, positions=True,
-                encoder_layer="torch", dropout=0.0, embedding_block=False, mask_padding=True, label_dim=128,
-                bridge_factor=5, first_ae_loss="mse", label_side=NECO_LABEL_SIDE, init="he_normal")
+    return {"dim": 128, "heads": 4, "feedforward": 256, "num_blocks": 2, "layers_per_block": 1, "positions": True,
+            "encoder_layer": "torch", "dropout": 0.0, "embedding_block": False, "mask_padding": True, "label_dim": 128,
+            "bridge_factor": 5, "first_ae_loss": "mse", "label_side": NECO_LABEL_SIDE, "init": "he_normal"}
 
 
 PRESETS: dict[str, dict[str | None, Callable[[], PresetOptions]]] = {
@@ -197,7 +198,7 @@ class TrainingSettings:
         plateau at too small a one. A narrower model keeps the reference's step per unit at
         a proportionally larger rate."""
         scale = math.sqrt(batch_size / self.batch_size) * width_ratio
-        return dict(lr=self.lr * scale, ae_lr=self.ae_lr * scale, batch_size=batch_size)
+        return {"lr": self.lr * scale, "ae_lr": self.ae_lr * scale, "batch_size": batch_size}
 
 
 TRAINING_SETTINGS: dict[str, TrainingSettings] = {

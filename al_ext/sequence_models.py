@@ -9,7 +9,8 @@ attention blocks, and the tanh label side.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -18,8 +19,16 @@ from .initialisation import Init, initialise
 from .label_side import LabelSide
 from .nn import ALBlock, AssociatedLearning, Backend
 from .reference import AE_LOSSES, AELoss, Variant
-from .sequence_layers import (STATE_ROWS, FinalStatePool, MaskedTransformerLayer, PreNormTransformer,
-                              SequenceLSTM, SequenceMean, TokenEmbedding, check_heads)
+from .sequence_layers import (
+    STATE_ROWS,
+    FinalStatePool,
+    MaskedTransformerLayer,
+    PreNormTransformer,
+    SequenceLSTM,
+    SequenceMean,
+    TokenEmbedding,
+    check_heads,
+)
 from .validation import check_choice, check_positive_int
 
 LSTM_BRIDGE_INPUTS: tuple[str, ...] = ("mean", "final_state")

@@ -13,7 +13,6 @@ from al_ext import presets
 from al_ext.label_side import LabelSide
 from al_ext.models import ALCNN, LSTM_AL, VGG_AL, ResNet_AL, Transformer_AL
 
-
 # ---- the references' layers, counted as their code builds them ----------------------------
 
 def dense(i, o):  # tf.layers.dense / nn.Linear: kernel and bias
@@ -255,6 +254,6 @@ def test_bad_preset_arguments(make, error, message):
 
 
 def test_training_settings_scale_by_the_square_root_of_the_batch():
-    assert presets.training_settings("neco") == dict(lr=1e-4, ae_lr=2e-4, batch_size=32)
+    assert presets.training_settings("neco") == {"lr": 1e-4, "ae_lr": 2e-4, "batch_size": 32}
     scaled = presets.training_settings("iclr22", 256)
     assert scaled["batch_size"] == 256 and abs(scaled["lr"] - 2e-3) < 1e-12 and abs(scaled["ae_lr"] - 2e-3) < 1e-12
