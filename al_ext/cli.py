@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import data, text
+from . import data, presets, text
 from ._extension import build_info
 from .models import ALCNN, LSTM_AL, VGG_AL, ResNet_AL, Transformer_AL
 from .nn import ALMLP, AssociatedLearning, bp_baseline
@@ -68,19 +68,52 @@ def load_dataset(spec: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int,
     raise ValueError(f"--dataset must be {DATASET_HELP}; got {spec!r}")
 
 
+# Without --preset the command line builds every model with these widths, as it always has;
+# with one, each width not given is the preset's.
+WIDTHS_WITHOUT_PRESET = {"hidden": (1024, 1024), "label_dim": 1024, "bridge_factor": 5}
+# Without --preset: Adam at this rate ((g, h) at twice it) and batch size; with one, the reference's.
+TRAINING_WITHOUT_PRESET = {"lr": 1e-3, "ae_lr": None, "batch_size": 128}
+
+
+def model_widths(args: argparse.Namespace) -> dict[str, Any]:
+    """--hidden, --label-dim and --bridge-factor as given, each one not given filled in (None,
+    for the preset's, where there is a preset)."""
+    given = {"hidden": args.hidden, "label_dim": args.label_dim, "bridge_factor": args.bridge_factor}
+    if args.preset is not None:
+        return given
+    return {k: WIDTHS_WITHOUT_PRESET[k] if v is None else v for k, v in given.items()}
+
+
+def training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--lr, --ae-lr and --batch-size as given, each one not given filled in from the preset's
+    reference (its rates scaled to the batch size given, al_ext.presets.training_settings) or
+    the command line's own defaults."""
+    if args.preset is None:
+        defaults = TRAINING_WITHOUT_PRESET
+    else:
+        defaults = presets.training_settings(args.preset, args.batch_size)
+        if args.lr is not None:  # the reference's ratio of the two rates at the rate given
+            defaults["ae_lr"] = defaults["ae_lr"] / defaults["lr"] * args.lr
+    given = {"lr": args.lr, "ae_lr": args.ae_lr, "batch_size": args.batch_size}
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
 def build_model(args: argparse.Namespace, image_shape: tuple[int, int, int] | None, num_classes: int,
                 vocab_size: int | None = None) -> AssociatedLearning:
-    common = dict(num_classes=num_classes, label_dim=args.label_dim, bridge_factor=args.bridge_factor,
-                  variant=args.variant, backend=args.backend, first_ae_loss=args.first_ae_loss)
+    widths = model_widths(args)
+    common = dict(num_classes=num_classes, label_dim=widths["label_dim"], bridge_factor=widths["bridge_factor"],
+                  variant=args.variant, backend=args.backend, first_ae_loss=args.first_ae_loss, preset=args.preset)
     if (vocab_size is None) == (args.model in TEXT_MODELS):
         raise ValueError(f"--model {args.model} needs {'a text' if vocab_size is None else 'an image'} dataset; "
                          f"--dataset is {args.dataset!r}")
+    hidden = widths["hidden"]
     if args.model == "lstm":
-        return LSTM_AL(vocab_size, hidden=args.hidden, **common)
+        return LSTM_AL(vocab_size, hidden=hidden, **common)
     if args.model == "transformer":
-        return Transformer_AL(vocab_size, max_len=args.max_len, num_blocks=len(args.hidden), **common)
+        return Transformer_AL(vocab_size, max_len=args.max_len, num_blocks=None if hidden is None else len(hidden),
+                              **common)
     if args.model == "mlp":
-        return ALMLP(math.prod(image_shape), hidden=args.hidden, **common)
+        return ALMLP(math.prod(image_shape), hidden=hidden, **common)
     if args.model == "cnn":
         return ALCNN(image_shape, **common)
     if args.model == "vgg":
@@ -127,17 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
                        "cross-entropy (matched on that path; AL also trains its label side and every bridge)")
     train.add_argument("--variant", default="A", choices=["A", "B"],
                        help="A: L_as updates f and b; B: L_as also updates g (its target is not detached)")
-    train.add_argument("--hidden", type=_widths, default=(1024, 1024),
-                       help="x-side widths, one per block, comma-separated")
-    train.add_argument("--label-dim", type=int, default=1024, help="label-side width d")
-    train.add_argument("--bridge-factor", type=int, default=5, help="bridge hidden width = factor x label-dim")
+    train.add_argument("--preset", default=None, choices=list(presets.PRESET_NAMES),
+                       help="build the model as the authors' code does (al_ext.presets): neco (the NECO TensorFlow "
+                       "code: mlp, cnn, vgg, resnet20/32) or iclr22 (the ICLR 2022 PyTorch code: lstm, transformer); "
+                       "widths, --lr, --ae-lr and --batch-size not given are then the reference's (its rates "
+                       "scaled by the square root of the batch ratio where --batch-size is given)")
+    train.add_argument("--hidden", type=_widths, default=None,
+                       help="x-side widths, one per block, comma-separated (default 1024,1024, or the preset's)")
+    train.add_argument("--label-dim", type=int, default=None, help="label-side width d (default 1024, or the preset's)")
+    train.add_argument("--bridge-factor", type=int, default=None,
+                       help="bridge hidden width = factor x label-dim (default 5, or the preset's)")
     train.add_argument("--max-len", type=int, default=64, help="text: tokens kept per text (padded or cut)")
     train.add_argument("--vocab-size", type=int, default=20000, help="text: the vocabulary's size at most")
-    train.add_argument("--first-ae-loss", default="mse", choices=["mse", "cross_entropy"],
-                       help="loss of the first block's auto-encoder")
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of (f, b) and of the BP baseline")
-    train.add_argument("--ae-lr", type=float, default=None, help="learning rate of (g, h); default 2 x lr")
-    train.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    train.add_argument("--first-ae-loss", default=None, choices=["mse", "cross_entropy"],
+                       help="loss of the first block's auto-encoder (default mse, or the preset's)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate of (f, b) and of the BP baseline (default 1e-3, or the preset's)")
+    train.add_argument("--ae-lr", type=float, default=None,
+                       help="learning rate of (g, h) (default 2 x lr, or the preset's ratio to lr)")
+    train.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128, or the preset's)")
     train.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS), help="optimiser of every parameter group")
     train.add_argument("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
     train.add_argument("--weight-decay", type=float, default=None,
@@ -240,10 +281,11 @@ def _say(*values: Any) -> None:
 def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, args: argparse.Namespace) -> tuple[Trainer, dict[str, Any]]:
     al = name == "AL"
     schedule = None if args.schedule == "none" else args.schedule
-    steps = args.epochs * -(-splits.train[0].shape[0] // args.batch_size)
+    options = training_options(args)
+    steps = args.epochs * -(-splits.train[0].shape[0] // options["batch_size"])
     per_step = _step_scheduler(schedule, steps) if schedule in STEP_SCHEDULES else None
     log_dir = None if args.log_dir is None else args.log_dir / name
-    trainer = Trainer(model, lr=args.lr, ae_lr=args.ae_lr, batch_size=args.batch_size, device=args.device,
+    trainer = Trainer(model, **options, device=args.device,
                       pipeline=args.pipeline and al, cuda_graphs=args.cuda_graphs and al, seed=args.seed,
                       schedule=None if per_step is not None else schedule, scheduler=per_step,
                       progress=False if args.no_progress else None, optimizer=args.optimizer,
@@ -328,6 +370,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset,
         "split": {"seed": args.seed, **sizes},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "training": training_options(args),
         "results": results,
     }
     if args.json is not None and _is_main_process():

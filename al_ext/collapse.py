@@ -4,7 +4,14 @@ AL's first decoder h_1 reconstructs the one-hot labels. Early in training, or at
 rate too small for the batch size, it can settle on predicting the class frequencies for
 every sample: L_ae of block 1 then sits at the loss of that constant prediction, and every
 shortcut path, which decodes through h_1, answers at chance. Nothing fails; the run just
-does not learn. The Trainer checks for it after each validation and says so.
+does not learn.
+
+Deeper blocks can lag the same way while block 1 has learnt: each block's label encoder
+g_i must keep the classes apart in t_i, and a sigmoid label side (NECO's) loses part of
+their separation at every block (its outputs share a common offset), so the deeper
+auto-encoders start on a longer plateau. The shallow shortcuts then answer well and the
+full path, which decodes through every block, at chance. The Trainer checks for both after
+each validation and says so.
 """
 from __future__ import annotations
 
@@ -14,9 +21,14 @@ import math
 LOSS_TOLERANCE = 0.02
 # Accuracy below this multiple of chance (1 / classes) counts as "at chance".
 CHANCE_MULTIPLE = 1.5
+# A shortcut at this multiple of chance or more has clearly learnt: deeper blocks at chance lag it.
+LEARNT_MULTIPLE = 3.0
 
 ADVICE = ("try first_ae_loss='cross_entropy' (it leaves the plateau sooner), a smaller batch, a larger ae_lr, "
           "or more epochs")
+LAG_ADVICE = ("a zero-centred label side keeps the classes apart from block to block "
+              "(label_side=al_ext.label_side.ZERO_CENTRED, or the iclr22 preset's); else a smaller batch or more "
+              "epochs")
 
 
 def trivial_ae_loss(num_classes: int, ae_loss: str) -> float:
@@ -31,8 +43,17 @@ def collapse_warning(first_loss_ae: float, shortcut_accuracy: list[float], num_c
     trivial = trivial_ae_loss(num_classes, ae_loss)
     at_trivial = abs(first_loss_ae - trivial) <= LOSS_TOLERANCE * trivial
     at_chance = [k for k, acc in enumerate(shortcut_accuracy, start=1) if acc < CHANCE_MULTIPLE / num_classes]
-    if not (at_trivial and 1 in at_chance):
-        return None
-    return (f"the label side looks stuck at its trivial solution: block 1's L_ae is {first_loss_ae:.4f}, what "
-            f"predicting the class frequencies gives ({trivial:.4f}), and shortcut depths "
-            f"{', '.join(map(str, at_chance))} answer at chance; {ADVICE}")
+    if at_trivial and 1 in at_chance:
+        return (f"the label side looks stuck at its trivial solution: block 1's L_ae is {first_loss_ae:.4f}, what "
+                f"predicting the class frequencies gives ({trivial:.4f}), and shortcut depths "
+                f"{', '.join(map(str, at_chance))} answer at chance; {ADVICE}")
+    depth = len(shortcut_accuracy)
+    best = max(range(depth), key=lambda k: shortcut_accuracy[k])
+    if depth in at_chance and shortcut_accuracy[best] >= min(LEARNT_MULTIPLE / num_classes, 0.9):
+        shallower = [k for k in at_chance if k < depth]
+        also = f" (so do the shortcuts of depth {', '.join(map(str, shallower))})" if shallower else ""
+        return (f"the full path answers at chance{also} while the "
+                f"shortcut of depth {best + 1} reaches {shortcut_accuracy[best]:.3f}: the deeper blocks' label side "
+                f"has not yet told the classes apart; {LAG_ADVICE}; meanwhile model.predict(x, depth={best + 1}) "
+                f"answers")
+    return None

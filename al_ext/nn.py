@@ -8,8 +8,10 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import fused, reference
+from . import fused, presets, reference
 from ._extension import has_cuda_kernels
+from .initialisation import Init, he_normal_, initialise  # noqa: F401  (he_normal_: al_ext.nn's own name)
+from .label_side import LabelSide
 from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
 from .validation import check_choice, check_float_tensor, check_positive_int, check_tensor
 
@@ -249,41 +251,43 @@ class AssociatedLearning(nn.Module):
         return classes, depths
 
 
-def he_normal_(module: nn.Module) -> None:
-    """He-normal weights and zero biases for every Linear and conv layer (the NECO initialisation)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nn.init.kaiming_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 class ALMLP(AssociatedLearning):
-    """The NECO MLP: per block f = Linear + ELU (or ``activation``), g = Linear + sigmoid, h = Linear + sigmoid,
-    b = Linear(d_x -> bridge_factor * label_dim) + sigmoid + Linear(-> label_dim) + sigmoid.
+    """The NECO MLP: per block f = Linear + ELU (or ``activation``), and the label side and
+    bridges that ``label_side`` describes; by default (and with ``preset="neco"``) NECO's:
+    g = Linear + sigmoid, h = Linear + sigmoid, b = Linear(d_x -> bridge_factor * label_dim)
+    + sigmoid + Linear(-> label_dim) + sigmoid, He-normal weights (al_ext.presets.neco_mlp).
 
     Inputs of any shape whose per-sample size is ``in_features`` are flattened. With
-    ``first_ae_loss="cross_entropy"`` the first decoder emits logits (no sigmoid).
+    ``first_ae_loss="cross_entropy"`` the first decoder emits logits (no sigmoid). Arguments
+    left at None take the preset's value. With the NECO label side, each block trains as one
+    fused op on the CPU.
     """
 
     def __init__(
         self,
         in_features: int,
         num_classes: int,
-        hidden: Sequence[int] = (1024, 1024),
-        label_dim: int = 1024,
-        bridge_factor: int = 5,
+        hidden: Sequence[int] | None = None,
+        label_dim: int | None = None,
+        bridge_factor: int | None = None,
         variant: Variant = "A",
         backend: Backend = "auto",
-        first_ae_loss: AELoss = "mse",
-        activation: str = "elu",
+        first_ae_loss: AELoss | None = None,
+        activation: str | None = None,
+        label_side: LabelSide | None = None,
+        init: Init | None = None,
+        preset: str | None = None,
     ) -> None:
+        o = presets.resolve("ALMLP", preset, hidden=hidden, label_dim=label_dim, bridge_factor=bridge_factor,
+                            first_ae_loss=first_ae_loss, activation=activation, label_side=label_side, init=init)
         check_positive_int(in_features, "in_features")
-        act = reference.ACTIVATION_MODULES[check_choice(activation, "activation", reference.X_ACTIVATIONS)]
+        act = reference.ACTIVATION_MODULES[check_choice(o["activation"], "activation", reference.X_ACTIVATIONS)]
         check_positive_int(num_classes, "num_classes")
-        check_positive_int(label_dim, "label_dim")
-        check_positive_int(bridge_factor, "bridge_factor")
-        hidden = list(hidden)
+        label_dim = check_positive_int(o["label_dim"], "label_dim")
+        bridge_factor = check_positive_int(o["bridge_factor"], "bridge_factor")
+        side: LabelSide = o["label_side"]
+        first_loss = check_choice(o["first_ae_loss"], "first_ae_loss", AE_LOSSES)
+        hidden = list(o["hidden"])
         if not hidden:
             raise ValueError("hidden must list at least one width (one per block), got none")
         for i, width in enumerate(hidden):
@@ -291,23 +295,14 @@ class ALMLP(AssociatedLearning):
         blocks = []
         x_dim, y_dim = in_features, num_classes
         for i, width in enumerate(hidden):
-            f = nn.Sequential(nn.Flatten(), nn.Linear(x_dim, width), act()) if i == 0 else nn.Sequential(
-                nn.Linear(x_dim, width), act()
-            )
-            g = nn.Sequential(nn.Linear(y_dim, label_dim), nn.Sigmoid())
-            b = nn.Sequential(
-                nn.Linear(width, bridge_factor * label_dim), nn.Sigmoid(),
-                nn.Linear(bridge_factor * label_dim, label_dim), nn.Sigmoid(),
-            )
-            logits = i == 0 and first_ae_loss == "cross_entropy"
-            h = nn.Sequential(nn.Linear(label_dim, y_dim)) if logits else nn.Sequential(
-                nn.Linear(label_dim, y_dim), nn.Sigmoid()
-            )
-            blocks.append(ALBlock(f, g, b, h))
+            flatten = [nn.Flatten()] if i == 0 else []
+            f = nn.Sequential(*flatten, nn.Linear(x_dim, width), act())
+            blocks.append(ALBlock(f, side.encoder(y_dim, label_dim), side.bridge(width, label_dim, bridge_factor),
+                                  side.decoder(label_dim, y_dim, first=i == 0, first_ae_loss=first_loss)))
             x_dim, y_dim = width, label_dim
-        super().__init__(blocks, num_classes, variant=variant, first_ae_loss=first_ae_loss, backend=backend)
+        super().__init__(blocks, num_classes, variant=variant, first_ae_loss=first_loss, backend=backend)
         self.in_features = in_features
-        he_normal_(self)
+        initialise(self, o["init"])
 
 
 class BPNetwork(nn.Module):

@@ -113,7 +113,24 @@ def test_train_a_text_model_on_ag_news_csv(tmp_path):
     assert "32 train / 0 val / 8 test" in result.stdout
 
 
+def test_a_preset_builds_the_authors_model_and_takes_their_settings(tmp_path):
+    out = tmp_path / "result.json"
+    result = run("train", "--dataset", "generated-text", "--model", "lstm", "--preset", "iclr22", "--hidden", "16,16",
+                 "--label-dim", "8", "--max-len", "12", "--epochs", "1", "--batch-size", "256", "--no-progress",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    texts, labels = al_ext.text.generated_topics(6000, seed=0)  # the vocabulary the command line builds
+    train = al_ext.data.stratified_split(labels, val=0.1, test=0.2, seed=0).train
+    vocab_size = len(al_ext.text.Vocabulary([texts[i] for i in train.tolist()]))
+    expected = al_ext.models.LSTM_AL(vocab_size, 4, preset="iclr22", hidden=(16, 16), label_dim=8)
+    assert report["results"]["AL"]["parameters"] == sum(p.numel() for p in expected.parameters())
+    assert report["training"] == al_ext.presets.training_settings("iclr22", 256)  # 1e-3 at 64, scaled to 256
+    assert result.stdout.count("L_as ") == 1 and len(report["results"]["AL"]["history"][0]["loss_as"]) == 3
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--dataset", "generated-text", "--model", "lstm", "--preset", "neco"], "LSTM_AL has the preset 'iclr22'"),
     (["--dataset", "digits", "--model", "lstm"], "--model lstm needs a text dataset"),
     (["--dataset", "generated-text", "--model", "cnn"], "--model cnn needs an image dataset"),
 ])

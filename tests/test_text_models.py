@@ -18,6 +18,11 @@ def task():
 
 def make(kind, vocab_size, **kwargs):
     torch.manual_seed(0)
+    if kind.endswith("iclr22"):  # the authors' architecture at small widths; no dropout, so runs compare exactly
+        kwargs = dict(preset="iclr22", **kwargs)
+        if kind.startswith("lstm"):
+            return LSTM_AL(vocab_size, 4, embed_dim=16, hidden=(24, 24), label_dim=16, **kwargs)
+        return Transformer_AL(vocab_size, 4, dim=16, heads=2, feedforward=32, label_dim=16, dropout=0.0, **kwargs)
     if kind == "lstm":
         return LSTM_AL(vocab_size, 4, embed_dim=32, hidden=(48, 48), label_dim=32, bridge_factor=2, **kwargs)
     return Transformer_AL(vocab_size, 4, max_len=32, dim=32, heads=2, feedforward=64, label_dim=32, bridge_factor=2,
@@ -25,11 +30,12 @@ def make(kind, vocab_size, **kwargs):
 
 
 KINDS = ["lstm", "transformer"]
+ALL_KINDS = KINDS + ["lstm iclr22", "transformer iclr22"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_padding_changes_nothing(kind):
-    model = make(kind, 50).eval()
+@pytest.mark.parametrize("kind,options", [(k, {}) for k in KINDS] + [(k, {"mask_padding": True}) for k in ALL_KINDS[2:]])
+def test_padding_changes_nothing(kind, options):
+    model = make(kind, 50, **options).eval()
     ids = torch.randint(1, 50, (3, 10))
     padded = torch.cat([ids, torch.zeros(3, 6, dtype=torch.long)], dim=1)
     torch.testing.assert_close(model(padded), model(ids))
@@ -45,17 +51,30 @@ def test_learns_the_generated_task(kind, task):
     assert max(trainer.evaluate(parts.test)["shortcut_accuracy"]) > 0.7  # chance is 0.25
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS[2:])
+def test_iclr22_models_read_padding_as_their_code_does(kind):
+    # The reference's embedding block averages the embeddings over every position (the shortcut of depth 1
+    # reads it), and its LSTMs run over the padding (every LSTM block's result).
+    model = make(kind, 50).eval()
+    ids = torch.randint(1, 50, (3, 10))
+    padded = torch.cat([ids, torch.zeros(3, 6, dtype=torch.long)], dim=1)
+    assert not torch.allclose(model.scores(padded, depth=1), model.scores(ids, depth=1))
+    assert torch.allclose(model(padded), model(ids)) == kind.startswith("transformer")  # attention skips padding
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_inference_paths_and_bp_baseline(kind):
     model = make(kind, 50).eval()
     ids = torch.randint(0, 50, (5, 12))
     classes, depths = model.predict_adaptive(ids, 0.5)
     assert classes.shape == (5,) and 1 <= int(depths.min()) and int(depths.max()) <= model.depth
     assert torch.equal(model.predict(ids, depth=1), model.scores(ids, depth=1).argmax(1))
-    torch.testing.assert_close(torch.sigmoid(bp_baseline(model).eval()(ids)), model(ids))
+    # bp_baseline drops a sigmoid on h_1 (cross-entropy then sees logits); the ICLR 2022 tanh stays, as in their code
+    squash = torch.sigmoid if kind in KINDS else (lambda z: z)
+    torch.testing.assert_close(squash(bp_baseline(model).eval()(ids)), model(ids))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_text_models_pipeline_bit_for_bit(kind, task):
     vocab, parts = task
     x, y = parts.train[0][:96], parts.train[1][:96]

@@ -464,7 +464,29 @@ def test_a_label_side_stuck_at_its_trivial_solution_is_reported():
     assert "block 1's L_ae is 0.0900" in history[0]["collapse_warning"]
     healthy = Trainer(al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2,
                                    first_ae_loss="cross_entropy"), lr=3e-3, batch_size=32, progress=False)
-    assert all("collapse_warning" not in r for r in healthy.fit(parts.train, parts.val, epochs=3))
+    with pytest.warns(RuntimeWarning, match="the deeper blocks' label side has not yet"):  # epoch 2: block 2 lags
+        history = healthy.fit(parts.train, parts.val, epochs=3)
+    assert all("trivial solution" not in r.get("collapse_warning", "") for r in history)
+    assert "collapse_warning" not in history[-1] and history[-1]["val_accuracy"] > 0.3, "block 2 has caught up"
+
+
+@pytest.mark.parametrize(
+    "accuracy,expected",
+    [
+        ([0.92, 0.10], "the full path answers at chance while the shortcut of depth 1 reaches 0.920"),
+        ([0.92, 0.41, 0.12, 0.11], "at chance (so do the shortcuts of depth 3) while the shortcut of depth 1 reaches"),
+        ([0.92, 0.10, 0.60], None),  # the full path answers: nothing to report
+        ([0.25, 0.10], None),  # depth 1 has barely started: too early to say the deeper block lags
+        ([0.10, 0.11], None),  # all at chance, but L_ae is not at the trivial loss: not this warning's case
+    ],
+)
+def test_deeper_blocks_lagging_behind_a_good_shortcut_are_reported(accuracy, expected):
+    from al_ext.collapse import collapse_warning
+    warning = collapse_warning(0.05, accuracy, 10, "mse")
+    if expected is None:
+        assert warning is None
+    else:
+        assert expected in warning and "label_side=al_ext.label_side.ZERO_CENTRED" in warning
 
 
 # ---- what the review found ---------------------------------------------------------------
