@@ -1,0 +1,156 @@
+"""No silent collapse: every preset, at its reference's settings, at batch 32, 64, 128 and
+256: is its full path off chance after the first epochs, and where it is not, why.
+
+    nice -n 19 python experiments/preset_batch_grid.py --families ALMLP LSTM_AL     (a chunk)
+    nice -n 19 python experiments/preset_batch_grid.py --families ALCNN --epochs 3 --zero-centred
+    python experiments/preset_batch_grid.py --table                                (the table)
+
+Presets and data: the "neco" presets (ALMLP, ALCNN, VGG_AL, ResNet_AL-20) on the MNIST test
+set split 7000 train / 1000 validation / 2000 test (stratified, seed 0; the training split
+cannot be had here); the "iclr22" presets (LSTM_AL, Transformer_AL) on
+al_ext.text.generated_topics (6000 texts, 4200 / 600 / 1200, seed 0, 24 tokens, vocabulary
+from the training texts). Widths are the references' except VGG_AL's x side, at an eighth of
+its channels (16, 32 | 32, 64 | 64, M, 64 | dense 128, 128) so that it runs here; its label
+side and bridges keep the reference's widths (300, 1500). Optimiser: each reference's Adam
+settings (al_ext.presets.training_settings: NECO lr 1e-4 and 2e-4 at batch 32, ICLR 2022
+1e-3 for both at batch 64), scaled by the square root of the batch ratio; no schedule; model
+seed 0. ``--zero-centred`` gives the NECO families al_ext.label_side.ZERO_CENTRED (tanh) in
+place of their sigmoid label side, the remedy the collapse warning names. Test accuracy is
+read at the epoch best on validation. Results are merged into
+experiments/results/preset_batch_grid.json, so the grid can run in chunks of minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import al_ext
+from al_ext import presets, text
+from al_ext.label_side import ZERO_CENTRED
+from al_ext.models import ALCNN, LSTM_AL, VGG_AL, ResNet_AL, Transformer_AL
+
+BATCH_SIZES = (32, 64, 128, 256)
+VGG_EIGHTH = {"stages": ((16, 32), (32, 64), (64, "M", 64)), "head": (128, 128)}
+
+# family: (preset, data, model builder given (classes, vocabulary size or None[, label side]), widths as run)
+ROWS: dict[str, tuple[str, str, Callable[..., torch.nn.Module], str]] = {
+    "ALMLP": ("neco", "mnist", lambda c, v, side=None: al_ext.ALMLP(784, c, preset="neco", label_side=side), "NECO's"),
+    "ALCNN": ("neco", "mnist", lambda c, v, side=None: ALCNN((1, 28, 28), c, preset="neco", label_side=side), "NECO's"),
+    "VGG_AL": ("neco", "mnist", lambda c, v, side=None: VGG_AL((1, 28, 28), c, preset="neco", label_side=side,
+                                                               **VGG_EIGHTH), "x side 1/8 of NECO's channels"),
+    "ResNet_AL": ("neco", "mnist", lambda c, v, side=None: ResNet_AL(20, (1, 28, 28), c, preset="neco", label_side=side),
+                  "NECO's (depth 20)"),
+    "LSTM_AL": ("iclr22", "text", lambda c, v: LSTM_AL(v, c, preset="iclr22"), "ICLR 2022 code's"),
+    "Transformer_AL": ("iclr22", "text", lambda c, v: Transformer_AL(v, c, preset="iclr22"), "ICLR 2022 code's"),
+}
+
+
+def load(data: str) -> tuple[al_ext.data.DatasetSplits, int, int | None]:
+    """(splits, classes, vocabulary size for text)."""
+    if data == "mnist":
+        x, y = al_ext.data.load_mnist_test()
+        return al_ext.data.split_dataset(x, y, val=1000, test=2000, seed=0), 10, None
+    texts, labels = text.generated_topics(6000, seed=0)
+    train = al_ext.data.stratified_split(labels, val=0.1, test=0.2, seed=0).train
+    vocab = text.Vocabulary([texts[i] for i in train.tolist()])
+    return al_ext.data.split_dataset(vocab.encode(texts, 24), labels, val=0.1, test=0.2, seed=0), 4, len(vocab)
+
+
+def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False) -> dict[str, Any]:
+    preset, data, make, widths = ROWS[family]
+    parts, classes, vocab_size = load(data)
+    torch.manual_seed(0)
+    model = make(classes, vocab_size, ZERO_CENTRED) if zero_centred else make(classes, vocab_size)
+    settings = presets.training_settings(preset, batch_size)
+    trainer = al_ext.Trainer(model, progress=False, **settings)
+    start = time.perf_counter()
+    history = trainer.fit(parts.train, parts.val, epochs=epochs)
+    seconds = time.perf_counter() - start
+    trainer.restore_best()
+    return {"preset": preset, "label_side": "zero-centred (tanh)" if zero_centred else "the preset's", "data": data,
+            "widths": widths, **settings, "classes": classes, "epochs": epochs,
+            "parameters": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+            "val_accuracy": [r["val_accuracy"] for r in history],
+            "val_shortcut_accuracy": [r["val_shortcut_accuracy"] for r in history],
+            "collapse_warnings": [r["epoch"] for r in history if "collapse_warning" in r],
+            "best_epoch": trainer.best["epoch"], "test_accuracy_at_best_val": trainer.evaluate(parts.test)["accuracy"]}
+
+
+def alpackage_case(epochs: int) -> dict[str, Any]:
+    """The case issue 14 reported: a 3-block LSTM_AL at the ALPackage's settings (nlpconfig.json:
+    batch 256, lr 2.5e-4 for both optimisers, LSTM width 256, label width 128, embedding 300)
+    on the generated topic task, with al_ext's default architecture and with the iclr22 preset."""
+    parts, classes, vocab_size = load("text")
+    out = {}
+    for name, preset in (("al_ext default", None), ("iclr22 preset", "iclr22")):
+        torch.manual_seed(0)
+        model = LSTM_AL(vocab_size, classes, embed_dim=300, hidden=(256, 256, 256), label_dim=128, preset=preset)
+        trainer = al_ext.Trainer(model, lr=2.5e-4, ae_lr=2.5e-4, batch_size=256, progress=False)
+        start = time.perf_counter()
+        history = trainer.fit(parts.train, parts.val, epochs=epochs)
+        out[name] = {"seconds": time.perf_counter() - start, "val_accuracy": [r["val_accuracy"] for r in history],
+                     "val_shortcut_accuracy": [r["val_shortcut_accuracy"] for r in history]}
+        print(f"ALPackage settings, {name}: val {[round(a, 3) for a in out[name]['val_accuracy']]}, by depth "
+              f"{[round(a, 3) for a in history[-1]['val_shortcut_accuracy']]}", flush=True)
+    return out
+
+
+def first_epoch_above_chance(result: dict[str, Any], multiple: float = 1.5) -> int | None:
+    """The first epoch whose full-path validation accuracy is above ``multiple`` x chance."""
+    chance = 1 / result["classes"]
+    return next((e for e, a in enumerate(result["val_accuracy"], start=1) if a > multiple * chance), None)
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    print("| family (preset, widths) | batch | lr / ae_lr | full path, val acc by epoch | first epoch > 1.5 x chance "
+          "| test acc at best val (epoch) | seconds |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
+    rows = [k for k in results if "@" in k]
+    for key in sorted(rows, key=lambda k: (list(ROWS).index(k.split("@")[0]), "+" in k, int(k.split("@")[1].split("+")[0]))):
+        r, family = results[key], key.split("@")[0]
+        accs = " ".join(f"{100 * a:.0f}" for a in r["val_accuracy"])
+        first = first_epoch_above_chance(r)
+        side = ", tanh label side" if key.endswith("+tanh") else ""
+        print(f"| {family} ({r['preset']}{side}, {r['widths']}) | {r['batch_size']} | {r['lr']:.2g} / {r['ae_lr']:.2g} "
+              f"| {accs} | {first if first is not None else 'never'} | {100 * r['test_accuracy_at_best_val']:.1f} % "
+              f"({r['best_epoch']}) | {r['seconds']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCH_SIZES))
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "preset_batch_grid.json")
+    parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
+    parser.add_argument("--zero-centred", action="store_true",
+                        help="the NECO families with al_ext.label_side.ZERO_CENTRED (tanh) in place of their sigmoid "
+                        "label side, the collapse warning's remedy")
+    parser.add_argument("--alpackage", action="store_true",
+                        help="run only the case issue 14 reported (alpackage_case), for 8 epochs")
+    args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.alpackage:
+        results["alpackage_case"] = alpackage_case(8)
+        args.out.write_text(json.dumps(results, indent=2))
+        return
+    if not args.table:
+        for family in args.families:
+            for batch_size in args.batches:
+                key = f"{family}@{batch_size}" + ("+tanh" if args.zero_centred else "")
+                results[key] = r = run(family, batch_size, args.epochs, args.zero_centred)
+                print(f"{family} batch {batch_size}: val {[round(a, 3) for a in r['val_accuracy']]} "
+                      f"({r['seconds']:.0f} s)", flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
