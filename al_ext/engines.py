@@ -22,12 +22,18 @@ from torch import Tensor, nn
 from . import reference
 from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer, bf16_compute_available, fused_block_optimizer
+from .memory_format import use_fastest_memory_format
 from .nn import AssociatedLearning
-from .optim import OptimizerFactory, OptimizerSpec, SchedulerFactory, optimizer_factory, step_scheduler
+from .optim import (
+    OptimizerFactory,
+    OptimizerSpec,
+    SchedulerFactory,
+    optimizer_factory,
+    step_scheduler,
+)
 from .pipeline import Batch, BatchCallback, Pipeline
 from .precision import Precision, make_precision
 from .validation import check_positive_float
-
 
 
 class Engine:
@@ -318,6 +324,7 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
     ae_lr = 2.0 * lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")
     if isinstance(precision, str):
         precision = make_precision(precision, model, next(model.parameters()).device)
+    use_fastest_memory_format(model)
     if not isinstance(model, AssociatedLearning):
         if pipeline or distributed is not None:
             what = "pipeline=True" if pipeline else "distributed="
