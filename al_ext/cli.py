@@ -33,7 +33,10 @@ DATASET_HELP = (
 TEXT_MODELS = ("lstm", "transformer")
 
 
-MODELS = ("mlp", "cnn", "vgg", "resnet20", "resnet32", *TEXT_MODELS)
+# --model: the family each name builds (build_model), whose reference rates a preset gives.
+FAMILIES: dict[str, type[AssociatedLearning]] = {"mlp": ALMLP, "cnn": ALCNN, "vgg": VGG_AL, "resnet20": ResNet_AL,
+                                                 "resnet32": ResNet_AL, "lstm": LSTM_AL, "transformer": Transformer_AL}
+MODELS = tuple(FAMILIES)
 STEP_SCHEDULES = ("cosine", "onecycle")
 
 
@@ -91,7 +94,7 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.preset is None:
         defaults = TRAINING_WITHOUT_PRESET
     else:
-        defaults = presets.training_settings(args.preset, args.batch_size)
+        defaults = presets.training_settings(args.preset, args.batch_size, family=FAMILIES[args.model])
         if args.lr is not None:  # the reference's ratio of the two rates at the rate given
             defaults["ae_lr"] = defaults["ae_lr"] / defaults["lr"] * args.lr
     given = {"lr": args.lr, "ae_lr": args.ae_lr, "batch_size": args.batch_size}

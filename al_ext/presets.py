@@ -202,18 +202,29 @@ class TrainingSettings:
 
 
 TRAINING_SETTINGS: dict[str, TrainingSettings] = {
-    # MNIST/main.py and CIFAR10/main.py: lr 1e-4, inv_learning_rate 2 x lr, batch 32 (ResNet
-    # baselines, not the AL models, start at 1e-3); 200 epochs, the NECO step schedule.
+    # MNIST/main.py and CIFAR10/main.py: lr 1e-4, inv_learning_rate 2 x lr, batch 32; 200
+    # epochs, the NECO step schedule.
     "neco": TrainingSettings(1e-4, 2e-4, 32, "SamYWK/Associated_Learning MNIST/main.py"),
     # dis_train.py and dis_train_tr.py: lr 1e-3 for both optimisers of a block, batch 64, 20 epochs.
     "iclr22": TrainingSettings(1e-3, 1e-3, 64, "Hibb-bb/AL dis_train.py"),
 }
 
 
-def training_settings(preset: str, batch_size: int | None = None, width_ratio: float = 1.0) -> dict[str, Any]:
+# (preset, family) where a reference sets a family's rates apart from its preset's.
+FAMILY_TRAINING_SETTINGS: dict[tuple[str, str], TrainingSettings] = {
+    # CIFAR10/main.py starts every model whose name begins "ResNet" at lr 1e-3, the AL ones
+    # ("ResNet_20_AL", "ResNet_32_AL") included; inv_learning_rate stays 2 x lr.
+    ("neco", "ResNet_AL"): TrainingSettings(1e-3, 2e-3, 32, "SamYWK/Associated_Learning CIFAR10/main.py"),
+}
+
+
+def training_settings(preset: str, batch_size: int | None = None, width_ratio: float = 1.0,
+                      family: type | None = None) -> dict[str, Any]:
     """Trainer arguments (lr, ae_lr, batch_size) of a preset's reference, at its batch size,
-    or scaled to ``batch_size`` and ``width_ratio`` (TrainingSettings.at)."""
+    or scaled to ``batch_size`` and ``width_ratio`` (TrainingSettings.at). ``family``, the
+    model's class (e.g. ResNet_AL), takes the family's own rates where the reference sets them."""
     if preset not in TRAINING_SETTINGS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, TRAINING_SETTINGS))}, got {preset!r}")
-    settings = TRAINING_SETTINGS[preset]
+    family_name = None if family is None else family.__name__
+    settings = FAMILY_TRAINING_SETTINGS.get((preset, family_name), TRAINING_SETTINGS[preset])
     return settings.at(settings.batch_size if batch_size is None else batch_size, width_ratio)

@@ -12,7 +12,8 @@ al_ext.text.generated_topics (6000 texts, 4200 / 600 / 1200, seed 0, 24 tokens, 
 from the training texts). Widths are the references' except VGG_AL's x side, at an eighth of
 its channels (16, 32 | 32, 64 | 64, M, 64 | dense 128, 128) so that it runs here; its label
 side and bridges keep the reference's widths (300, 1500). Optimiser: each reference's Adam
-settings (al_ext.presets.training_settings: NECO lr 1e-4 and 2e-4 at batch 32, ICLR 2022
+settings (al_ext.presets.training_settings: NECO lr 1e-4 and 2e-4 at batch 32, 1e-3 and
+2e-3 for ResNet_AL, ICLR 2022
 1e-3 for both at batch 64), scaled by the square root of the batch ratio; no schedule; model
 seed 0. ``--zero-centred`` gives the NECO families al_ext.label_side.ZERO_CENTRED (tanh) in
 place of their sigmoid label side, the remedy the collapse warning names. Test accuracy is
@@ -67,7 +68,7 @@ def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False) -
     parts, classes, vocab_size = load(data)
     torch.manual_seed(0)
     model = make(classes, vocab_size, ZERO_CENTRED) if zero_centred else make(classes, vocab_size)
-    settings = presets.training_settings(preset, batch_size)
+    settings = presets.training_settings(preset, batch_size, family=type(model))
     trainer = al_ext.Trainer(model, progress=False, **settings)
     start = time.perf_counter()
     history = trainer.fit(parts.train, parts.val, epochs=epochs)
@@ -108,9 +109,9 @@ def first_epoch_above_chance(result: dict[str, Any], multiple: float = 1.5) -> i
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    print("| family (preset, widths) | batch | lr / ae_lr | full path, val acc by epoch | first epoch > 1.5 x chance "
-          "| test acc at best val (epoch) | seconds |")
-    print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
+    print("| family (preset, widths) | batch | lr / ae_lr | full path, val acc % by epoch | first epoch > 1.5 x chance "
+          "| depth-1 shortcut, last epoch | test acc at best val (epoch) | seconds |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |")
     rows = [k for k in results if "@" in k]
     for key in sorted(rows, key=lambda k: (list(ROWS).index(k.split("@")[0]), "+" in k, int(k.split("@")[1].split("+")[0]))):
         r, family = results[key], key.split("@")[0]
@@ -118,8 +119,19 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         first = first_epoch_above_chance(r)
         side = ", tanh label side" if key.endswith("+tanh") else ""
         print(f"| {family} ({r['preset']}{side}, {r['widths']}) | {r['batch_size']} | {r['lr']:.2g} / {r['ae_lr']:.2g} "
-              f"| {accs} | {first if first is not None else 'never'} | {100 * r['test_accuracy_at_best_val']:.1f} % "
+              f"| {accs} | {first if first is not None else 'never'} | {100 * r['val_shortcut_accuracy'][-1][0]:.0f} % "
+              f"| {100 * r['test_accuracy_at_best_val']:.1f} % "
               f"({r['best_epoch']}) | {r['seconds']:.0f} |")
+
+
+def print_alpackage_case(case: dict[str, Any]) -> None:
+    print("\n| 3-block LSTM_AL at the ALPackage's settings (batch 256, lr 2.5e-4) | full path, val acc % by epoch "
+          "| by depth, last epoch |")
+    print("| --- | --- | --- |")
+    for name, r in case.items():
+        accs = " ".join(f"{100 * a:.0f}" for a in r["val_accuracy"])
+        depths = " / ".join(f"{100 * a:.0f}" for a in r["val_shortcut_accuracy"][-1])
+        print(f"| {name} | {accs} | {depths} |")
 
 
 def main() -> None:
@@ -150,6 +162,8 @@ def main() -> None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=2))
     print_table(results)
+    if "alpackage_case" in results:
+        print_alpackage_case(results["alpackage_case"])
 
 
 if __name__ == "__main__":

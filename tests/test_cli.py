@@ -175,3 +175,10 @@ def test_corrupt_idx_file_is_reported(tmp_path):
     result = run("train", "--dataset", f"idx:{tmp_path / 'img'},{tmp_path / 'lab'}", "--epochs", "1")
     assert result.returncode == 2
     assert "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("model,lr", [("resnet20", 1e-3), ("resnet32", 1e-3), ("vgg", 1e-4), ("cnn", 1e-4)])
+def test_the_neco_preset_takes_each_familys_reference_rate(model, lr):
+    from al_ext.cli import build_parser, training_options
+    args = build_parser().parse_args(["train", "--model", model, "--preset", "neco"])
+    assert training_options(args) == {"lr": lr, "ae_lr": 2 * lr, "batch_size": 32}

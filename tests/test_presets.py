@@ -255,5 +255,13 @@ def test_bad_preset_arguments(make, error, message):
 
 def test_training_settings_scale_by_the_square_root_of_the_batch():
     assert presets.training_settings("neco") == {"lr": 1e-4, "ae_lr": 2e-4, "batch_size": 32}
+    assert presets.training_settings("neco", family=VGG_AL) == {"lr": 1e-4, "ae_lr": 2e-4, "batch_size": 32}
     scaled = presets.training_settings("iclr22", 256)
     assert scaled["batch_size"] == 256 and abs(scaled["lr"] - 2e-3) < 1e-12 and abs(scaled["ae_lr"] - 2e-3) < 1e-12
+
+
+def test_the_neco_resnet_takes_the_rate_its_reference_starts_it_at():
+    # CIFAR10/main.py: lr = 1e-3 for every model whose name begins "ResNet", the AL ones too.
+    assert presets.training_settings("neco", family=ResNet_AL) == {"lr": 1e-3, "ae_lr": 2e-3, "batch_size": 32}
+    scaled = presets.training_settings("neco", 128, family=ResNet_AL)
+    assert abs(scaled["lr"] - 2e-3) < 1e-12 and abs(scaled["ae_lr"] - 4e-3) < 1e-12
