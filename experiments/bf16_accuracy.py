@@ -6,8 +6,9 @@ three seeds, each model trained in float32 and in bf16 from the same initial wei
 Data and models as in experiments/al_vs_bp.py (experiments/seeded_mnist.py): the MNIST test set, 7000 train / 1000
 validation / 2000 test (split seed 0); ALMLP at the NECO widths, ALCNN at half of them;
 Adam lr 1e-3 (AL's (g, h) at 2e-3), batch 32, model seeds 0, 1, 2. float32 trains with the
-Trainer's default engine (the fused step for ALMLP); bf16 with precision="bf16" (autocast,
-float32 master weights, Adam state and losses). The best epoch is chosen on validation only.
+Trainer's default engine (the fused step for ALMLP); bf16 with precision="bf16", which for
+ALMLP is the fused step with bf16 GEMMs (compute_dtype=torch.bfloat16, where the CPU has bf16
+hardware) and for ALCNN autocast: both keep float32 master weights, Adam state and losses. The best epoch is chosen on validation only.
 Writes experiments/results/bf16_accuracy.json and prints a table.
 """
 from __future__ import annotations
