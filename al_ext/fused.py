@@ -10,7 +10,7 @@ import importlib
 import torch
 from torch import Tensor, nn
 
-from ._extension import _C  # loading the extension registers the ops
+from ._extension import _C, has_cuda_kernels  # loading the extension registers the ops
 from .errors import NonFiniteLossError
 from .reference import ACTIVATION_MODULES, DENSE_PARAMETER_NAMES, X_ACTIVATIONS, DenseBlockStep
 
@@ -28,11 +28,12 @@ def dense_block_step(
     """Forward pass, both local losses and every gradient of one dense block in one call.
 
     Returns exactly what ``al_ext.reference.dense_block_step`` returns (the specification).
-    ``compute_dtype=torch.bfloat16`` (float32 parameters, CPU with bf16 hardware, see
-    ``bf16_compute_available``): the GEMMs take bfloat16 operands with float32 accumulation,
-    as under ``torch.autocast("cpu", torch.bfloat16)``; s and t come out in bfloat16 (as
-    autocast's), the losses and the gradients in float32. The update forms take it too, and
-    keep the parameters and the optimiser's state float32 (master weights).
+    ``compute_dtype=torch.bfloat16`` (float32 parameters; a CPU with bf16 hardware, or CUDA,
+    see ``bf16_compute_available``): the GEMMs take bfloat16 operands with float32
+    accumulation, as under ``torch.autocast`` in bfloat16; s and t come out in bfloat16 (as
+    autocast's), the losses and the gradients in float32 (on CUDA the weight gradients come
+    out of their GEMM unrounded, where autocast rounds them to bfloat16). The update forms
+    take it too, and keep the parameters and the optimiser's state float32 (master weights).
     """
     s, t, loss_as, loss_ae, grads = torch.ops.al_ext.dense_block_step.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], x_activation, h_activation, variant, ae_loss,
@@ -123,11 +124,18 @@ def _detached(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
     return None if tensors is None else [t.detach() for t in tensors]
 
 
-def bf16_compute_available() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512_BF16 or AMX) with
-    torch's oneDNN: what the CPU kernels' ``compute_dtype=torch.bfloat16`` needs (elsewhere
-    they refuse it: emulated bf16 GEMMs are slower than float32)."""
-    return bool(_C.build_info()["cpu_bf16_gemm"])
+def bf16_compute_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the fused step's ``compute_dtype=torch.bfloat16`` runs on ``device`` with
+    bfloat16 matrix hardware. The CPU (the default): AVX512_BF16 or AMX with torch's oneDNN,
+    which the CPU kernels need (elsewhere they refuse bf16: emulated bf16 GEMMs are slower than
+    float32). CUDA: al_ext built with its CUDA kernels and a GPU of compute capability 8.0 or
+    later (bf16 tensor cores; cuBLAS emulates bf16 on older ones)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return bool(_C.build_info()["cpu_bf16_gemm"])
+    if device.type == "cuda":
+        return has_cuda_kernels() and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    return False
 
 
 def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor], compute_dtype: torch.dtype | None

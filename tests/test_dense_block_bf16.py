@@ -224,7 +224,7 @@ def test_trainer_bf16_pipelined_equals_sequential_bit_for_bit():
 
 
 def test_trainer_bf16_falls_back_to_the_general_path_without_bf16_hardware(monkeypatch):
-    monkeypatch.setattr(al_ext.engines, "bf16_compute_available", lambda: False)
+    monkeypatch.setattr(al_ext.engines, "bf16_compute_available", lambda device="cpu": False)
     assert isinstance(al_ext.Trainer(small_mlp(), precision="bf16", progress=False).engine, ALEngine)
     with pytest.raises(ValueError, match="backend='fused' cannot train this way: this CPU has no bfloat16 matrix"):
         al_ext.Trainer(small_mlp(backend="fused"), precision="bf16", progress=False)
