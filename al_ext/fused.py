@@ -229,6 +229,12 @@ def _cuda_graph_step(step: Any) -> Any:
 NextLearningRates = Callable[[], tuple[float, float]]
 
 
+def _value_identities(params: list[Tensor]) -> list[tuple[int, int]]:
+    """What changes when a parameter's values may have changed outside the fused op: its
+    version (in-place writes) and its memory (a move to another device or dtype)."""
+    return [(p._version, p.data_ptr()) for p in params]
+
+
 class FusedBlockOptimizer(torch.optim.Optimizer):
     """An optimiser for one dense ALMLP block whose whole step (forward, local losses,
     gradients and update) is one op call: ``train_step(s_prev, t_prev)``. Two parameter
@@ -243,9 +249,9 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         self.variant, self.ae_loss = variant, ae_loss
         self.compute_dtype = compute_dtype
         # bf16 compute: the parameters rounded to bf16, which the op rewrites as it updates them,
-        # and the parameters' version counters when they last matched (see _compute_weights).
+        # and what identified the parameters' values when they last matched (see _compute_weights).
         self._kept: list[Tensor] | None = None
-        self._kept_versions: list[int] = []
+        self._kept_identities: list[tuple[int, int]] = []
         super().__init__([{"params": params[:6], "lr": lr}, {"params": params[6:], "lr": ae_lr}], defaults)
 
     def _params(self) -> list[Tensor]:
@@ -257,16 +263,18 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     def _compute_weights(self, params: list[Tensor]) -> list[Tensor] | None:
         """The bf16 copies of ``params`` for the update forms, made anew where a parameter changed
         since the op last wrote them (a loaded checkpoint, apply_gradients, any in-place edit
-        that torch counts in the tensor's version); None for compute in the parameters' dtype."""
+        that torch counts in the tensor's version), or moved (``block.to(device)`` keeps the
+        Parameter and its version but gives it new memory, as the pipeline does placing blocks
+        on GPUs: the copies must follow it); None for compute in the parameters' dtype."""
         if self.compute_dtype is None:
             return None
-        if self._kept is None or [p._version for p in params] != self._kept_versions:
+        if self._kept is None or _value_identities(params) != self._kept_identities:
             self._kept = [p.detach().to(self.compute_dtype) for p in params]
         return self._kept
 
     def _kept_in_step(self, params: list[Tensor]) -> None:
         """After the op updated ``params`` and rewrote their copies."""
-        self._kept_versions = [p._version for p in params]
+        self._kept_identities = _value_identities(params)
 
     def _lrs(self) -> tuple[float, float]:
         fb, gh = self.param_groups
