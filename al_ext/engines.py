@@ -286,15 +286,17 @@ def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.op
                       precision: Precision, compile: bool) -> list[FusedBlockOptimizer] | str:
     """The fused optimisers that do what the torch ones would, or why there are none. bf16: the
     fused step's bf16 GEMMs over float32 master weights, on a CPU that multiplies bf16 in
-    hardware (elsewhere the general path, autocast, is as fast or faster)."""
+    hardware or a GPU with bf16 tensor cores (elsewhere the general path, autocast, is as fast
+    or faster)."""
     if precision.name == "fp16":
         return "the fused dense step has no fp16 kernel (fp16 needs loss scaling; use precision='bf16')"
     if precision.compute_dtype is not None:
-        if next(model.parameters()).device.type != "cpu":
-            return f"the fused dense step computes in {precision.name} on the CPU only so far"
-        if not bf16_compute_available():
-            return ("this CPU has no bfloat16 matrix hardware (AVX512_BF16 or AMX) for the fused bf16 step; "
-                    "the general path runs bf16 under autocast")
+        device = next(model.parameters()).device
+        if not bf16_compute_available(device):
+            lacks = {"cpu": "this CPU has no bfloat16 matrix hardware (AVX512_BF16 or AMX)",
+                     "cuda": "this GPU has no bfloat16 tensor cores (compute capability 8.0 or later)"}
+            reason = lacks.get(device.type, f"the fused step has no kernel on {device.type}")
+            return f"{reason} for the fused bf16 step; the general path runs bf16 under autocast"
     if compile:
         return "compile=True compiles the general path (the fused step is one op already)"
     try:
@@ -312,7 +314,8 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
     """The engine for ``model`` (on its device): BP for a plain classifier; for AL the fused
     engine where the model's backend takes it (dense blocks; "auto" on the CPU), the optimiser
     has a fused form (Adam, AdamW, SGD), the precision is fp32 (or bf16 on a CPU with bf16
-    hardware: the fused step's bf16 GEMMs over float32 master weights) and no schedule cycles momentum,
+    hardware or a GPU with bf16 tensor cores: the fused step's bf16 GEMMs over float32 master
+    weights) and no schedule cycles momentum,
     else autograd; pipelined if ``pipeline``. ``optimizer``: a name ("adam", "adamw", "sgd")
     or a callable ``(params, lr) -> Optimizer`` (AL: (f, b) with ``lr``, (g, h) with ``ae_lr``,
     2 x lr by default); ``scheduler(opt)``, if given, makes a scheduler for each. ``compile=True``

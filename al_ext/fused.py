@@ -10,7 +10,7 @@ import importlib
 import torch
 from torch import Tensor, nn
 
-from ._extension import _C  # loading the extension registers the ops
+from ._extension import _C, has_cuda_kernels  # loading the extension registers the ops
 from .errors import NonFiniteLossError
 from .reference import ACTIVATION_MODULES, DENSE_PARAMETER_NAMES, X_ACTIVATIONS, DenseBlockStep
 
@@ -28,11 +28,12 @@ def dense_block_step(
     """Forward pass, both local losses and every gradient of one dense block in one call.
 
     Returns exactly what ``al_ext.reference.dense_block_step`` returns (the specification).
-    ``compute_dtype=torch.bfloat16`` (float32 parameters, CPU with bf16 hardware, see
-    ``bf16_compute_available``): the GEMMs take bfloat16 operands with float32 accumulation,
-    as under ``torch.autocast("cpu", torch.bfloat16)``; s and t come out in bfloat16 (as
-    autocast's), the losses and the gradients in float32. The update forms take it too, and
-    keep the parameters and the optimiser's state float32 (master weights).
+    ``compute_dtype=torch.bfloat16`` (float32 parameters; a CPU with bf16 hardware, or CUDA,
+    see ``bf16_compute_available``): the GEMMs take bfloat16 operands with float32
+    accumulation, as under ``torch.autocast`` in bfloat16; s and t come out in bfloat16 (as
+    autocast's), the losses and the gradients in float32 (on CUDA the weight gradients come
+    out of their GEMM unrounded, where autocast rounds them to bfloat16). The update forms
+    take it too, and keep the parameters and the optimiser's state float32 (master weights).
     """
     s, t, loss_as, loss_ae, grads = torch.ops.al_ext.dense_block_step.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], x_activation, h_activation, variant, ae_loss,
@@ -123,11 +124,18 @@ def _detached(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
     return None if tensors is None else [t.detach() for t in tensors]
 
 
-def bf16_compute_available() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512_BF16 or AMX) with
-    torch's oneDNN: what the CPU kernels' ``compute_dtype=torch.bfloat16`` needs (elsewhere
-    they refuse it: emulated bf16 GEMMs are slower than float32)."""
-    return bool(_C.build_info()["cpu_bf16_gemm"])
+def bf16_compute_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the fused step's ``compute_dtype=torch.bfloat16`` runs on ``device`` with
+    bfloat16 matrix hardware. The CPU (the default): AVX512_BF16 or AMX with torch's oneDNN,
+    which the CPU kernels need (elsewhere they refuse bf16: emulated bf16 GEMMs are slower than
+    float32). CUDA: al_ext built with its CUDA kernels and a GPU of compute capability 8.0 or
+    later (bf16 tensor cores; cuBLAS emulates bf16 on older ones)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return bool(_C.build_info()["cpu_bf16_gemm"])
+    if device.type == "cuda":
+        return has_cuda_kernels() and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    return False
 
 
 def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor], compute_dtype: torch.dtype | None
@@ -221,6 +229,12 @@ def _cuda_graph_step(step: Any) -> Any:
 NextLearningRates = Callable[[], tuple[float, float]]
 
 
+def _value_identities(params: list[Tensor]) -> list[tuple[int, int]]:
+    """What changes when a parameter's values may have changed outside the fused op: its
+    version (in-place writes) and its memory (a move to another device or dtype)."""
+    return [(p._version, p.data_ptr()) for p in params]
+
+
 class FusedBlockOptimizer(torch.optim.Optimizer):
     """An optimiser for one dense ALMLP block whose whole step (forward, local losses,
     gradients and update) is one op call: ``train_step(s_prev, t_prev)``. Two parameter
@@ -235,9 +249,9 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         self.variant, self.ae_loss = variant, ae_loss
         self.compute_dtype = compute_dtype
         # bf16 compute: the parameters rounded to bf16, which the op rewrites as it updates them,
-        # and the parameters' version counters when they last matched (see _compute_weights).
+        # and what identified the parameters' values when they last matched (see _compute_weights).
         self._kept: list[Tensor] | None = None
-        self._kept_versions: list[int] = []
+        self._kept_identities: list[tuple[int, int]] = []
         super().__init__([{"params": params[:6], "lr": lr}, {"params": params[6:], "lr": ae_lr}], defaults)
 
     def _params(self) -> list[Tensor]:
@@ -249,16 +263,18 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     def _compute_weights(self, params: list[Tensor]) -> list[Tensor] | None:
         """The bf16 copies of ``params`` for the update forms, made anew where a parameter changed
         since the op last wrote them (a loaded checkpoint, apply_gradients, any in-place edit
-        that torch counts in the tensor's version); None for compute in the parameters' dtype."""
+        that torch counts in the tensor's version), or moved (``block.to(device)`` keeps the
+        Parameter and its version but gives it new memory, as the pipeline does placing blocks
+        on GPUs: the copies must follow it); None for compute in the parameters' dtype."""
         if self.compute_dtype is None:
             return None
-        if self._kept is None or [p._version for p in params] != self._kept_versions:
+        if self._kept is None or _value_identities(params) != self._kept_identities:
             self._kept = [p.detach().to(self.compute_dtype) for p in params]
         return self._kept
 
     def _kept_in_step(self, params: list[Tensor]) -> None:
         """After the op updated ``params`` and rewrote their copies."""
-        self._kept_versions = [p._version for p in params]
+        self._kept_identities = _value_identities(params)
 
     def _lrs(self) -> tuple[float, float]:
         fb, gh = self.param_groups

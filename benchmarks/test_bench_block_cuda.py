@@ -9,8 +9,10 @@ fused (FusedBlockAdam, check_finite=False: the kernels refuse a non-finite step 
 device, so nothing waits for the GPU), fused-graph (the same two fused steps captured in one
 CUDA graph, Adam counting its steps on the device, one launch per training step), eager
 (the reference with Adam(fused=True)) and compiled (torch.compile of the losses, at the
-points of COMPILED_POINTS only). Each
-timed call runs enough steps to last about 20 ms, then synchronises.
+points of COMPILED_POINTS only), all with bfloat16 parameters; and with float32 parameters and
+Adam state (master weights), fused-bf16 (FusedBlockAdam with compute_dtype=torch.bfloat16)
+against eager-bf16 (the reference under torch.autocast in bfloat16, the user's alternative).
+Each timed call runs enough steps to last about 20 ms, then synchronises.
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ def test_mlp_training_step_cuda(benchmark, results, point):
     try:
         impls = ["gemms", "fused", "eager"] + (["compiled"] if point in COMPILED_POINTS else [])
         steps = {impl: build(impl, batch, width, "cuda", dtype) for impl in impls}
+        # bf16 compute over float32 master weights and state (the dtype column does not apply).
+        steps.update({impl: build(impl, batch, width, "cuda", torch.float32) for impl in ("fused-bf16", "eager-bf16")})
         steps["fused-graph"] = fused_graph_step(batch, width, dtype)
         for _ in range(3):  # warm-up; torch.compile compiles on the first call
             for step in steps.values():

@@ -67,8 +67,8 @@ built=1
 if [ "$built" -eq 1 ]; then
   # The CUDA cases only (-k matches test names, parameter ids and module names, in any case):
   # the CPU cases run in CI. bad_counter has a CUDA branch in a CPU test.
-  part tests 120 "$PY" -m pytest tests/test_dense_block.py tests/test_ops.py tests/test_pipeline_cuda.py \
-    -q -rs -p no:cacheprovider -k "cuda or bad_counter"
+  part tests 120 "$PY" -m pytest tests/test_dense_block.py tests/test_dense_block_bf16_cuda.py tests/test_ops.py \
+    tests/test_pipeline_cuda.py -q -rs -p no:cacheprovider -k "cuda or bad_counter"
   # One point per target: the block step at issue 3's large batch (with its one torch.compile,
   # cold here), and the pipeline at issue 4's L = 8, width 512, batch 64.
   part bench_block 100 "$PY" -m pytest benchmarks/test_bench_block_cuda.py --benchmark-only -s -q \

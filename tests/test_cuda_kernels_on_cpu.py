@@ -341,6 +341,91 @@ def test_a_non_finite_loss_changes_nothing_and_is_not_counted(kernels, dtype, ba
     assert float(count) == 3.0 and not torch.equal(before[0], params[0])
 
 
+# ---- compute_dtype=bfloat16: bf16 activations, float32 losses, master weights and state ----
+
+@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+@pytest.mark.parametrize("n", [7, 40_000, BEYOND_ONE_GRID])
+def test_output_mse_backward_writes_a_float32_loss_over_bfloat16_activations(kernels, activation, n):
+    """The loss of bf16 compute: computed as the bf16 kernel computes it, but not rounded to
+    bfloat16 at the end (whose eps, 2^-8, the float32 tolerance below would catch)."""
+    out = activation_output(activation, n, torch.bfloat16, seed=n)
+    target = random((n,), torch.bfloat16, seed=n + 1, low=0, high=1)
+    loss, dz, dtarget = kernels.output_mse(out, target, activation, with_dtarget=True, float32_loss=True)
+    bf16_loss, bf16_dz, bf16_dtarget = kernels.output_mse(out, target, activation, with_dtarget=True)
+    want_loss, want_dz, _ = mse_reference(out, target, activation)
+    assert_matches(loss, want_loss, torch.float32, "loss")
+    assert torch.equal(loss.bfloat16(), bf16_loss), "the same sum, rounded once more"
+    assert torch.equal(dz, bf16_dz) and torch.equal(dtarget, bf16_dtarget), "only the loss's dtype changes"
+    assert_matches(dz, want_dz, torch.bfloat16, "dz")
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 10), (64, 13), (3, 1000)])
+def test_cross_entropy_backward_writes_a_float32_loss_over_bfloat16_logits(kernels, rows, cols):
+    logits = random((rows, cols), torch.bfloat16, seed=rows * cols, low=-4, high=4)
+    target = target_rows("one-hot", rows, cols, torch.bfloat16, seed=cols)
+    loss, dz = kernels.cross_entropy(logits, target, float32_loss=True)
+    bf16_loss, bf16_dz = kernels.cross_entropy(logits, target)
+    x = logits.double().requires_grad_(True)
+    want_loss = F.cross_entropy(x, target.double())
+    assert_matches(loss, want_loss.detach(), torch.float32, "loss")
+    assert torch.equal(loss.bfloat16(), bf16_loss) and torch.equal(dz, bf16_dz)
+
+
+def bfloat16_copies_out_of_date(params):
+    """Copies that the update must overwrite: each the parameter's rounding plus one bf16 ulp."""
+    return [(p.bfloat16().view(torch.int16) + 1).view(torch.bfloat16) for p in params]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_update_of_float32_master_weights_rewrites_their_bfloat16_copies(kernels, optimizer):
+    """compute_dtype=bfloat16's update: float32 parameters, gradients and state (in bfloat16,
+    0.999 v rounds back to v, so Adam's second moment would never decay), followed step by step
+    against torch.optim in float32; each step leaves the bfloat16 copies equal to the updated
+    parameters rounded, as param.to(torch.bfloat16) rounds them."""
+    options = OPTIMIZERS[optimizer]
+    kind = options["kind"]
+    torch_options = {k: v for k, v in options.items() if k != "kind"}
+    params, _, _, _ = update_tensors([1, 7, 1025, 3000], torch.float32, seed=13)
+    state1 = [torch.zeros_like(p) for p in params]
+    state2 = [torch.zeros_like(p) for p in params]
+    copies = bfloat16_copies_out_of_date(params)
+    theirs = [p.clone().requires_grad_(True) for p in params]
+    optimizers = [torch_optimizer([p], i % 2, kind, LR, **torch_options) for i, p in enumerate(theirs)]
+    for step in range(1, 6):
+        grads = [random(p.shape, torch.float32, seed=step * 10 + i, low=-0.1, high=0.1) for i, p in enumerate(params)]
+        run_update(kernels, params, grads, state1, state2, step=step, compute_copies=copies, **options)
+        for p, g, opt in zip(theirs, grads, optimizers):
+            p.grad = g.clone()
+            opt.step()
+        for i, (mine, p, opt) in enumerate(zip(params, theirs, optimizers)):
+            assert torch.equal(copies[i], mine.bfloat16()), f"step {step} tensor {i}: the copy is not the parameter rounded"
+            state = opt.state[p]
+            pairs = [("param", mine, p.detach())]
+            pairs += [("exp_avg", state1[i], state["exp_avg"]), ("exp_avg_sq", state2[i], state["exp_avg_sq"])] \
+                if kind == "adam" else [("momentum_buffer", state1[i], state["momentum_buffer"])]
+            for name, a, b in pairs:
+                assert a.dtype == torch.float32
+                torch.testing.assert_close(a, b, rtol=4e-7, atol=4e-7 * float(b.abs().max()),
+                                           msg=lambda m: f"step {step} tensor {i} {name}: {m}")
+
+
+def test_update_rewrites_every_copy_beyond_one_grid(kernels):
+    params, grads, state1, state2 = update_tensors([BEYOND_ONE_GRID, 5], torch.float32, seed=17)
+    copies = bfloat16_copies_out_of_date(params)
+    run_update(kernels, params, grads, state1, state2, step=1, compute_copies=copies, kind="adam", weight_decay=0.1,
+               decoupled=True)
+    assert all(torch.equal(c, p.bfloat16()) for c, p in zip(copies, params))
+
+
+def test_a_refused_step_leaves_the_bfloat16_copies_as_they_were(kernels):
+    params, grads, state1, state2 = update_tensors([300, 17], torch.float32, seed=19)
+    copies = bfloat16_copies_out_of_date(params)
+    before = [t.clone() for t in params + state1 + state2 + copies]
+    losses = [torch.tensor(float("nan")), torch.tensor(0.25)]
+    kernels.update("adam", params, grads, state1, state2, groups=[0, 1], losses=losses, compute_copies=copies)
+    assert all(torch.equal(a, b) for a, b in zip(before, params + state1 + state2 + copies))
+
+
 def test_the_sanitizer_program_runs_every_launcher(compiler):
     """scripts/gpu_check.sh runs this program under compute-sanitizer on a GPU; here it runs
     on the CPU runtime, so that it is known to build and to launch cleanly before then."""

@@ -224,7 +224,7 @@ def test_trainer_bf16_pipelined_equals_sequential_bit_for_bit():
 
 
 def test_trainer_bf16_falls_back_to_the_general_path_without_bf16_hardware(monkeypatch):
-    monkeypatch.setattr(al_ext.engines, "bf16_compute_available", lambda: False)
+    monkeypatch.setattr(al_ext.engines, "bf16_compute_available", lambda device="cpu": False)
     assert isinstance(al_ext.Trainer(small_mlp(), precision="bf16", progress=False).engine, ALEngine)
     with pytest.raises(ValueError, match="backend='fused' cannot train this way: this CPU has no bfloat16 matrix"):
         al_ext.Trainer(small_mlp(backend="fused"), precision="bf16", progress=False)
@@ -282,3 +282,22 @@ def test_optimizer_remakes_its_kept_weights_after_the_parameters_change():
     got = opt.train_step(x, t)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert all(torch.equal(a, b) for a, b in zip(params, clones[0]))
+
+
+def test_optimizer_remakes_its_kept_weights_after_the_parameters_move():
+    """block.to(device) keeps each Parameter and its version but gives it new memory (the
+    pipeline places blocks on GPUs so): the kept copies must follow. Here the memory is
+    replaced through .data, which torch does not count in the version either."""
+    block = small_mlp().blocks[0]
+    opt = fused.FusedBlockAdam(block, 1e-3, 2e-3, compute_dtype=BF16)
+    x, t = torch.randn(8, 20), torch.nn.functional.one_hot(torch.arange(8) % 5, 5).float()
+    opt.train_step(x, t)
+    w_f = opt._params()[0]
+    version = w_f._version
+    w_f.data = w_f.data * 0.5
+    assert w_f._version == version
+    params, exp_avg, exp_avg_sq, _ = opt._state_lists()
+    clones = [[p.detach().clone() for p in group] for group in (params, exp_avg, exp_avg_sq)]
+    want = fused.dense_block_adam_step_(x, t, *clones, 2, 1e-3, 2e-3, compute_dtype=BF16)  # rounds afresh
+    got = opt.train_step(x, t)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -89,3 +89,10 @@ def test_a_failing_part_fails_the_run(tmp_path):
     result = run_script(tmp_path, python_body='case "$*" in *test_pipeline_cuda*) exit 1;; esac; exit 0')
     assert result.returncode == 1
     assert "== tests: exit 1" in result.stdout and "gpu_check: FAILED" in result.stdout
+
+
+def test_every_gpu_only_test_file_is_run():
+    """A test file named *_cuda.py skips without a GPU: the script is where it runs."""
+    text = SCRIPT.read_text()
+    gpu_only = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_*_cuda.py"))
+    assert gpu_only and all(path in text for path in gpu_only), gpu_only

@@ -377,24 +377,6 @@ void check_cpu(const char* op, const at::Tensor& s_prev, const at::Tensor& param
               "GEMMs would be emulated, slower than float32. Use compute_dtype=None (float32)");
 }
 
-// The step's GEMM operands in bfloat16: the inputs, and the weights rounded once per step
-// (each is read by its forward GEMM and by its input gradient's), or the caller's kept copies.
-struct Bf16Operands {
-  at::Tensor s_prev, t_prev;
-  std::vector<at::Tensor> params;
-};
-Bf16Operands bf16_operands(const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params,
-                           at::TensorList kept) {
-  Bf16Operands out{s_prev.to(at::kBFloat16), t_prev.to(at::kBFloat16), {}};
-  if (!kept.empty()) {
-    out.params = kept.vec();
-    return out;
-  }
-  out.params.reserve(params.size());
-  for (const at::Tensor& p : params) out.params.push_back(p.to(at::kBFloat16));
-  return out;
-}
-
 // The shared core with the CPU kernels, in the parameters' dtype or, for
 // compute_dtype=bfloat16, with bfloat16 GEMM operands over float32 master weights.
 template <typename Sink>

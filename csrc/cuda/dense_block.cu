@@ -1,6 +1,8 @@
 // CUDA kernels of the dense block step between its GEMMs. Reductions use a fixed grid and a
 // fixed tree order (no atomics), so results repeat bit for bit. float16 and bfloat16 compute
-// in float, float64 in double.
+// in float, float64 in double. compute_dtype=bfloat16 (float32 master weights) runs the loss
+// and activation kernels on bfloat16 activations with float32 losses, and the update in
+// float32, writing the bfloat16 copies of the weights as it goes.
 #include <algorithm>
 #include <cmath>
 
@@ -115,6 +117,15 @@ template <typename A> __device__ __forceinline__ A lerp(A from, A to, A weight) 
   return weight < A(0.5) ? from + weight * (to - from) : to - (to - from) * (A(1) - weight);
 }
 
+// param[i] <- w, and its bfloat16 copy, if kept, <- the stored value rounded: the copy is
+// what param.to(torch.bfloat16) would give.
+template <typename T, typename A>
+__device__ __forceinline__ void store_param(T* param, __nv_bfloat16* copy, int64_t i, A w) {
+  const T stored = narrow<T>(w);
+  param[i] = stored;
+  if (copy != nullptr) copy[i] = narrow<__nv_bfloat16>(widen(stored));
+}
+
 // blockIdx.y picks the tensor; the blocks of a row stride over its elements. Each
 // coefficient is formed in double and rounded once to the compute type, as torch.optim
 // rounds its Python floats: `1 - beta2` formed in float differs from torch's by 1.3e-5.
@@ -126,6 +137,7 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
   const T* grad = static_cast<const T*>(u.grad);
   T* s1 = static_cast<T*>(u.state1);
   T* s2 = static_cast<T*>(u.state2);
+  __nv_bfloat16* copy = static_cast<__nv_bfloat16*>(u.compute_copy);
   using A = typename Accumulator<T>::type;  // float, or double for float64 (as torch.optim's)
   const double lr = p.lr[u.group];
   const A l2 = static_cast<A>(p.decoupled_weight_decay ? 0.0 : p.weight_decay);
@@ -147,7 +159,7 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
       w += -step_size * (m / (sqrt(v) / bias_correction2_sqrt + eps));
       s1[i] = narrow<T>(m);
       s2[i] = narrow<T>(v);
-      param[i] = narrow<T>(w);
+      store_param(param, copy, i, w);
     }
   } else {
     const A momentum = static_cast<A>(p.momentum), lr_a = static_cast<A>(lr);
@@ -156,7 +168,7 @@ template <typename T> __global__ void multi_tensor_update_kernel(MultiTensorUpda
       const A buf = momentum * widen(s1[i]) + (widen(grad[i]) + l2 * w);
       w += -lr_a * buf;
       s1[i] = narrow<T>(buf);
-      param[i] = narrow<T>(w);
+      store_param(param, copy, i, w);
     }
   }
 }
@@ -176,17 +188,27 @@ int grid_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (n + per_block - 1) / per_block)));
 }
 
+// The loss from a kernel's partial sums: in T, the elements' type, or in float32.
+template <typename T>
+cudaError_t launch_mean_of_partials(const double* partial, int64_t count, double divisor, void* loss,
+                                    bool float32_loss, cudaStream_t stream) {
+  if (float32_loss) {
+    mean_of_partials_kernel<float><<<1, kThreads, 0, stream>>>(partial, count, divisor, static_cast<float*>(loss));
+  } else {
+    mean_of_partials_kernel<T><<<1, kThreads, 0, stream>>>(partial, count, divisor, static_cast<T*>(loss));
+  }
+  return cudaGetLastError();
+}
+
 template <typename T> struct OutputMseLaunch {
   static cudaError_t run(const OutputMseParams& p, cudaStream_t stream) {
     const int blocks = grid_for(p.n);
     output_mse_kernel<T><<<blocks, kThreads, 0, stream>>>(
         static_cast<const T*>(p.out), static_cast<const T*>(p.target), static_cast<T*>(p.dz),
         static_cast<T*>(p.dtarget), p.partial, p.n, p.act);
-    cudaError_t err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    mean_of_partials_kernel<T><<<1, kThreads, 0, stream>>>(p.partial, blocks, static_cast<double>(p.n),
-                                                           static_cast<T*>(p.loss));
-    return cudaGetLastError();
+    return launch_mean_of_partials<T>(p.partial, blocks, static_cast<double>(p.n), p.loss, p.float32_loss, stream);
   }
 };
 
@@ -195,11 +217,10 @@ template <typename T> struct CrossEntropyLaunch {
     cross_entropy_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
         static_cast<const T*>(p.logits), static_cast<const T*>(p.target), static_cast<T*>(p.dz), p.partial, p.rows,
         p.cols);
-    cudaError_t err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    mean_of_partials_kernel<T><<<1, kThreads, 0, stream>>>(p.partial, p.rows, static_cast<double>(p.rows),
-                                                           static_cast<T*>(p.loss));
-    return cudaGetLastError();
+    return launch_mean_of_partials<T>(p.partial, p.rows, static_cast<double>(p.rows), p.loss, p.float32_loss,
+                                      stream);
   }
 };
 

@@ -16,28 +16,34 @@ enum class ActivationKind : int { kElu, kRelu, kSigmoid, kTanh, kIdentity };
 // MSE(out, target) over n elements with out = act(z): writes dz = dL/dz, and, if dtarget is
 // set, dtarget = dL/dtarget (variant B's gradient into t); loss = the mean (one element).
 // With act = kIdentity this is al_ext::mse_loss_and_grad, which launches it too.
+// float32_loss: the loss is written as float32 whatever `type` is. compute_dtype=bfloat16
+// keeps the losses float32 while the activations are bfloat16; the arithmetic is float's
+// either way, so only the final rounding changes.
 struct OutputMseParams {
   const void* out = nullptr;
   const void* target = nullptr;
   void* dz = nullptr;
   void* dtarget = nullptr;    // optional
-  void* loss = nullptr;       // 1 element of `type`
+  void* loss = nullptr;       // 1 element of `type`, or float32 with float32_loss
   double* partial = nullptr;  // reduction_blocks(n) doubles of scratch
   int64_t n = 0;
   ActivationKind act = ActivationKind::kSigmoid;
   FloatType type = FloatType::kFloat32;
+  bool float32_loss = false;
 };
 
 // Softmax cross-entropy of logits (rows x cols) against target probabilities (one-hot
 // rows): dz = dL/dlogits of the mean over rows; loss = that mean (one element).
+// float32_loss as for OutputMseParams.
 struct CrossEntropyParams {
   const void* logits = nullptr;
   const void* target = nullptr;
   void* dz = nullptr;
-  void* loss = nullptr;       // 1 element of `type`
+  void* loss = nullptr;       // 1 element of `type`, or float32 with float32_loss
   double* partial = nullptr;  // rows doubles of scratch
   int64_t rows = 0, cols = 0;
   FloatType type = FloatType::kFloat32;
+  bool float32_loss = false;
 };
 
 // grad <- (grad + addend) * act'(y) over n elements, act' written through the output y.
@@ -64,6 +70,11 @@ struct ActivationBackwardParams {
 // taken so far, plus one), and a kernel after the update then counts the step if it was
 // taken; the bias corrections are computed in the kernel from it either way. Nothing in the
 // launch then depends on the step, so a CUDA graph can replay it.
+// compute_copy (optional, per tensor): a bfloat16 copy of the parameter, which the kernel
+// rewrites from each updated value as it stores it. compute_dtype=bfloat16 keeps the
+// parameters, their gradients and the optimiser's state in float32 (master weights: in bf16,
+// 0.999 v rounds back to v) and takes the next step's GEMM operands from these copies, so
+// rounding the weights costs no pass of its own.
 constexpr int kMaxUpdateTensors = 10;
 enum class UpdateKind : int { kAdam, kSgd };
 struct UpdateTensor {
@@ -73,6 +84,7 @@ struct UpdateTensor {
   void* state2 = nullptr;
   int64_t n = 0;
   int group = 0;
+  void* compute_copy = nullptr;  // optional: n bfloat16 elements
 };
 struct MultiTensorUpdateParams {
   UpdateTensor tensors[kMaxUpdateTensors];

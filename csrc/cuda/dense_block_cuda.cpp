@@ -3,6 +3,14 @@
 // the current stream. The update forms gather every gradient, then apply Adam or SGD to all
 // ten tensors in one multi-tensor launch, which itself refuses a step with a non-finite loss:
 // nothing in them waits for the device.
+//
+// compute_dtype=bfloat16 over float32 parameters, as on the CPU: the GEMMs take bfloat16
+// operands (cuBLAS accumulates in float32), the activations and the gradients between the
+// GEMMs are stored in bfloat16 (as under autocast), and the kernels between the GEMMs compute
+// in float32 and write the losses in float32. The weight gradients come out of their GEMM in
+// float32 (mm's out_dtype), the bias gradients are summed into float32, and the update runs on
+// float32 parameters, gradients and state, rewriting the kept bfloat16 copies of the weights
+// (compute_weights) as it stores each parameter.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -36,10 +44,17 @@ cuda::ActivationKind to_kind(Activation a) {
 struct CudaKernels {
   const char* op;
   cudaStream_t stream;
-  std::vector<at::Tensor>& grads;      // where linear_grad writes
+  std::vector<at::Tensor>& grads;      // where linear_grad writes, in the parameters' dtype
   const cuda::MultiTensorUpdateParams* update = nullptr;  // the update forms: applied by finish()
-  at::TensorList params, state1, state2;
+  at::TensorList params, state1, state2;  // the parameters themselves (float32 master weights in bf16 compute)
   at::Tensor step_count;  // Adam's step_tensor form: read and advanced by the update's launch
+  at::TensorList compute_copies;  // bf16 compute, update forms: the kept bf16 weights, rewritten by the update
+  bool bf16_compute = false;      // bfloat16 activations, float32 losses (the parameters' dtype)
+
+  // The losses are in the parameters' dtype: the activations' own, or float32 in bf16 compute.
+  at::ScalarType loss_dtype(const at::Tensor& activations) const {
+    return bf16_compute ? at::kFloat : activations.scalar_type();
+  }
 
   // The GEMMs: cuBLAS through ATen (with cuBLASLt's bias+ReLU epilogue for ReLU).
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, Activation act) const {
@@ -49,7 +64,7 @@ struct CudaKernels {
 
   at::Tensor output_mse(const at::Tensor& out, const at::Tensor& target, Activation act, at::Tensor& dz,
                         at::Tensor& dtarget) const {
-    at::Tensor loss = at::empty({}, out.options());
+    at::Tensor loss = at::empty({}, out.options().dtype(loss_dtype(out)));
     at::Tensor partial = at::empty({cuda::reduction_blocks(out.numel())}, out.options().dtype(at::kDouble));
     cuda::OutputMseParams p;
     p.out = out.const_data_ptr();
@@ -61,12 +76,13 @@ struct CudaKernels {
     p.n = out.numel();
     p.act = to_kind(act);
     p.type = to_float_type(out.scalar_type(), op);
+    p.float32_loss = bf16_compute;
     check_launch(cuda::launch_output_mse_backward(p, stream), op, "the MSE backward kernel");
     return loss;
   }
 
   at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& target, at::Tensor& dz) const {
-    at::Tensor loss = at::empty({}, logits.options());
+    at::Tensor loss = at::empty({}, logits.options().dtype(loss_dtype(logits)));
     at::Tensor partial = at::empty({logits.size(0)}, logits.options().dtype(at::kDouble));
     cuda::CrossEntropyParams p;
     p.logits = logits.const_data_ptr();
@@ -77,6 +93,7 @@ struct CudaKernels {
     p.rows = logits.size(0);
     p.cols = logits.size(1);
     p.type = to_float_type(logits.scalar_type(), op);
+    p.float32_loss = bf16_compute;
     check_launch(cuda::launch_cross_entropy_backward(p, stream), op, "the cross-entropy backward kernel");
     return loss;
   }
@@ -100,9 +117,19 @@ struct CudaKernels {
     return true;
   }
 
+  // dW = dz^T x and dc = dz summed over rows, in the gradients' dtype. In bf16 compute dz and
+  // x are bfloat16 and the gradients float32: cuBLAS accumulates in float32 and writes its sum
+  // unrounded (mm's out_dtype, torch >= 2.8), where autocast would round dW to bfloat16 first;
+  // the bias sums read bfloat16 and add in float32.
   void linear_grad(int w, const at::Tensor& dz, const at::Tensor& x) const {
-    at::mm_out(grads[w], dz.t(), x);
-    at::sum_out(grads[w + 1], dz, {0});
+    at::Tensor& weight_grad = grads[w];
+    at::Tensor& bias_grad = grads[w + 1];
+    if (weight_grad.scalar_type() == dz.scalar_type()) {
+      at::mm_out(weight_grad, dz.t(), x);
+    } else {
+      at::mm_out(weight_grad, dz.t(), x, weight_grad.scalar_type());
+    }
+    at::sum_out(bias_grad, dz, {0}, /*keepdim=*/false, bias_grad.scalar_type());
   }
 
   void finish(const at::Tensor& loss_as, const at::Tensor& loss_ae) const {
@@ -114,7 +141,8 @@ struct CudaKernels {
     for (int i = 0; i < kDenseParams; ++i) {
       p.tensors[i] = {params[i].mutable_data_ptr(), grads[i].const_data_ptr(), state1[i].mutable_data_ptr(),
                       state2.empty() ? nullptr : state2[i].mutable_data_ptr(), params[i].numel(),
-                      i < kParamWg ? 0 : 1};
+                      i < kParamWg ? 0 : 1,
+                      compute_copies.empty() ? nullptr : compute_copies[i].mutable_data_ptr()};
     }
     if (step_count.defined()) {
       p.step_count = step_count.mutable_data_ptr();
@@ -124,24 +152,27 @@ struct CudaKernels {
   }
 };
 
-void check_cuda(const char* op, const at::Tensor& s_prev, const DenseBlockConfig& cfg) {
+void check_cuda(const char* op, const at::Tensor& s_prev) {
   TORCH_CHECK(s_prev.is_cuda(), op, ": CUDA kernel got s_prev on ", s_prev.device());
-  // bf16 parameters run here in bf16 (the kernels take them); float32 master weights with bf16
-  // GEMMs are the CPU kernel's alone so far.
-  TORCH_CHECK(!cfg.bf16_compute, op, ": compute_dtype=torch.bfloat16 over float32 parameters runs on the CPU only "
-              "so far; on CUDA use compute_dtype=None, or the general path (precision='bf16')");
 }
 
+// The shared core with the CUDA kernels: in the parameters' dtype, or, for compute_dtype=
+// bfloat16, over the bfloat16 operands (bf16_operands) while `params`, which the update forms
+// update, stay the float32 master weights.
 DenseBlockOutputs run_on_cuda(const char* op, const at::Tensor& s_prev_arg, const at::Tensor& t_prev_arg,
                               at::TensorList params, const DenseBlockConfig& cfg, std::vector<at::Tensor>& grads,
                               const cuda::MultiTensorUpdateParams* update, at::TensorList state1,
-                              at::TensorList state2, const at::Tensor& step_count = {}) {
+                              at::TensorList state2, const at::Tensor& step_count = {},
+                              at::TensorList compute_copies = {}) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not to be recorded
   const c10::cuda::CUDAGuard guard(s_prev_arg.device());
   const at::Tensor s_prev = s_prev_arg.contiguous(), t_prev = t_prev_arg.contiguous();
   to_float_type(s_prev.scalar_type(), op);  // refuses other dtypes with the op's name
-  CudaKernels kernels{op, c10::cuda::getCurrentCUDAStream(), grads, update, params, state1, state2, step_count};
-  return run_dense_block(s_prev, t_prev, params, cfg, kernels);
+  CudaKernels kernels{op,     c10::cuda::getCurrentCUDAStream(), grads,          update,          params,
+                      state1, state2,                            step_count,     compute_copies, cfg.bf16_compute};
+  if (!cfg.bf16_compute) return run_dense_block(s_prev, t_prev, params, cfg, kernels);
+  const Bf16Operands in = bf16_operands(s_prev, t_prev, params, compute_copies);
+  return run_dense_block(in.s_prev, in.t_prev, in.params, cfg, kernels);
 }
 
 std::vector<at::Tensor> empty_like_each(at::TensorList tensors) {
@@ -161,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   constexpr const char* op = "al_ext::dense_block_step";
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
-  check_cuda(op, s_prev, cfg);
-  std::vector<at::Tensor> grads = empty_like_each(params);
+  check_cuda(op, s_prev);
+  std::vector<at::Tensor> grads = empty_like_each(params);  // float32 in bf16 compute, as the parameters
   DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, nullptr, {}, {});
   return {out.s, out.t, out.loss_as, out.loss_ae, grads};
 }
@@ -183,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
   // Before check_cuda: CPU tensors with a CUDA counter dispatch here, and the message must
   // name the counter, as the CPU kernel's does.
   if (step_count.defined()) check_step_count(op, step_count, s_prev.device());
-  check_cuda(op, s_prev, cfg);  // refuses bf16 compute, hence compute_weights
+  check_cuda(op, s_prev);
   check_compute_weights(op, params, cfg, compute_weights);
   check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
   check_weight_decay(op, weight_decay);
@@ -199,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
   update.decoupled_weight_decay = decoupled_weight_decay;
   update.type = param_type(params, op);
   std::vector<at::Tensor> grads = empty_like_each(params);
-  DenseBlockOutputs out =
-      run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, exp_avg, exp_avg_sq, step_count);
+  DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, exp_avg, exp_avg_sq,
+                                      step_count, compute_weights.value_or(at::TensorList()));
   return {out.s, out.t, out.loss_as, out.loss_ae};
 }
 
@@ -237,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_
   constexpr const char* op = "al_ext::dense_block_sgd_step_";
   const DenseBlockConfig cfg =
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
-  check_cuda(op, s_prev, cfg);  // refuses bf16 compute, hence compute_weights
+  check_cuda(op, s_prev);
   check_compute_weights(op, params, cfg, compute_weights);
   check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
   check_weight_decay(op, weight_decay);
@@ -249,7 +280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_
   update.weight_decay = weight_decay;
   update.type = param_type(params, op);
   std::vector<at::Tensor> grads = empty_like_each(params);
-  DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, momentum_buffer, {});
+  DenseBlockOutputs out = run_on_cuda(op, s_prev, t_prev, params, cfg, grads, &update, momentum_buffer, {}, {},
+                                      compute_weights.value_or(at::TensorList()));
   return {out.s, out.t, out.loss_as, out.loss_ae};
 }
 

@@ -26,6 +26,7 @@
 #include <ATen/ops/tanh.h>
 
 #include <cmath>
+#include <vector>
 
 #include "dense_block.h"
 
@@ -51,6 +52,27 @@ inline at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w, const
   if (c.defined() && act == Activation::kRelu) return at::_addmm_activation(c, x, w.t());
   at::Tensor z = c.defined() ? at::addmm(c, x, w.t()) : at::mm(x, w.t());
   return apply_activation_(z, act);
+}
+
+// compute_dtype=bfloat16, on every device: the step's GEMM operands in bfloat16. The inputs
+// rounded (a bf16 input, a previous bf16 step's output, is taken as it is), and the weights
+// rounded once per step (each is read by its forward GEMM and by its input gradient's), or
+// the caller's kept copies (compute_weights), which the update rewrites as it goes.
+struct Bf16Operands {
+  at::Tensor s_prev, t_prev;
+  std::vector<at::Tensor> params;
+};
+
+inline Bf16Operands bf16_operands(const at::Tensor& s_prev, const at::Tensor& t_prev, at::TensorList params,
+                                  at::TensorList kept) {
+  Bf16Operands out{s_prev.to(at::kBFloat16), t_prev.to(at::kBFloat16), {}};
+  if (!kept.empty()) {
+    out.params = kept.vec();
+    return out;
+  }
+  out.params.reserve(params.size());
+  for (const at::Tensor& p : params) out.params.push_back(p.to(at::kBFloat16));
+  return out;
 }
 
 template <typename Kernels>

@@ -1,6 +1,6 @@
 // Every al_ext op schema, and which kernel serves it on which device. compute_dtype on the
 // dense block ops: None computes in the parameters' dtype; torch.bfloat16 over float32
-// parameters takes bf16 GEMM operands with float32 master weights (CPU only so far); the
+// parameters takes bf16 GEMM operands with float32 master weights (CPU and CUDA); the
 // update forms' compute_weights, if given, are those operands kept between steps (the
 // parameters rounded to bf16), which the op reads and rewrites from the updated parameters. Python reaches
 // them as torch.ops.al_ext.<name>; fake (meta) kernels and autograd formulas are

@@ -101,7 +101,7 @@ extern "C" {
 int driver_reduction_blocks(int64_t n) { return reduction_blocks(n); }
 
 int driver_output_mse(int type, const void* out, const void* target, void* dz, void* dtarget, void* loss, int64_t n,
-                      int activation) {
+                      int activation, int float32_loss) {
   const size_t bytes = static_cast<size_t>(n) * element_bytes(type);
   Buffers b;
   OutputMseParams p;
@@ -109,27 +109,29 @@ int driver_output_mse(int type, const void* out, const void* target, void* dz, v
   p.target = b.input(target, bytes);
   p.dz = b.output(dz, bytes);
   p.dtarget = b.output(dtarget, bytes);
-  p.loss = b.output(loss, element_bytes(type));
+  p.loss = b.output(loss, float32_loss ? sizeof(float) : element_bytes(type));
   p.partial = static_cast<double*>(b.scratch(sizeof(double) * reduction_blocks(n)));
   p.n = n;
   p.act = static_cast<ActivationKind>(activation);
   p.type = static_cast<FloatType>(type);
+  p.float32_loss = float32_loss != 0;
   return b.finish(launch_output_mse_backward(p, nullptr));
 }
 
 int driver_cross_entropy(int type, const void* logits, const void* target, void* dz, void* loss, int64_t rows,
-                         int64_t cols) {
+                         int64_t cols, int float32_loss) {
   const size_t bytes = static_cast<size_t>(rows * cols) * element_bytes(type);
   Buffers b;
   CrossEntropyParams p;
   p.logits = b.input(logits, bytes);
   p.target = b.input(target, bytes);
   p.dz = b.output(dz, bytes);
-  p.loss = b.output(loss, element_bytes(type));
+  p.loss = b.output(loss, float32_loss ? sizeof(float) : element_bytes(type));
   p.partial = static_cast<double*>(b.scratch(sizeof(double) * rows));
   p.rows = rows;
   p.cols = cols;
   p.type = static_cast<FloatType>(type);
+  p.float32_loss = float32_loss != 0;
   return b.finish(launch_cross_entropy_backward(p, nullptr));
 }
 
@@ -165,7 +167,8 @@ int driver_multi_tensor_update(const DriverUpdate* u) {
   for (int i = 0; i < u->count && i < kMaxUpdateTensors; ++i) {
     const size_t bytes = static_cast<size_t>(u->n[i]) * element;
     p.tensors[i] = {b.in_out(u->param[i], bytes), b.input(u->grad[i], bytes), b.in_out(u->state1[i], bytes),
-                    b.in_out(u->state2[i], bytes), u->n[i], u->group[i]};
+                    b.in_out(u->state2[i], bytes), u->n[i], u->group[i],
+                    b.in_out(u->compute_copy[i], static_cast<size_t>(u->n[i]) * 2)};  // bfloat16
   }
   p.loss_as = b.input(u->loss_as, element);
   p.loss_ae = b.input(u->loss_ae, element);

@@ -7,7 +7,8 @@
 
 extern "C" {
 
-// One launch_multi_tensor_update call: up to 10 tensors of n[i] elements each, in group[i].
+// One launch_multi_tensor_update call: up to 10 tensors of n[i] elements each, in group[i];
+// compute_copy[i], if set, is param[i]'s bfloat16 copy, which the update rewrites.
 struct DriverUpdate {
   int type, kind, count;  // kind: 0 Adam, 1 SGD
   void* param[10];
@@ -23,13 +24,15 @@ struct DriverUpdate {
   const void* loss_ae;
   void* step_count;  // optional: one float32 or float64 element
   int step_count_is_double;
+  void* compute_copy[10];  // optional, each: n[i] bfloat16 elements
 };
 
 int driver_reduction_blocks(int64_t n);
+// float32_loss: the loss is written as float32, whatever `type` (the kernels' float32_loss).
 int driver_output_mse(int type, const void* out, const void* target, void* dz, void* dtarget, void* loss, int64_t n,
-                      int activation);
+                      int activation, int float32_loss);
 int driver_cross_entropy(int type, const void* logits, const void* target, void* dz, void* loss, int64_t rows,
-                         int64_t cols);
+                         int64_t cols, int float32_loss);
 int driver_activation_backward(int type, void* grad, const void* y, const void* addend, int64_t n, int activation);
 int driver_multi_tensor_update(const DriverUpdate* update);
 }

@@ -62,6 +62,10 @@ void run_update(int type, int kind, const std::vector<int64_t>& sizes) {
     u.state2[i] = kind == 0 ? buffers.back().data() : nullptr;
     u.n[i] = sizes[i];
     u.group[i] = i % 2;
+    if (type == 0) {  // float32 parameters: their bfloat16 copies too, as compute_dtype=bfloat16 keeps them
+      buffers.push_back(random_values(3, sizes[i], -1, 1, 60 + i));
+      u.compute_copy[i] = buffers.back().data();
+    }
   }
   u.beta1 = 0.9;
   u.beta2 = 0.999;
@@ -92,7 +96,9 @@ int main(int argc, char** argv) {
       const auto a = random_values(type, n, 0, 1, 1), b = random_values(type, n, 0, 1, 2);
       std::vector<unsigned char> c(a.size()), d(a.size()), loss(8);
       for (int act = 0; act < 5; ++act) {
-        expect(driver_output_mse(type, a.data(), b.data(), c.data(), act % 2 ? d.data() : nullptr, loss.data(), n, act),
+        // The float32 loss of bf16 compute, on every other activation.
+        expect(driver_output_mse(type, a.data(), b.data(), c.data(), act % 2 ? d.data() : nullptr, loss.data(), n, act,
+                                 act % 2),
                "output MSE backward", type, n);
         c = random_values(type, n, -1, 1, 3);
         expect(driver_activation_backward(type, c.data(), a.data(), act % 2 ? b.data() : nullptr, n, act),
@@ -103,7 +109,8 @@ int main(int argc, char** argv) {
       const int64_t n = shape[0] * shape[1];
       const auto logits = random_values(type, n, -4, 4, 4), target = random_values(type, n, 0, 1, 5);
       std::vector<unsigned char> dz(logits.size()), loss(8);
-      expect(driver_cross_entropy(type, logits.data(), target.data(), dz.data(), loss.data(), shape[0], shape[1]),
+      expect(driver_cross_entropy(type, logits.data(), target.data(), dz.data(), loss.data(), shape[0], shape[1],
+                                  shape[0] % 2),
              "cross-entropy backward", type, n);
     }
     run_update(type, 0, {largest, 1, 7, 1025});
