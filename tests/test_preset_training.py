@@ -66,7 +66,8 @@ def train(family, batch_size, datasets, **options):
     torch.manual_seed(0)
     model = make(classes, vocab_size, **options)
     width_ratio = presets.PRESETS[family][preset]()["label_dim"] / LABEL_DIM
-    trainer = al_ext.Trainer(model, progress=False, **presets.training_settings(preset, batch_size, width_ratio))
+    trainer = al_ext.Trainer(model, progress=False,
+                             **presets.training_settings(preset, batch_size, width_ratio, family=type(model)))
     with warnings.catch_warnings():  # read from the history below
         warnings.simplefilter("ignore", RuntimeWarning)
         return trainer.fit(parts.train, parts.val, epochs=EPOCHS), classes
