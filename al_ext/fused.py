@@ -231,7 +231,9 @@ NextLearningRates = Callable[[], tuple[float, float]]
 
 def _value_identities(params: list[Tensor]) -> list[tuple[int, int]]:
     """What changes when a parameter's values may have changed outside the fused op: its
-    version (in-place writes) and its memory (a move to another device or dtype)."""
+    version (in-place writes) and its memory (a move to another device or dtype). Not seen:
+    ``.data`` assigned twice between steps with the allocator handing back the first address
+    (assign through ``copy_`` instead, which counts as a write)."""
     return [(p._version, p.data_ptr()) for p in params]
 
 

@@ -55,6 +55,8 @@ def test_cuda_bf16_step_within_twice_the_error_of_the_reference_under_autocast(s
         assert got.s.dtype == got.t.dtype == BF16, "s and t come out in bfloat16, as autocast's"
         assert got.loss_as.dtype == got.loss_ae.dtype == torch.float32
         assert all(g.dtype == torch.float32 and g.is_cuda for g in got.grads)
+        assert any(not torch.equal(g, g.bfloat16().float()) for g in got.grads[0::2]), \
+            "the weight gradients come out of their GEMM in float32, unrounded"
         for i, (ours, theirs, exact) in enumerate(zip(outputs_of(got), outputs_of(ref), outputs_of(truth))):
             ours_error[i] += max_error(ours, exact)
             theirs_error[i] += max_error(theirs, exact)
@@ -85,6 +87,12 @@ def test_cuda_bf16_opcheck():
     torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.default,
                           (s_prev, t_prev, params, *state, 1.0, 1e-3, 2e-3, 0.9, 0.999, 1e-8, "elu", "sigmoid", "A",
                            "mse", 0.0, False, BF16, kept))
+    torch.library.opcheck(torch.ops.al_ext.dense_block_adam_step_.step_tensor,
+                          (s_prev, t_prev, params, *state, torch.zeros((), device="cuda", dtype=torch.float64),
+                           1e-3, 2e-3, 0.9, 0.999, 1e-8, "elu", "sigmoid", "A", "mse", 0.0, False, BF16, kept))
+    torch.library.opcheck(torch.ops.al_ext.dense_block_sgd_step_.default,
+                          (s_prev, t_prev, params, state[0], 1e-3, 2e-3, 0.9, "elu", "sigmoid", "B", "mse", 0.0,
+                           BF16, kept))
 
 
 # torch's optimiser is fed the gradient form's gradients at its own parameters, which differ
@@ -178,6 +186,17 @@ def test_cuda_bf16_update_refuses_a_non_finite_step_on_the_device():
                                                     compute_dtype=BF16, compute_weights=kept)
     assert loss_as.dtype == torch.float32 and not torch.isfinite(loss_as)
     assert all(torch.equal(a, b) for a, b in zip(before, params + state[0] + state[1] + kept))
+    # The same with the step count on the device (what the pipeline's CUDA stages pass): not counted.
+    count = torch.zeros((), device="cuda", dtype=torch.float64)
+    fused.dense_block_adam_step_(s_prev, t_prev, params, *state, count, 1e-3, 2e-3, compute_dtype=BF16,
+                                 compute_weights=kept)
+    assert float(count) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, params + state[0] + state[1] + kept))
+    s_prev[2, 3] = 0.0
+    fused.dense_block_adam_step_(s_prev, t_prev, params, *state, count, 1e-3, 2e-3, compute_dtype=BF16,
+                                 compute_weights=kept)
+    assert float(count) == 1.0
+    assert all(torch.equal(k, p.to(BF16)) for k, p in zip(kept, params))
 
 
 # ---- the Trainer ------------------------------------------------------------------------------
@@ -206,8 +225,8 @@ def test_trainer_bf16_on_cuda_takes_the_fused_step_with_float32_master_weights()
 def test_trainer_bf16_pipelined_on_cuda_trains_as_the_sequential_loop(cuda_graphs):
     """Each stage on a stream of its own (and each step replayed from a CUDA graph), with the
     bf16 weight copies updated by the steps: the parameters of the sequential fused loop. The
-    same kernels run in the same order; the tolerance allows for a bf16 rounding flipped by a
-    GEMM's float32 sum differing in its last bit, and still catches a missing wait."""
+    same kernels run in the same order with the same step numbers, so the results are equal
+    bit for bit (a rounding flipped anywhere would move an Adam step by up to lr)."""
     runs = []
     for pipeline in (False, True):
         model = small_mlp(hidden=(24, 16, 12), backend="fused")
@@ -219,4 +238,4 @@ def test_trainer_bf16_pipelined_on_cuda_trains_as_the_sequential_loop(cuda_graph
         runs.append([p.detach().cpu() for p in model.parameters()])
     for a, b in zip(*runs):
         assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        assert torch.equal(a, b)
