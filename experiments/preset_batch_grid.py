@@ -3,6 +3,7 @@
 
     nice -n 19 python experiments/preset_batch_grid.py --families ALMLP LSTM_AL     (a chunk)
     nice -n 19 python experiments/preset_batch_grid.py --families ALCNN --epochs 3 --zero-centred
+    nice -n 19 python experiments/preset_batch_grid.py --families VGG_AL --batches 32 256 --epochs 3 --centred-inputs
     python experiments/preset_batch_grid.py --table                                (the table)
 
 Presets and data: the "neco" presets (ALMLP, ALCNN, VGG_AL, ResNet_AL-20) on the MNIST test
@@ -63,9 +64,19 @@ def load(data: str) -> tuple[al_ext.data.DatasetSplits, int, int | None]:
     return al_ext.data.split_dataset(vocab.encode(texts, 24), labels, val=0.1, test=0.2, seed=0), 4, len(vocab)
 
 
-def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False) -> dict[str, Any]:
+def centred(parts: al_ext.data.DatasetSplits) -> al_ext.data.DatasetSplits:
+    """The inputs less the training split's per-pixel mean, as the NECO code prepares MNIST."""
+    mean = parts.train[0].mean(0, keepdim=True)
+    return al_ext.data.DatasetSplits(*(None if part is None else (part[0] - mean, part[1])
+                                       for part in (parts.train, parts.val, parts.test)))
+
+
+def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False,
+        centred_inputs: bool = False) -> dict[str, Any]:
     preset, data, make, widths = ROWS[family]
     parts, classes, vocab_size = load(data)
+    if centred_inputs:
+        parts = centred(parts)
     torch.manual_seed(0)
     model = make(classes, vocab_size, ZERO_CENTRED) if zero_centred else make(classes, vocab_size)
     settings = presets.training_settings(preset, batch_size, family=type(model))
@@ -75,6 +86,7 @@ def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False) -
     seconds = time.perf_counter() - start
     trainer.restore_best()
     return {"preset": preset, "label_side": "zero-centred (tanh)" if zero_centred else "the preset's", "data": data,
+            "centred_inputs": centred_inputs,
             "widths": widths, **settings, "classes": classes, "epochs": epochs,
             "parameters": sum(p.numel() for p in model.parameters()), "seconds": seconds,
             "val_accuracy": [r["val_accuracy"] for r in history],
@@ -113,11 +125,12 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
           "| depth-1 shortcut, last epoch | test acc at best val (epoch) | seconds |")
     print("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |")
     rows = [k for k in results if "@" in k]
-    for key in sorted(rows, key=lambda k: (list(ROWS).index(k.split("@")[0]), "+" in k, int(k.split("@")[1].split("+")[0]))):
+    for key in sorted(rows, key=lambda k: (list(ROWS).index(k.split("@")[0]), k.count("+"), "+tanh" in k,
+                                           int(k.split("@")[1].split("+")[0]))):
         r, family = results[key], key.split("@")[0]
         accs = " ".join(f"{100 * a:.0f}" for a in r["val_accuracy"])
         first = first_epoch_above_chance(r)
-        side = ", tanh label side" if key.endswith("+tanh") else ""
+        side = (", tanh label side" if "+tanh" in key else "") + (", centred inputs" if "+centred" in key else "")
         print(f"| {family} ({r['preset']}{side}, {r['widths']}) | {r['batch_size']} | {r['lr']:.2g} / {r['ae_lr']:.2g} "
               f"| {accs} | {first if first is not None else 'never'} | {100 * r['val_shortcut_accuracy'][-1][0]:.0f} % "
               f"| {100 * r['test_accuracy_at_best_val']:.1f} % "
@@ -144,6 +157,8 @@ def main() -> None:
     parser.add_argument("--zero-centred", action="store_true",
                         help="the NECO families with al_ext.label_side.ZERO_CENTRED (tanh) in place of their sigmoid "
                         "label side, the collapse warning's remedy")
+    parser.add_argument("--centred-inputs", action="store_true",
+                        help="subtract the training split's per-pixel mean from the images, as the NECO code does")
     parser.add_argument("--alpackage", action="store_true",
                         help="run only the case issue 14 reported (alpackage_case), for 8 epochs")
     args = parser.parse_args()
@@ -155,8 +170,9 @@ def main() -> None:
     if not args.table:
         for family in args.families:
             for batch_size in args.batches:
-                key = f"{family}@{batch_size}" + ("+tanh" if args.zero_centred else "")
-                results[key] = r = run(family, batch_size, args.epochs, args.zero_centred)
+                key = (f"{family}@{batch_size}" + ("+tanh" if args.zero_centred else "")
+                       + ("+centred" if args.centred_inputs else ""))
+                results[key] = r = run(family, batch_size, args.epochs, args.zero_centred, args.centred_inputs)
                 print(f"{family} batch {batch_size}: val {[round(a, 3) for a in r['val_accuracy']]} "
                       f"({r['seconds']:.0f} s)", flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
