@@ -21,8 +21,8 @@ def max_error(a, b):
 
 
 def reference_under_autocast(s_prev, t_prev, params, **config):
-    """What a user's loop computes with torch.autocast("cpu", bfloat16): the baseline error."""
-    with torch.autocast("cpu", dtype=BF16):
+    """What a user's loop computes with torch.autocast in bfloat16: the baseline error."""
+    with torch.autocast(s_prev.device.type, dtype=BF16):
         return reference.dense_block_step(s_prev, t_prev, params, **config)
 
 
@@ -33,25 +33,24 @@ def outputs_of(step):
     return [step.s, step.t, step.loss_as, step.loss_ae, *step.grads]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c.values()))
-def test_within_twice_the_error_of_the_reference_under_autocast(shape, config):
+def check_within_twice_the_error_under_autocast(shape, config, device="cpu"):
     """The flash-attention rule (../shared/design/architecture.md): against the float64 truth,
     the fused bf16 step's error is at most twice that of the reference run under autocast bf16.
     Errors are summed over a few draws: in a tensor of a handful of elements (batch 1) or a
-    loss (one number), one draw's rounding errors may cancel by luck in either."""
+    loss (one number), one draw's rounding errors may cancel by luck in either. Returns the
+    last draw's fused step."""
     ours_error = [0.0] * len(OUTPUT_NAMES)
     theirs_error = [0.0] * len(OUTPUT_NAMES)
     scale = [0.0] * len(OUTPUT_NAMES)
     for seed in range(4):
-        s64, t64, p64 = make_block(*shape, seed=seed)
+        s64, t64, p64 = make_block(*shape, seed=seed, device=device)
         truth = reference.dense_block_step(s64, t64, p64, **config)
         s32, t32, p32 = s64.float(), t64.float(), [p.float() for p in p64]
         got = fused.dense_block_step(s32, t32, p32, **config, compute_dtype=BF16)
         ref = reference_under_autocast(s32, t32, p32, **config)
         assert got.s.dtype == got.t.dtype == BF16, "s and t come out in bfloat16, as autocast's"
         assert got.loss_as.dtype == got.loss_ae.dtype == torch.float32
-        assert all(g.dtype == torch.float32 for g in got.grads)
+        assert all(g.dtype == torch.float32 and g.device.type == device for g in got.grads)
         for i, (ours, theirs, exact) in enumerate(zip(outputs_of(got), outputs_of(ref), outputs_of(truth))):
             ours_error[i] += max_error(ours, exact)
             theirs_error[i] += max_error(theirs, exact)
@@ -59,6 +58,13 @@ def test_within_twice_the_error_of_the_reference_under_autocast(shape, config):
     for name, ours, theirs, size in zip(OUTPUT_NAMES, ours_error, theirs_error, scale):
         slack = 1e-3 * size  # where the reference happens to be almost exact
         assert ours <= 2 * theirs + slack, f"{name}: error {ours:.3g}, the reference's under autocast {theirs:.3g}"
+    return got
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(c.values()))
+def test_within_twice_the_error_of_the_reference_under_autocast(shape, config):
+    check_within_twice_the_error_under_autocast(shape, config)
 
 
 def test_takes_its_own_bfloat16_outputs_as_the_next_blocks_inputs():
@@ -94,20 +100,27 @@ def test_opcheck():
                            "mse", 0.0, False, BF16, kept))
 
 
-# The update forms round each weight-gradient tile to bfloat16 (as autocast rounds dW) and
-# update from it in float32; torch's optimiser is fed the gradient form's gradients, computed
-# with the same bf16 GEMMs but in other tiles, so a gradient may differ by a bf16 rounding.
+# torch's optimiser is fed the gradient form's gradients at its own parameters, computed with
+# the same bf16 GEMMs but in other tiles (the CPU's update forms round each weight-gradient
+# tile to bfloat16, as autocast rounds dW), and its float32 update rounds apart from the op's;
+# where that moves a weight across a bf16 rounding boundary, the next gradients differ by a
+# bf16 rounding.
 BF16_UPDATE_TOLERANCE = dict(rtol=1e-3, atol=1e-4)
 
 
-def assert_bf16_update_matches_torch(fused_update, torch_optimizers, shape=(8, 10, 12, 24, 6, 4), **config):
-    _, _, params = make_block(*shape, dtype=torch.float32)
+def assert_bf16_update_matches_torch(fused_update, torch_optimizers, states, device="cpu",
+                                     shape=(8, 10, 12, 24, 6, 4), **config):
+    """Four steps of the update form, keeping bf16 weight copies, against torch.optim in
+    float32: the master weights and every state tensor stay float32, and after each step the
+    copies are the updated weights rounded to bfloat16."""
+    _, _, params = make_block(*shape, dtype=torch.float32, device=device)
     ours = [p.clone() for p in params]
+    kept = [p.to(BF16) for p in ours]
     theirs = [p.clone().requires_grad_(True) for p in params]
     optimizers = torch_optimizers(theirs[:6], theirs[6:])
     for step in range(1, 5):
-        s_prev, t_prev, _ = make_block(*shape, dtype=torch.float32, seed=step)
-        out = fused_update(s_prev, t_prev, ours, step)
+        s_prev, t_prev, _ = make_block(*shape, dtype=torch.float32, device=device, seed=step)
+        out = fused_update(s_prev, t_prev, ours, step, kept)
         want = fused.dense_block_step(s_prev, t_prev, theirs, **config, compute_dtype=BF16)
         assert out[0].dtype == out[1].dtype == BF16 and out[2].dtype == out[3].dtype == torch.float32
         torch.testing.assert_close(out[2], want.loss_as, **BF16_UPDATE_TOLERANCE)
@@ -116,34 +129,41 @@ def assert_bf16_update_matches_torch(fused_update, torch_optimizers, shape=(8, 1
             p.grad = g
         for opt in optimizers:
             opt.step()
-        for name, a, b in zip(reference.DENSE_PARAMETER_NAMES, ours, theirs):
+        for name, a, b, k in zip(reference.DENSE_PARAMETER_NAMES, ours, theirs, kept):
             assert a.dtype == torch.float32
+            assert torch.equal(k, a.to(BF16)), f"step {step} {name}: the kept copy is not the weight rounded"
             torch.testing.assert_close(a, b.detach(), **BF16_UPDATE_TOLERANCE, msg=lambda m: f"step {step} {name}: {m}")
+    assert all(s.dtype == torch.float32 for state in states for s in state), "the optimiser's state stays float32"
+
+
+def check_adam_form(variant, ae_loss, device="cpu"):
+    config = dict(variant=variant, ae_loss=ae_loss, h_activation="identity" if ae_loss == "cross_entropy" else "sigmoid")
+    exp_avg = zeros_like_block(dtype=torch.float32, device=device)
+    exp_avg_sq = zeros_like_block(dtype=torch.float32, device=device)
+    assert_bf16_update_matches_torch(
+        lambda s, t, params, step, kept: fused.dense_block_adam_step_(
+            s, t, params, exp_avg, exp_avg_sq, step, 3e-3, 7e-3, **config, compute_dtype=BF16, compute_weights=kept),
+        lambda fb, gh: [torch.optim.Adam(fb, lr=3e-3), torch.optim.Adam(gh, lr=7e-3)],
+        [exp_avg, exp_avg_sq], device, **config)
+
+
+def check_sgd_form(device="cpu"):
+    buffers = zeros_like_block(dtype=torch.float32, device=device)
+    assert_bf16_update_matches_torch(
+        lambda s, t, params, step, kept: fused.dense_block_sgd_step_(
+            s, t, params, buffers, 1e-2, 2e-2, 0.9, variant="B", compute_dtype=BF16, compute_weights=kept),
+        lambda fb, gh: [torch.optim.SGD(fb, lr=1e-2, momentum=0.9), torch.optim.SGD(gh, lr=2e-2, momentum=0.9)],
+        [buffers], device, variant="B")
 
 
 @pytest.mark.parametrize("variant", ["A", "B"])
 @pytest.mark.parametrize("ae_loss", ["mse", "cross_entropy"])
 def test_adam_form_keeps_float32_master_weights_and_state(variant, ae_loss):
-    config = dict(variant=variant, ae_loss=ae_loss, h_activation="identity" if ae_loss == "cross_entropy" else "sigmoid")
-    exp_avg, exp_avg_sq = zeros_like_block(dtype=torch.float32), zeros_like_block(dtype=torch.float32)
-    assert_bf16_update_matches_torch(
-        lambda s, t, params, step: fused.dense_block_adam_step_(s, t, params, exp_avg, exp_avg_sq, step, 3e-3, 7e-3,
-                                                                **config, compute_dtype=BF16),
-        lambda fb, gh: [torch.optim.Adam(fb, lr=3e-3), torch.optim.Adam(gh, lr=7e-3)],
-        **config,
-    )
-    assert all(m.dtype == v.dtype == torch.float32 for m, v in zip(exp_avg, exp_avg_sq))
+    check_adam_form(variant, ae_loss)
 
 
 def test_sgd_form_keeps_float32_master_weights_and_state():
-    buffers = zeros_like_block(dtype=torch.float32)
-    assert_bf16_update_matches_torch(
-        lambda s, t, params, step: fused.dense_block_sgd_step_(s, t, params, buffers, 1e-2, 2e-2, 0.9, variant="B",
-                                                               compute_dtype=BF16),
-        lambda fb, gh: [torch.optim.SGD(fb, lr=1e-2, momentum=0.9), torch.optim.SGD(gh, lr=2e-2, momentum=0.9)],
-        variant="B",
-    )
-    assert all(b.dtype == torch.float32 for b in buffers)
+    check_sgd_form()
 
 
 def test_adam_form_updates_weights_larger_than_one_tile():
@@ -232,9 +252,10 @@ def test_trainer_bf16_falls_back_to_the_general_path_without_bf16_hardware(monke
 
 # ---- kept bf16 copies of the weights -----------------------------------------------------------
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_kept_compute_weights_give_the_same_step_and_stay_the_rounded_parameters(optimizer):
-    _, _, params = make_block(17, 20, 33, 65, 9, 5, dtype=torch.float32)
+def check_kept_weights_give_the_step_of_weights_rounded_afresh(optimizer, device="cpu"):
+    """The update that rewrites the copies as it stores the weights gives the same steps, bit
+    for bit, as rounding the weights anew at every step."""
+    _, _, params = make_block(17, 20, 33, 65, 9, 5, dtype=torch.float32, device=device)
     runs = []
     for keep in (False, True):
         ours = [p.clone() for p in params]
@@ -242,7 +263,7 @@ def test_kept_compute_weights_give_the_same_step_and_stay_the_rounded_parameters
         kept = [p.to(BF16) for p in ours] if keep else None
         outs = []
         for step in range(1, 4):
-            s_prev, t_prev, _ = make_block(17, 20, 33, 65, 9, 5, dtype=torch.float32, seed=step)
+            s_prev, t_prev, _ = make_block(17, 20, 33, 65, 9, 5, dtype=torch.float32, device=device, seed=step)
             if optimizer == "adam":
                 out = fused.dense_block_adam_step_(s_prev, t_prev, ours, *states, step, 1e-3, 2e-3,
                                                    compute_dtype=BF16, compute_weights=kept)
@@ -254,6 +275,11 @@ def test_kept_compute_weights_give_the_same_step_and_stay_the_rounded_parameters
                 assert all(torch.equal(k, p.to(BF16)) for k, p in zip(kept, ours)), "copies follow the update"
         runs.append(outs + ours)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_kept_compute_weights_give_the_same_step_and_stay_the_rounded_parameters(optimizer):
+    check_kept_weights_give_the_step_of_weights_rounded_afresh(optimizer)
 
 
 def test_kept_compute_weights_are_refused_without_bf16_compute():
