@@ -191,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "plateau cuts x0.1 when validation accuracy stalls; cosine anneals to 0 over the run, and "
                        "onecycle warms up to 10 x lr and anneals, both stepped every batch")
     train.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                       help="bf16: forward and backward under autocast in bfloat16, float32 master weights, optimiser "
-                       "state and losses (the general path: the fused step is fp32); fp16: the same on CUDA with "
-                       "loss scaling. AL and the BP baseline use the same")
+                       help="bf16: bfloat16 compute over float32 master weights, optimiser state and losses (the "
+                       "fused step's bf16 GEMMs where the hardware has them, else autocast); fp16: autocast on CUDA "
+                       "with loss scaling. AL and the BP baseline use the same")
     train.add_argument("--val", type=_size, default=0.1, help="validation part: fraction (0.1) or count (1000)")
     train.add_argument("--test", type=_size, default=0.2, help="test part: fraction (0.2) or count (2000)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the batch order")

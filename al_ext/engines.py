@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import reference
 from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer, bf16_compute_available, fused_block_optimizer
-from .memory_format import use_fastest_memory_format
+from .memory_format import match_state_layouts, use_fastest_memory_format
 from .nn import AssociatedLearning
 from .optim import (
     OptimizerFactory,
@@ -145,6 +145,7 @@ class Engine:
                              "(another optimiser, schedule or engine?)")
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
+        match_state_layouts(self.optimizers)
         for scheduler, s in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(s)
         self.precision.load_state_dict(state["precision"])
@@ -321,7 +322,9 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
     2 x lr by default); ``scheduler(opt)``, if given, makes a scheduler for each. ``compile=True``
     compiles each block's forward pass and losses (ALEngine), or the network's forward pass (BP).
     ``distributed`` (an al_ext.distributed.DistributedConfig, inside a launched job): this
-    rank's share of a run across processes (al_ext.distributed.DistributedALEngine)."""
+    rank's share of a run across processes (al_ext.distributed.DistributedALEngine). On the
+    CPU a model with convolutions gets its 4-D weights in channels_last, in place
+    (al_ext.memory_format)."""
     factory = optimizer_factory(optimizer)
     lr = check_positive_float(lr, "lr")
     ae_lr = 2.0 * lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")

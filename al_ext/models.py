@@ -40,28 +40,31 @@ class ToImage(nn.Module):
 
 
 class _FlattenFunction(torch.autograd.Function):
-    """x.flatten(1), whose gradient comes back in x's memory layout. nn.Flatten's comes back
-    NCHW, so on a channels_last map (al_ext.memory_format) the activation's backward before
-    it read two layouts at once, 2-3x slower than the copy this makes."""
+    """x.flatten(1) of a channels_last map, whose gradient comes back channels_last. Through
+    plain flatten it comes back NCHW, and the activation's backward before it then reads two
+    layouts at once, 2-3x slower than the copy this makes."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.shape = x.shape
-        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last)
         return x.flatten(1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.reshape(ctx.shape)
-        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
+        return grad.reshape(ctx.shape).contiguous(memory_format=torch.channels_last)
 
 
 class FlattenMap(nn.Flatten):
-    """nn.Flatten for a block's feature map, keeping its layout on the way back."""
+    """nn.Flatten() of a block's output for its bridge, to (N, features), keeping a
+    channels_last map's layout on the way back (al_ext.memory_format)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # from dim 1 to the last: the dims the function below flattens
 
     def forward(self, x: Tensor) -> Tensor:
-        return _FlattenFunction.apply(x)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return _FlattenFunction.apply(x)
+        return x.flatten(1)
 
 
 def _feature_shape(encoders: Sequence[nn.Module], in_shape: Sequence[int]) -> list[tuple[int, ...]]:

@@ -219,12 +219,16 @@ FAMILY_TRAINING_SETTINGS: dict[tuple[str, str], TrainingSettings] = {
 
 
 def training_settings(preset: str, batch_size: int | None = None, width_ratio: float = 1.0,
-                      family: type | None = None) -> dict[str, Any]:
+                      family: type | object | None = None) -> dict[str, Any]:
     """Trainer arguments (lr, ae_lr, batch_size) of a preset's reference, at its batch size,
     or scaled to ``batch_size`` and ``width_ratio`` (TrainingSettings.at). ``family``, the
-    model's class (e.g. ResNet_AL), takes the family's own rates where the reference sets them."""
+    model or its class (e.g. ResNet_AL, or a subclass), takes the family's own rates where
+    the reference sets them."""
     if preset not in TRAINING_SETTINGS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, TRAINING_SETTINGS))}, got {preset!r}")
-    family_name = None if family is None else family.__name__
-    settings = FAMILY_TRAINING_SETTINGS.get((preset, family_name), TRAINING_SETTINGS[preset])
+    settings = TRAINING_SETTINGS[preset]
+    if family is not None:
+        classes = (family if isinstance(family, type) else type(family)).__mro__
+        settings = next((FAMILY_TRAINING_SETTINGS[(preset, c.__name__)] for c in classes
+                         if (preset, c.__name__) in FAMILY_TRAINING_SETTINGS), settings)
     return settings.at(settings.batch_size if batch_size is None else batch_size, width_ratio)

@@ -71,10 +71,14 @@ class Trainer:
     code's per-epoch schedules instead: "neco" (x0.1 at 40/60/80 % of the run, x0.5 at 90 %)
     or "plateau".
 
-    ``precision``: "fp32", "bf16" (autocast, float32 master weights, optimiser state and
-    losses) or "fp16" (CUDA only, with loss scaling); al_ext.precision says more. The fused
-    dense step runs in fp32; bf16 takes the general path. ``compile=True`` runs the general
-    path's block steps (or the BP network) through torch.compile.
+    ``precision``: "fp32", "bf16" (bf16 compute over float32 master weights, optimiser state
+    and losses: the fused dense step's bf16 GEMMs where the hardware has them, else autocast
+    on the general path) or "fp16" (CUDA only, with loss scaling); al_ext.precision says
+    more. ``compile=True`` runs the general path's block steps (or the BP network) through
+    torch.compile.
+
+    On the CPU the engine puts a model's convolution weights in channels_last, in place (the
+    same values and parameters: al_ext.memory_format), which oneDNN runs faster.
 
     ``pipeline=True`` (AL only) trains every block at once on consecutive batches
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,

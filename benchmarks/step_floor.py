@@ -1,6 +1,8 @@
-"""The floor of an AL step that keeps float32 master weights and Adam state: the step's GEMMs
-alone (in bf16 or float32, through torch.mm) plus one float32 Adam update of every parameter
-(torch's fused Adam, memory-bound). No step that does both can be faster than their sum.
+"""What an AL step that keeps float32 master weights and Adam state costs at least when its
+parts run one after another: the step's GEMMs alone (in bf16 or float32, through torch.mm, or
+oneDNN for float32) plus one separate float32 Adam update of every parameter (torch's fused
+Adam, memory-bound). A step that hides the update behind its GEMMs can beat the sum; at the
+GEMMs' rate it cannot beat the GEMMs alone.
 
     python benchmarks/step_floor.py [--batch 32 128] [--width 1024]
 """
@@ -41,7 +43,8 @@ def main() -> None:
     for batch in args.batch:
         for dtype in (torch.bfloat16, torch.float32):
             gemms = median_ms(gemms_of_step(batch, args.width, "cpu", dtype))
-            print(f"batch {batch}, {str(dtype).removeprefix('torch.')} GEMMs {gemms:.1f} ms; floor {gemms + adam:.1f} ms")
+            print(f"batch {batch}, {str(dtype).removeprefix('torch.')} GEMMs {gemms:.1f} ms; with the update after them "
+                  f"{gemms + adam:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def print_table(results: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> Non
     for name in MODELS:
         if name not in results:
             continue
-        al, bp = (list(results[name][tag].values()) for tag in ("AL", "BP"))
+        al, bp = ([runs[seed] for seed in sorted(runs, key=int)] for runs in (results[name][t] for t in ("AL", "BP")))
         best = " ".join(str(r["best_epoch"]) for r in al) + " / " + " ".join(str(r["best_epoch"]) for r in bp)
         minutes = (" ".join(f"{r['seconds'] / 60:.1f}" for r in al) + " / "
                    + " ".join(f"{r['seconds'] / 60:.1f}" for r in bp))

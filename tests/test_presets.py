@@ -265,3 +265,12 @@ def test_the_neco_resnet_takes_the_rate_its_reference_starts_it_at():
     assert presets.training_settings("neco", family=ResNet_AL) == {"lr": 1e-3, "ae_lr": 2e-3, "batch_size": 32}
     scaled = presets.training_settings("neco", 128, family=ResNet_AL)
     assert abs(scaled["lr"] - 2e-3) < 1e-12 and abs(scaled["ae_lr"] - 4e-3) < 1e-12
+
+
+def test_the_family_may_be_the_model_or_a_subclass():
+    class MyResNet(ResNet_AL):
+        pass
+
+    want = presets.training_settings("neco", family=ResNet_AL)
+    assert presets.training_settings("neco", family=MyResNet) == want
+    assert presets.training_settings("neco", family=ResNet_AL(8, (1, 8, 8), 3, widths=(2, 2, 2), label_dim=4)) == want
