@@ -5,7 +5,7 @@ On the CPU, oneDNN runs 2-D convolutions and their gradients faster on channels_
 tensors than on NCHW ones, and it takes channels_last when the weight is: so an engine puts
 every 4-D parameter and buffer of a model with a Conv2d there, in place, once, and the
 activations follow. Measured (benchmarks/RESULTS.md, the general path against a hand-written
-NCHW loop): VGG_AL 1.25x, ResNet_AL(20) 1.04-1.17x, ALCNN 1.02-1.10x. The values, the
+NCHW loop): VGG_AL 1.20-1.25x, ResNet_AL(20) 1.05-1.17x, ALCNN at parity. The values, the
 state_dict and what a checkpoint holds are unchanged (a layout is not a value), and the
 parameters stay the same objects; the layout stays with the model if it later moves to a GPU
 (cuDNN runs channels_last too). A model placed on CUDA before its engine is made keeps its
