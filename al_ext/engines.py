@@ -24,13 +24,7 @@ from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer, bf16_compute_available, fused_block_optimizer
 from .memory_format import match_state_layouts, use_fastest_memory_format
 from .nn import AssociatedLearning
-from .optim import (
-    OptimizerFactory,
-    OptimizerSpec,
-    SchedulerFactory,
-    optimizer_factory,
-    step_scheduler,
-)
+from .optim import OptimizerFactory, OptimizerSpec, SchedulerFactory, optimizer_factory, step_scheduler
 from .pipeline import Batch, BatchCallback, Pipeline
 from .precision import Precision, make_precision
 from .validation import check_positive_float
