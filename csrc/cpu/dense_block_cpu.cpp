@@ -312,7 +312,16 @@ template <typename T, typename A> struct GradientSink {
     // the step 1.15x slower at batch 128 and slower than eager PyTorch at batch 512.)
     const int64_t scale = std::is_same_v<T, A> ? 1 : kBf16TileScale;
     const int64_t tile_elements = scale * kTileElements * std::max<int64_t>(1, dz.size(0) / kTileBatch);
-    const int64_t rows = std::min(out, std::max(kMinTileRows, tile_elements / in));
+    int64_t rows = std::min(out, std::max(kMinTileRows, tile_elements / in));
+    // Tiles in a multiple of the threads, where the weight has the rows: parallel_for hands
+    // each thread a contiguous run of tiles, so 5 tiles on 2 threads ran as 3 + 2, and a
+    // weight of one tile (block 2's f at batch 128) ran on one thread while the other waited
+    // (7 ms of the bf16 step at batch 128).
+    const int64_t threads = at::get_num_threads();
+    if (const int64_t tiles = (out + rows - 1) / rows; tiles % threads != 0) {
+      const int64_t balanced = std::min((tiles / threads + 1) * threads, std::max<int64_t>(1, out / kMinTileRows));
+      rows = (out + balanced - 1) / balanced;
+    }
     const int64_t tiles = (out + rows - 1) / rows;
     at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
       at::Tensor tile = at::empty({rows, in}, x.options());
