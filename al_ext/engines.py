@@ -40,6 +40,8 @@ class Engine:
                  scheduler_interval: str = "step", precision: Precision | None = None) -> None:
         self.model = model
         self.optimizers = optimizers
+        for opt in optimizers:  # whichever way a checkpoint is loaded (al_ext.memory_format)
+            opt.register_load_state_dict_post_hook(lambda loaded: match_state_layouts([loaded]))
         self.schedulers = schedulers
         self.scheduler_interval = scheduler_interval
         self.precision = precision or Precision()
@@ -139,7 +141,6 @@ class Engine:
                              "(another optimiser, schedule or engine?)")
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
-        match_state_layouts(self.optimizers)
         for scheduler, s in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(s)
         self.precision.load_state_dict(state["precision"])

@@ -20,7 +20,7 @@ from . import presets
 from .initialisation import Init, initialise
 from .label_side import LabelSide
 from .nn import ALBlock, AssociatedLearning, Backend
-from .reference import ACTIVATION_MODULES, AE_LOSSES, X_ACTIVATIONS, AELoss, Variant
+from .reference import AE_LOSSES, AELoss, Variant, activation_module
 from .residual_units import RESIDUAL_UNITS, BasicBlock, NecoResidualUnit, conv3x3  # noqa: F401
 from .validation import check_choice, check_positive_int
 
@@ -88,10 +88,6 @@ def _bridge_reduce(shape: tuple[int, ...], bridge_input: str) -> tuple[list[nn.M
     return [FlattenMap()], math.prod(shape)
 
 
-def _activation(name: str) -> type[nn.Module]:
-    return ACTIVATION_MODULES[check_choice(name, "activation", X_ACTIVATIONS)]
-
-
 class _VisionAL(AssociatedLearning):
     """Blocks from a list of x-side encoders; bridges and label side as ``o`` (the resolved
     preset options) describes them."""
@@ -145,7 +141,7 @@ class ALCNN(_VisionAL):
         if len(channels) != len(strides) or not channels:
             raise ValueError(f"channels and strides must give one entry per block, got {len(channels)} and {len(strides)}")
         in_shape = _check_image_shape(in_shape)
-        act = _activation(o["activation"])
+        act = activation_module(o["activation"])
         encoders: list[nn.Module] = []
         c_in = in_shape[0]
         for (c1, c2), stride in zip(channels, strides):
@@ -179,7 +175,7 @@ class VGG_AL(_VisionAL):
         if min(in_shape[1:]) < 2 ** pools:
             raise ValueError(f"in_shape {tuple(in_shape)} is too small for {len(stages)} stages with {pools} 2x2 "
                              f"max-pools: height and width must be at least {2 ** pools}")
-        act = _activation(o["activation"])
+        act = activation_module(o["activation"])
         encoders: list[nn.Module] = []
         c_in = in_shape[0]
         for stage in stages:
@@ -222,7 +218,7 @@ class ResNet_AL(_VisionAL):
                             bridge_factor=bridge_factor, first_ae_loss=first_ae_loss, label_side=label_side, init=init)
         unit = RESIDUAL_UNITS[check_choice(o["residual_unit"], "residual_unit", tuple(RESIDUAL_UNITS))]
         activation = o["activation"]
-        act = _activation(activation)
+        act = activation_module(activation)
         widths = list(o["widths"])
         in_shape = _check_image_shape(in_shape)
         units = (depth - 2) // 6

@@ -281,7 +281,7 @@ class ALMLP(AssociatedLearning):
         o = presets.resolve("ALMLP", preset, hidden=hidden, label_dim=label_dim, bridge_factor=bridge_factor,
                             first_ae_loss=first_ae_loss, activation=activation, label_side=label_side, init=init)
         check_positive_int(in_features, "in_features")
-        act = reference.ACTIVATION_MODULES[check_choice(o["activation"], "activation", reference.X_ACTIVATIONS)]
+        act = reference.activation_module(o["activation"])
         check_positive_int(num_classes, "num_classes")
         label_dim = check_positive_int(o["label_dim"], "label_dim")
         bridge_factor = check_positive_int(o["bridge_factor"], "bridge_factor")

@@ -324,20 +324,25 @@ class Pipeline:
             worker.join()
 
 
+def losses_backward(model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer], i: int, s: Tensor,
+                    t: Tensor, precision: Precision) -> reference.BlockLosses:
+    """Block i's forward pass and local losses, and their gradients in its parameters' .grad."""
+    for opt in optimizers:
+        opt.zero_grad()
+    with precision.autocast():  # per thread: each stage enters it itself
+        out = reference.local_losses(model.blocks[i], s, t, model.variant, model.ae_loss_of(i))
+    (out.loss_as + out.loss_ae).backward()
+    return out
+
+
 def python_block_step(model: AssociatedLearning, index: int, pair: Sequence[torch.optim.Optimizer],
                       schedulers: Sequence[Scheduler | None], precision: Precision
                       ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Block ``index``'s step through autograd and its pair of torch optimisers (and their
     per-step schedulers), as the scheduler's stages call it: (s_prev, t_prev) -> (s, t,
     L_as, L_ae)."""
-    block, ae_loss = model.blocks[index], model.ae_loss_of(index)
-
     def step(s_prev: Tensor, t_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        for opt in pair:
-            opt.zero_grad()
-        with precision.autocast():  # per thread: each stage enters it itself
-            out = reference.local_losses(block, s_prev, t_prev, model.variant, ae_loss)
-        (out.loss_as + out.loss_ae).backward()
+        out = losses_backward(model, pair, index, s_prev, t_prev, precision)
         # A non-finite loss changes nothing, as in the fused step: the scheduler reports it.
         if bool(torch.isfinite(out.loss_as) & torch.isfinite(out.loss_ae)):
             for opt in pair:

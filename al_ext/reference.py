@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .validation import check_choice
+
 Variant = Literal["A", "B"]
 AELoss = Literal["mse", "cross_entropy"]
 VARIANTS: tuple[str, ...] = ("A", "B")
@@ -144,6 +146,11 @@ DENSE_PARAMETER_NAMES: tuple[str, ...] = ("W_f", "c_f", "W_b1", "c_b1", "W_b2", 
 # fused block's layout check and the CLI read.
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"elu": nn.ELU, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 X_ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_MODULES)
+
+
+def activation_module(name: str) -> type[nn.Module]:
+    """The module class of an x-side activation named ``name`` (one of X_ACTIVATIONS)."""
+    return ACTIVATION_MODULES[check_choice(name, "activation", X_ACTIVATIONS)]
 H_ACTIVATIONS: tuple[str, ...] = ("sigmoid", "identity")
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": F.elu, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda z: z,

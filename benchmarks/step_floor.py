@@ -14,6 +14,7 @@ import time
 import torch
 
 import al_ext
+from interleave import median_time
 from test_bench_block import gemms_of_step
 
 
@@ -25,7 +26,7 @@ def median_ms(fn, rounds: int = 20) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[rounds // 2] * 1e3
+    return median_time(times) * 1e3
 
 
 def main() -> None:

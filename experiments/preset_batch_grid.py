@@ -24,6 +24,7 @@ experiments/results/preset_batch_grid.json, so the grid can run in chunks of min
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -33,9 +34,11 @@ from typing import Any
 import torch
 
 import al_ext
+from al_ext.collapse import CHANCE_MULTIPLE
 from al_ext import presets, text
 from al_ext.label_side import ZERO_CENTRED
 from al_ext.models import ALCNN, LSTM_AL, VGG_AL, ResNet_AL, Transformer_AL
+from seeded_mnist import mnist_split
 
 BATCH_SIZES = (32, 64, 128, 256)
 VGG_EIGHTH = {"stages": ((16, 32), (32, 64), (64, "M", 64)), "head": (128, 128)}
@@ -53,11 +56,11 @@ ROWS: dict[str, tuple[str, str, Callable[..., torch.nn.Module], str]] = {
 }
 
 
+@functools.cache
 def load(data: str) -> tuple[al_ext.data.DatasetSplits, int, int | None]:
-    """(splits, classes, vocabulary size for text)."""
+    """(splits, classes, vocabulary size for text), made once per run."""
     if data == "mnist":
-        x, y = al_ext.data.load_mnist_test()
-        return al_ext.data.split_dataset(x, y, val=1000, test=2000, seed=0), 10, None
+        return mnist_split(), 10, None
     texts, labels = text.generated_topics(6000, seed=0)
     train = al_ext.data.stratified_split(labels, val=0.1, test=0.2, seed=0).train
     vocab = text.Vocabulary([texts[i] for i in train.tolist()])
@@ -114,7 +117,7 @@ def alpackage_case(epochs: int) -> dict[str, Any]:
     return out
 
 
-def first_epoch_above_chance(result: dict[str, Any], multiple: float = 1.5) -> int | None:
+def first_epoch_above_chance(result: dict[str, Any], multiple: float = CHANCE_MULTIPLE) -> int | None:
     """The first epoch whose full-path validation accuracy is above ``multiple`` x chance."""
     chance = 1 / result["classes"]
     return next((e for e, a in enumerate(result["val_accuracy"], start=1) if a > multiple * chance), None)

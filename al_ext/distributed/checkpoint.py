@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..memory_format import match_state_layouts
 from .transport import collective, failure_seen
 
 if TYPE_CHECKING:
@@ -174,7 +173,6 @@ def load_sharded(engine: DistributedALEngine, directory: str) -> None:
             if kind == "optim" and int(index) == j:
                 state.setdefault(int(where[0]), {})[".".join(where[1:])] = value
         opt.load_state_dict({"state": state, "param_groups": rest["param_groups"][j]})
-    match_state_layouts(engine.optimizers)  # the shards were read into tensors of the default layout
     for scheduler, s in zip(engine.schedulers, rest["schedulers"]):
         scheduler.load_state_dict(s)
     engine.precision.load_state_dict(rest["precision"])

@@ -29,7 +29,6 @@ from torch import Tensor
 from ..engines import Engine
 from ..errors import DistributedError, NonFiniteLossError
 from ..fused import FusedBlockOptimizer
-from ..memory_format import match_state_layouts
 from ..nn import AssociatedLearning
 from ..pipeline import Batch, BatchCallback
 from .._extension import _C
@@ -209,7 +208,6 @@ class DistributedALEngine(Engine):
                 opt.load_state_dict(saved)
             else:
                 checkpoint.load_hyperparameters(opt, saved["param_groups"])
-        match_state_layouts(self.optimizers)
         for scheduler, s in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(s)
         self.precision.load_state_dict(state["precision"])

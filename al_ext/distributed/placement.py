@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..fused import FusedBlockOptimizer
-from .stage_step import losses_backward
+from ..pipeline import losses_backward
 
 if TYPE_CHECKING:
     from .engine import DistributedALEngine

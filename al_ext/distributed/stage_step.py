@@ -21,6 +21,7 @@ from .. import reference
 from ..errors import NonFiniteLossError
 from ..fused import FusedBlockOptimizer
 from ..nn import AssociatedLearning
+from ..pipeline import losses_backward
 from ..precision import Precision
 from .transport import failures_explained, wait
 
@@ -130,13 +131,3 @@ class StageStep:
         for opt in self.block_optimizers[i]:
             opt.step()
 
-
-def losses_backward(model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], i: int, s: Tensor, t: Tensor,
-                    precision: Precision) -> reference.BlockLosses:
-    """Block i's forward pass and local losses, and their gradients in its parameters' .grad."""
-    for opt in optimizers:
-        opt.zero_grad()
-    with precision.autocast():
-        out = reference.local_losses(model.blocks[i], s, t, model.variant, model.ae_loss_of(i))
-    (out.loss_as + out.loss_ae).backward()
-    return out
