@@ -8,7 +8,8 @@ parameters that block had before its own update on that batch; so a pipelined pa
 the same parameters as the sequential loop (bit for bit on the CPU with the same intra-op
 thread count), in n + L - 1 steps of time instead of n * L.
 
-On the CPU a stage is a worker thread. On CUDA each stage also has a stream of its own:
+On the CPU a stage is a worker thread, and by default the workers share the blocks: each
+runs whichever block can step next. On CUDA each stage has a stream of its own:
 the handoff to the next stage carries an event that the next stream waits for, so the
 host does not wait for the device, and blocks may sit on several GPUs (``devices``).
 """
@@ -52,9 +53,10 @@ class PipelineRun:
     - ``losses``: (batches trained, blocks, 2) float64, each block's (L_as, L_ae) on each batch.
     - ``blocks``: per block, ``busy_s`` (time inside its steps) and ``batches``.
     - ``stages`` (pipelined runs; empty for ``pipelined=False``): per stage, a worker running
-      consecutive blocks: ``blocks`` (first, end), ``device``, ``wait_s`` (waiting for input or
-      for room downstream), ``idle_fraction`` and ``peak_queued_bytes`` (the most bytes of its
-      outputs waiting at once in the queue to the next stage).
+      consecutive blocks: ``blocks`` (first, end; every block for shared workers), ``device``,
+      ``busy_s`` (inside its blocks' steps), ``wait_s`` (waiting for input or for room
+      downstream), ``idle_fraction`` and ``peak_queued_bytes`` (the most bytes of its outputs
+      waiting at once in the queue to the next stage; shared workers: of every block's).
     - ``devices``: per CUDA device the run used (none on the CPU): ``device``, ``blocks`` and
       ``stages`` on it (indices from 0 into the lists above), and ``peak_allocated_bytes``, the
       most memory torch's caching allocator held allocated at once on that device during the run
@@ -91,7 +93,12 @@ class Pipeline:
     batch; on CUDA it also has a stream of its own. ``stages`` groups are balanced by cost:
     each block's measured busy time in the previous run, its parameter count before the
     first. The default is one stage per core on the CPU, and one per block (a stream per
-    block) on CUDA. ``max_in_flight`` bounds the batches queued between two stages, and on
+    block) on CUDA. ``shared`` (the CPU's default; CPU only): the ``stages`` workers share
+    the blocks instead, each running whichever block can step next (the deepest first).
+    Consecutive groups split blocks of unequal cost unevenly (one large block beside three
+    small ones leaves a thread idle a third of the time); shared workers keep every thread
+    busy as long as no block alone costs more than a thread's share. Each block still trains
+    on one batch at a time, in order, so the parameters are the same either way. ``max_in_flight`` bounds the batches queued between two stages, and on
     CUDA also how many batches a stage's stream may run behind its thread.
     ``threads_per_stage`` is each CPU stage's intra-op thread count (default: the cores
     shared out among the stages; all of them in sequential mode).
@@ -111,7 +118,7 @@ class Pipeline:
                  max_in_flight: int = 2, threads_per_stage: int | None = None, pipelined: bool = True,
                  stages: int | None = None, devices: Sequence[str | torch.device] | None = None,
                  cuda_graphs: bool = False, schedulers: Sequence[Scheduler] | None = None,
-                 precision: Precision | None = None) -> None:
+                 precision: Precision | None = None, shared: bool | None = None) -> None:
         if not isinstance(model, AssociatedLearning):
             raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
         self.model = model
@@ -142,6 +149,10 @@ class Pipeline:
         default_threads = max(1, cores // self.stages) if pipelined else cores
         self.threads_per_stage = (default_threads if threads_per_stage is None
                                   else check_positive_int(threads_per_stage, "threads_per_stage"))
+        if shared and self.on_cuda:
+            raise ValueError("shared=True shares the blocks among CPU threads; on CUDA each stage is a stream that "
+                             "keeps its group of blocks (use shared=False or None)")
+        self.shared = (not self.on_cuda) if shared is None else bool(shared)
         self.precision = precision or Precision()
         if isinstance(self.precision, FP16Precision):
             raise ValueError("the pipeline trains in fp32 or bf16: fp16's loss scale is one state for every block, "
@@ -205,8 +216,10 @@ class Pipeline:
     def lookahead(self) -> int:
         """The batches a full pipeline holds: one in each stage and ``max_in_flight`` in each
         queue between two stages; ``train`` runs at most this many ahead of its reader."""
-        stages = len(_C.balanced_groups(self.block_costs, self.stages)) if self.pipelined else 1
-        return stages + (stages - 1) * self.max_in_flight
+        if not self.pipelined:
+            return 1
+        holders = self.model.depth if self.shared else len(_C.balanced_groups(self.block_costs, self.stages))
+        return holders + (holders - 1) * self.max_in_flight
 
     def run(self, batches: Iterable[Batch], on_batch: BatchCallback | None = None,
             should_abort: Callable[[], bool] | None = None, max_unreported: int = 0) -> PipelineRun:
@@ -233,8 +246,10 @@ class Pipeline:
             raise ValueError("the model's blocks moved since this Pipeline was made (from "
                              f"{', '.join(str(d) for d in self.block_devices)} to "
                              f"{', '.join(str(d) for d in _block_devices(self.model))}); make a new Pipeline")
-        starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else [0]
-        stage_devices = self._stage_devices(starts)
+        shared_workers = self.stages if self.pipelined and self.shared else 0
+        starts = ([] if shared_workers else _C.balanced_groups(self.block_costs, self.stages) if self.pipelined
+                  else [0])
+        stage_devices = ["cpu"] * shared_workers if shared_workers else self._stage_devices(starts)
         cuda_devices = sorted({d for d in stage_devices if torch.device(d).type == "cuda"})
         for device in cuda_devices:
             torch.cuda.reset_peak_memory_stats(device)
@@ -242,7 +257,8 @@ class Pipeline:
             with torch.no_grad() if self._fused is not None else torch.enable_grad():
                 out = _C.run_blocks(self._block_steps(), self._prepared(batches), self.pipelined, starts,
                                     self.max_in_flight, self.threads_per_stage, stage_devices,
-                                    on_batch=on_batch, should_abort=should_abort, max_unreported=max_unreported)
+                                    on_batch=on_batch, should_abort=should_abort, max_unreported=max_unreported,
+                                    shared_workers=shared_workers)
         finally:
             for opt in self._fused or []:
                 opt.scheduler_run_done()
@@ -256,9 +272,8 @@ class Pipeline:
             self.block_costs = [b["busy_s"] for b in out["blocks"]]  # balance the next run by what was measured
         stages = []
         for stage, device in zip(out["stages"], stage_devices):
-            first, end = stage["blocks"]
-            busy = sum(b["busy_s"] for b in out["blocks"][first:end])
-            stages.append(dict(stage, device=device, idle_fraction=max(0.0, 1.0 - busy / wall) if wall > 0 else 0.0))
+            idle = max(0.0, 1.0 - stage["busy_s"] / wall) if wall > 0 else 0.0
+            stages.append(dict(stage, device=device, idle_fraction=idle))
         devices = [self._device_peak(device, stage_devices if self.pipelined else []) for device in cuda_devices]
         self.last_run = PipelineRun(out["losses"], out["blocks"], stages, wall, devices)
         return self.last_run

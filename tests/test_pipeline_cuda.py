@@ -396,6 +396,14 @@ def test_blocks_are_placed_again_by_measured_cost_before_each_run():
         assert all(state["exp_avg"].device == device for state in opt.state.values())
 
 
+@needs_cuda
+def test_shared_workers_are_refused_on_cuda():
+    model = small_mlp().cuda()
+    with pytest.raises(ValueError, match="shared=True shares the blocks among CPU threads"):
+        Pipeline(model, Trainer(model, progress=False).optimizers, shared=True)
+    assert not Pipeline(model, Trainer(model, progress=False).optimizers).shared, "a stream per stage on CUDA"
+
+
 def test_bad_devices_are_refused():
     model = small_mlp()
     opts = Trainer(model, progress=False).optimizers

@@ -1,5 +1,5 @@
-"""The C++ scheduler: stage balancing, the order every block sees the batches in, pipelined
-training equal to sequential training, streaming, and faults."""
+"""The C++ scheduler: stage balancing, shared workers, the order every block sees the batches
+in, pipelined training equal to sequential training, streaming, and faults."""
 import os
 import shutil
 import signal
@@ -52,22 +52,33 @@ def test_stage_state_is_restored_on_its_own_thread_and_a_failing_leave_is_report
     assert "stage scope tests passed" in out
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
-def test_every_block_sees_every_batch_once_in_order_after_the_block_below(pipelined):
-    ran, lock = [], threading.Lock()
+# How run_blocks is called in each mode (4 blocks): positional (pipelined, stage_starts), keywords.
+MODES = {"sequential": ((False, []), {}), "stages": ((True, [0, 1, 2, 3]), {}),
+         "shared": ((True, []), {"shared_workers": 2})}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_block_sees_every_batch_once_in_order_after_the_block_below(mode):
+    ran, running, overlaps, lock = [], set(), [], threading.Lock()
 
     def make(block):
         def step(s, t):
             with lock:
                 ran.append((block, int(s[0])))
+                overlaps.append(block in running)
+                running.add(block)
+            time.sleep(0.001 * (block + 1))  # unequal blocks: the shared workers move between them
+            with lock:
+                running.discard(block)
             return s, t, torch.tensor(0.0), torch.tensor(0.0)
         return _C.python_block_step(step)
 
     blocks, batches = 4, 25
     stream = ((torch.tensor([float(j)]), torch.zeros(1)) for j in range(batches))
-    out = _C.run_blocks([make(b) for b in range(blocks)], stream, pipelined, list(range(blocks)) if pipelined else [],
-                        2, 1, [])
+    (pipelined, starts), options = MODES[mode]
+    out = _C.run_blocks([make(b) for b in range(blocks)], stream, pipelined, starts, 2, 1, [], **options)
     assert out["losses"].shape == (batches, blocks, 2)
+    assert not any(overlaps), "a block steps on one batch at a time"
     for b in range(blocks):
         assert [j for block, j in ran if block == b] == list(range(batches))
     position = {task: i for i, task in enumerate(ran)}
@@ -102,12 +113,13 @@ def test_pipelined_training_equals_sequential_bit_for_bit(backend, variant, opti
     assert len(history[-1]["stage_idle_fraction"]) == 3, "one stage per block: every block on its own thread"
 
 
-def test_cpp_sequential_mode_equals_pipelined_mode():
+@pytest.mark.parametrize("shared", [False, True], ids=["stages", "shared"])
+def test_cpp_sequential_mode_equals_pipelined_mode(shared):
     results = []
     for pipelined in (False, True):
         model = small_mlp(hidden=(24, 16, 12))
         opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
-        run = Pipeline(model, opts, pipelined=pipelined, threads_per_stage=1, stages=3).run(
+        run = Pipeline(model, opts, pipelined=pipelined, threads_per_stage=1, stages=2, shared=shared).run(
             [(x[i : i + 8], y[i : i + 8]) for x, y in [data()] for i in range(0, 96, 8)])
         results.append(([p.detach().clone() for p in model.parameters()], run))
     (seq_params, seq_run), (pipe_params, pipe_run) = results
@@ -115,8 +127,12 @@ def test_cpp_sequential_mode_equals_pipelined_mode():
     assert torch.equal(seq_run.losses, pipe_run.losses) and pipe_run.losses.shape == (12, 3, 2)
     for block in pipe_run.blocks:
         assert block["batches"] == 12 and block["busy_s"] > 0
+    assert len(pipe_run.stages) == 2
     for stage in pipe_run.stages:
         assert 0.0 <= stage["idle_fraction"] <= 1.0 and stage["device"] == "cpu"
+        assert stage["blocks"] == (0, 3) if shared else stage["blocks"] != (0, 3)
+    busy = sum(s["busy_s"] for s in pipe_run.stages)
+    assert busy == pytest.approx(sum(b["busy_s"] for b in pipe_run.blocks), rel=0.05), "each step counted once"
     assert seq_run.stages == [] and seq_run.devices == pipe_run.devices == [], "device peaks are CUDA's"
 
 
@@ -124,9 +140,11 @@ def worker_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def test_a_failing_block_reports_where_and_a_later_run_works():
+@pytest.mark.parametrize("shared", [False, True], ids=["stages", "shared"])
+def test_a_failing_block_reports_where_and_a_later_run_works(shared):
     model = small_mlp(hidden=(24, 16, 12), backend="reference")
     trainer = Trainer(model, batch_size=8, progress=False, pipeline=True)
+    pipeline = Pipeline(model, trainer.optimizers, shared=shared)
     original = model.blocks[1].b
     calls = {"n": 0}
 
@@ -140,7 +158,7 @@ def test_a_failing_block_reports_where_and_a_later_run_works():
     model.blocks[1].b = Fails()
     before = worker_threads()
     with pytest.raises(PipelineError, match="block 2 failed on batch 3: .*boom in the bridge") as err:
-        trainer.pipeline.run([(x[i : i + 8], y[i : i + 8]) for x, y in [data()] for i in range(0, 96, 8)])
+        pipeline.run([(x[i : i + 8], y[i : i + 8]) for x, y in [data()] for i in range(0, 96, 8)])
     assert (err.value.block, err.value.batch) == (2, 3)
     assert worker_threads() == before, "every worker thread is joined"
     model.blocks[1].b = original
@@ -157,10 +175,11 @@ def test_non_finite_loss_in_a_fused_block_stops_the_run():
     assert (err.value.block, err.value.batch, err.value.epoch, err.value.loss) == (3, 0, 1, "L_as")
 
 
-def test_ctrl_c_stops_every_block_and_a_later_run_works():
+@pytest.mark.parametrize("shared", [False, True], ids=["stages", "shared"])
+def test_ctrl_c_stops_every_block_and_a_later_run_works(shared):
     model = small_mlp(hidden=(24, 16, 12), backend="reference")
     x, y = data(4096)
-    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers)
+    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, shared=shared)
     timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
     before = worker_threads()
     timer.start()
@@ -178,18 +197,21 @@ def test_queues_hold_at_most_max_in_flight_batches():
     opts = [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks]
     x, y = data(256)
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 256, 8)]
+    handoff = [8 * (24 + 12) * 4, 8 * (16 + 12) * 4]  # bytes of (s, t) leaving blocks 1 and 2
     for limit in (1, 3):
-        run = Pipeline(model, opts, max_in_flight=limit, stages=3).run(batches)
-        handoff = [8 * (24 + 12) * 4, 8 * (16 + 12) * 4]  # bytes of (s, t) leaving blocks 1 and 2
+        run = Pipeline(model, opts, max_in_flight=limit, stages=3, shared=False).run(batches)
         for stage, size in zip(run.stages, handoff):
             assert 0 < stage["peak_queued_bytes"] <= limit * size
+        run = Pipeline(model, opts, max_in_flight=limit, stages=3, shared=True).run(batches)
+        assert all(0 < stage["peak_queued_bytes"] <= limit * sum(handoff) for stage in run.stages)
 
 
 def test_stages_group_consecutive_blocks_by_measured_cost():
     assert _C.balanced_groups([1.0, 1.0, 1.0, 1.0], 2) == [0, 2]
     assert _C.balanced_groups([5.0, 1.0, 1.0, 1.0, 1.0, 1.0], 2) == [0, 1]
     model = small_mlp(hidden=(24, 16, 12, 8))
-    pipeline = Pipeline(model, [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks], stages=2)
+    pipeline = Pipeline(model, [al_ext.fused.FusedBlockAdam(b, 1e-3, 2e-3) for b in model.blocks], stages=2,
+                        shared=False)
     x, y = data(64)
     run = pipeline.run([(x[i : i + 8], y[i : i + 8]) for i in range(0, 64, 8)])
     assert [s["blocks"] for s in run.stages][0][0] == 0 and run.stages[-1]["blocks"][1] == 4
@@ -212,6 +234,21 @@ def test_bad_pipeline_arguments():
         Pipeline(model, opts, cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs=True .* needs pipeline=True"):
         Trainer(model, progress=False, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("pipelined,options,message", [
+    (False, dict(shared_workers=2), "shared_workers needs pipelined mode"),
+    (True, dict(shared_workers=-1), "shared_workers must be at least 0, got -1"),
+    (True, dict(shared_workers=2, hold_back_results=1), "shared workers run on the CPU only"),
+])
+def test_bad_shared_worker_options(pipelined, options, message):
+    step = _C.python_block_step(lambda s, t: (s, t, torch.tensor(0.0), torch.tensor(0.0)))
+    with pytest.raises(ValueError, match=message):
+        _C.run_blocks([step, step], [(torch.zeros(1), torch.zeros(1))], pipelined, [], 2, 1, [], **options)
+    with pytest.raises(ValueError, match="stage_starts must be empty"):
+        _C.run_blocks([step, step], [], True, [0, 1], 2, 1, [], shared_workers=2)
+    with pytest.raises(ValueError, match="shared workers run on the CPU .* got cuda:0"):
+        _C.run_blocks([step, step], [], True, [], 2, 1, ["cuda:0"], shared_workers=1)
 
 
 def test_a_run_after_the_blocks_moved_is_refused():

@@ -106,7 +106,7 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::itera
                     std::vector<int> stage_starts, int max_in_flight, int threads_per_stage,
                     const std::vector<std::string>& stage_devices, int hold_back_results,
                     const std::optional<py::function>& on_batch, const std::optional<py::function>& should_abort,
-                    int max_unreported) {
+                    int max_unreported, int shared_workers) {
   std::vector<BlockStep> steps;
   for (const PyBlockStep& b : block_steps) steps.push_back(b.step);
   RunOptions options;
@@ -116,6 +116,7 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::itera
   options.threads_per_stage = threads_per_stage;
   options.hold_back_results = hold_back_results;
   options.max_unreported = max_unreported;
+  options.shared_workers = shared_workers;
   for (const std::string& device : stage_devices) options.stage_devices.emplace_back(device);
   options.interrupted = [&should_abort] {
     py::gil_scoped_acquire gil;
@@ -148,6 +149,7 @@ py::dict run_blocks(const std::vector<PyBlockStep>& block_steps, const py::itera
     for (const WorkerStats& w : run_result.workers) {
       py::dict d;
       d["blocks"] = py::make_tuple(w.first_block, w.end_block);
+      d["busy_s"] = w.busy_s;
       d["wait_s"] = w.wait_s;
       d["peak_queued_bytes"] = w.peak_queued_bytes;
       workers.append(d);
@@ -230,9 +232,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("run_blocks", &run_blocks, py::arg("blocks"), py::arg("batches"), py::arg("pipelined"),
         py::arg("stage_starts"), py::arg("max_in_flight"), py::arg("threads_per_stage"), py::arg("stage_devices"),
         py::arg("hold_back_results") = 0, py::arg("on_batch") = py::none(), py::arg("should_abort") = py::none(),
-        py::arg("max_unreported") = 0,
+        py::arg("max_unreported") = 0, py::arg("shared_workers") = 0,
         "Trains every block on every (s_0, t_0) batch of an iterable, pulled lazily, pipelined (stages of "
-        "consecutive blocks, each on its own thread, and on CUDA its own stream) or sequentially. "
+        "consecutive blocks, each on its own thread, and on CUDA its own stream; or, shared_workers > 0 on the "
+        "CPU, that many threads each running whichever block can step next) or sequentially. "
         "on_batch(batch, losses (blocks, 2)) is called on this thread in batch order as each batch completes; "
         "a true result stops the run once the batches already pulled have trained; with max_unreported > 0 "
         "(pipelined), batch j is pulled only once batch j - max_unreported was reported. should_abort() is "

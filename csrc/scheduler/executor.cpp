@@ -140,19 +140,26 @@ class Run {
   Run(const std::vector<BlockStep>& blocks, const BatchSource& source, const RunOptions& options)
       : blocks_(blocks), source_(source), options_(options), stats_(blocks.size()),
         book_(static_cast<int>(blocks.size())) {
-    // Sequential mode is a pipeline of one stage, run on the calling thread.
-    std::vector<int> starts = options.pipelined ? options.stage_starts : std::vector<int>{0};
-    if (starts.empty()) {
-      for (int i = 0; i < static_cast<int>(blocks.size()); ++i) starts.push_back(i);
+    const int depth = static_cast<int>(blocks.size());
+    if (shared()) {
+      for (int g = 0; g < options.shared_workers; ++g) workers_.push_back({0, depth});
+      inputs_.resize(blocks.size());
+      busy_.assign(blocks.size(), 0);
+    } else {
+      // Sequential mode is a pipeline of one stage, run on the calling thread.
+      std::vector<int> starts = options.pipelined ? options.stage_starts : std::vector<int>{0};
+      if (starts.empty()) {
+        for (int i = 0; i < depth; ++i) starts.push_back(i);
+      }
+      for (size_t g = 0; g < starts.size(); ++g) {
+        workers_.push_back({starts[g], g + 1 < starts.size() ? starts[g + 1] : depth});
+      }
+      for (size_t g = 0; g + 1 < workers_.size(); ++g) {
+        queues_.push_back(std::make_unique<BoundedQueue>(static_cast<size_t>(options.max_in_flight)));
+      }
     }
-    for (size_t g = 0; g < starts.size(); ++g) {
-      const int end = g + 1 < starts.size() ? starts[g + 1] : static_cast<int>(blocks.size());
-      workers_.push_back({starts[g], end});
-      const c10::Device device = options.stage_devices.empty() ? c10::Device(c10::kCPU) : options.stage_devices[g];
-      devices_.push_back(make_stage(device));
-    }
-    for (size_t g = 0; g + 1 < workers_.size(); ++g) {
-      queues_.push_back(std::make_unique<BoundedQueue>(static_cast<size_t>(options.max_in_flight)));
+    for (size_t g = 0; g < workers_.size(); ++g) {
+      devices_.push_back(make_stage(options.stage_devices.empty() ? c10::Device(c10::kCPU) : options.stage_devices[g]));
     }
   }
 
@@ -173,6 +180,13 @@ class Run {
     RunResult result{book_.losses(), stats_, {}, seconds_since(start)};
     if (options_.pipelined) {
       result.workers = workers_;
+      for (WorkerStats& w : result.workers) {
+        if (shared()) {
+          w.peak_queued_bytes = peak_queued_bytes_;
+        } else {
+          for (int b = w.first_block; b < w.end_block; ++b) w.busy_s += stats_[b].busy_s;
+        }
+      }
       for (size_t g = 0; g < queues_.size(); ++g) result.workers[g].peak_queued_bytes = queues_[g]->peak_bytes();
     }
     if (interrupted_) throw Interrupted();
@@ -181,6 +195,8 @@ class Run {
   }
 
  private:
+  bool shared() const { return options_.shared_workers > 0; }
+
   std::unique_ptr<StageDevice> make_stage(c10::Device device) const {
     if (device.is_cpu()) return make_cpu_stage(options_.threads_per_stage, options_.hold_back_results);
 #ifdef AL_EXT_WITH_CUDA
@@ -206,7 +222,11 @@ class Run {
     std::unique_ptr<ThreadScope> scope;
     capture_failure(device, [&] {
       scope = device.enter();
-      stage_loop(stage, device);
+      if (shared()) {
+        shared_loop(stage, device);
+      } else {
+        stage_loop(stage, device);
+      }
     });
     capture_failure(device, [&] { device.leave(); });
   }
@@ -258,10 +278,15 @@ class Run {
   void stop() {
     stopping_ = true;
     for (auto& q : queues_) q->close();
-    {
-      std::lock_guard<std::mutex> lock(feed_mutex_);
-    }
-    feed_.notify_all();
+    wake(feed_mutex_, feed_);
+    wake(tasks_mutex_, tasks_);
+  }
+
+  // Wakes the waiters of `cv`, which test their condition under `mutex`: taking it orders this
+  // wake after a waiter's test, so that no wake falls between its test and its wait.
+  static void wake(std::mutex& mutex, std::condition_variable& cv) {
+    { std::lock_guard<std::mutex> lock(mutex); }
+    cv.notify_all();
   }
 
   // On the calling thread. A failing `interrupted` ends the run like a failing on_batch:
@@ -311,6 +336,7 @@ class Run {
         reported_ = batch + 1;
       }
       feed_.notify_all();
+      wake(tasks_mutex_, tasks_);  // shared workers: the first block may pull again, or all is done
     }
   }
 
@@ -375,10 +401,102 @@ class Run {
       std::unique_lock<std::mutex> lock(feed_mutex_);
       feed_.wait(lock, [&] { return index - reported_ < options_.max_unreported || stop_feeding_ || stopping_; });
     }
+    return pull_batch();
+  }
+
+  std::optional<Batch> pull_batch() {
     if (stop_feeding_ || stopping_) return std::nullopt;
     std::optional<Batch> batch = source_();
     if (batch) book_.add_batch();
     return batch;
+  }
+
+  // A shared worker: runs whichever block can step next, the deepest first (that frees queued
+  // activations and completes batches soonest), until every batch pulled has trained on every
+  // block. A block is never run by two workers at once, so each steps through the batches in
+  // order, as in a stage.
+  void shared_loop(size_t g, StageDevice& device) {
+    WorkerStats& w = workers_[g];
+    const int depth = static_cast<int>(blocks_.size());
+    std::unique_lock<std::mutex> lock(tasks_mutex_);
+    for (;;) {
+      int block = -1;
+      const auto start = Clock::now();
+      tasks_.wait(lock, [&] { return stopping_ || all_done() || (block = next_task()) >= 0; });
+      w.wait_s += seconds_since(start);
+      if (stopping_ || block < 0) break;
+      busy_[block] = 1;
+      int batch = pulled_;
+      at::Tensor s, t;
+      if (block > 0) {
+        Handoff in = std::move(inputs_[block].front());
+        inputs_[block].pop_front();
+        queued_bytes_ -= in.s.nbytes() + in.t.nbytes();
+        batch = in.batch;
+        s = std::move(in.s);
+        t = std::move(in.t);
+      }
+      lock.unlock();
+      bool pulled = block > 0;
+      if (block == 0) {
+        current_block_ = 0;  // a failing source is reported at the first block
+        current_batch_ = batch;
+        if (std::optional<Batch> next = pull_batch()) {
+          std::tie(s, t) = std::move(*next);
+          pulled = true;
+        }
+      }
+      StepResult out;
+      if (pulled) {
+        const auto start = Clock::now();
+        std::vector<at::Tensor> reused;
+        out = step(device, block, batch, s, t, reused, /*hands_on=*/block + 1 < depth);
+        w.busy_s += seconds_since(start);
+      }
+      lock.lock();
+      busy_[block] = 0;
+      if (block == 0 && pulled) {
+        ++pulled_;
+      } else if (block == 0) {
+        source_ended_ = true;
+      }
+      if (pulled && block + 1 < depth) {
+        queued_bytes_ += out.s.nbytes() + out.t.nbytes();
+        peak_queued_bytes_ = std::max(peak_queued_bytes_, queued_bytes_);
+        inputs_[block + 1].push_back({batch, std::move(out.s), std::move(out.t), nullptr});
+      }
+      tasks_.notify_all();
+    }
+  }
+
+  // Under tasks_mutex_: the deepest block that is free, has a batch to train on and room for
+  // its outputs (max_in_flight batches wait for each block at most); -1 if none.
+  int next_task() {
+    const int depth = static_cast<int>(blocks_.size());
+    for (int b = depth - 1; b >= 0; --b) {
+      if (busy_[b] || (b + 1 < depth && inputs_[b + 1].size() >= static_cast<size_t>(options_.max_in_flight))) {
+        continue;
+      }
+      if (b > 0 ? !inputs_[b].empty() : may_pull()) return b;
+    }
+    return -1;
+  }
+
+  // Under tasks_mutex_: whether the first block may take the next batch from the source.
+  bool may_pull() {
+    if (source_ended_ || stop_feeding_ || stopping_) return false;
+    if (options_.max_unreported == 0) return true;
+    std::lock_guard<std::mutex> lock(feed_mutex_);
+    return pulled_ - reported_ < options_.max_unreported;
+  }
+
+  // Under tasks_mutex_: no batch will be pulled, and every one pulled has trained on every block.
+  bool all_done() {
+    if (!(source_ended_ || stop_feeding_)) return false;
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+      if (busy_[b] || !inputs_[b].empty()) return false;
+    }
+    return true;
   }
 
   // Stage g: for each batch in turn, its blocks one after the other.
@@ -452,6 +570,14 @@ class Run {
   std::mutex feed_mutex_;
   std::condition_variable feed_;            // the first stage waits here for reports (max_unreported)
   int reported_ = 0;                        // under feed_mutex_: batches reported to on_batch
+  // Shared workers only, under tasks_mutex_ (taken before feed_mutex_, never after).
+  std::mutex tasks_mutex_;
+  std::condition_variable tasks_;           // idle workers wait here for a block to run
+  std::vector<std::deque<Handoff>> inputs_; // per block: the batches handed on by the block below
+  std::vector<char> busy_;                  // per block: a worker is running its step
+  int pulled_ = 0;                          // batches taken from the source
+  bool source_ended_ = false;
+  int64_t queued_bytes_ = 0, peak_queued_bytes_ = 0;
   static thread_local int current_block_, current_batch_;  // what this thread is running
 };
 
@@ -474,8 +600,30 @@ RunResult run(const std::vector<BlockStep>& blocks, const BatchSource& source, c
       throw std::invalid_argument("stage_starts must rise from 0 and stay below the number of blocks");
     }
   }
+  if (options.shared_workers < 0) {
+    throw std::invalid_argument("shared_workers must be at least 0, got " + std::to_string(options.shared_workers));
+  }
+  if (options.shared_workers > 0) {
+    if (!options.pipelined) throw std::invalid_argument("shared_workers needs pipelined mode");
+    if (!options.stage_starts.empty()) {
+      throw std::invalid_argument("shared_workers share every block: stage_starts must be empty");
+    }
+    if (options.hold_back_results > 0) {
+      throw std::invalid_argument("hold_back_results makes CPU stages read results late as CUDA stages do; "
+                                  "shared workers run on the CPU only, where results are read at once");
+    }
+    for (const c10::Device& device : options.stage_devices) {
+      if (!device.is_cpu()) {
+        throw std::invalid_argument("shared workers run on the CPU (a CUDA stage keeps a stream per group of "
+                                    "blocks), got " + device.str());
+      }
+    }
+  }
   if (!options.stage_devices.empty()) {
-    const size_t stages = !options.pipelined ? 1 : options.stage_starts.empty() ? blocks.size() : options.stage_starts.size();
+    const size_t stages = !options.pipelined          ? 1
+                          : options.shared_workers > 0 ? static_cast<size_t>(options.shared_workers)
+                          : options.stage_starts.empty() ? blocks.size()
+                                                         : options.stage_starts.size();
     if (options.stage_devices.size() != stages) {
       throw std::invalid_argument("stage_devices must name one device per stage (" + std::to_string(stages) +
                                   "), got " + std::to_string(options.stage_devices.size()));

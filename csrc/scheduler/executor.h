@@ -6,7 +6,7 @@
 // the same order as in the sequential loop. Batches are pulled from the source only as the
 // first stage gets to them, so memory is bounded by the queues, not by the stream's length.
 // Where a stage runs (CPU threads, or a CUDA stream with events at the handoffs) is its
-// StageDevice.
+// StageDevice. On the CPU the workers may instead share the blocks (RunOptions::shared_workers).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,9 +29,11 @@ struct BlockStats {
 
 // A pipeline worker runs a group of consecutive blocks (a stage) on each batch in turn.
 struct WorkerStats {
-  int first_block = 0, end_block = 0;  // blocks [first_block, end_block)
+  int first_block = 0, end_block = 0;  // blocks [first_block, end_block): every block if shared
+  double busy_s = 0.0;                 // inside its blocks' steps
   double wait_s = 0.0;                 // waiting for input, or for room downstream
-  int64_t peak_queued_bytes = 0;       // most bytes of this stage's outputs queued at once
+  int64_t peak_queued_bytes = 0;       // most bytes of this stage's outputs queued at once; shared
+                                       // workers: of every block's outputs
 };
 
 using Batch = std::pair<at::Tensor, at::Tensor>;  // (s_0, t_0)
@@ -54,6 +56,12 @@ struct RunOptions {
   int max_in_flight = 2;       // batches a queue between two stages may hold; on CUDA, also
                                // the batches a stage's stream may run behind its worker
   int threads_per_stage = 1;   // intra-op threads of each worker (CPU)
+  // Pipelined, on the CPU: this many workers, each taking whichever block can step next (the
+  // deepest first), instead of one fixed group of consecutive blocks per worker. Blocks of
+  // unequal cost then share the threads evenly, where consecutive groups may not split them
+  // evenly. A block still steps on one batch at a time, in order, so training is unchanged.
+  // 0: fixed stages (stage_starts); else stage_starts must be empty.
+  int shared_workers = 0;
   // Each stage's device (the device of its blocks); empty: every stage on the CPU. A CUDA
   // stage runs on a stream of its own (in sequential mode too: one stream for every block).
   std::vector<c10::Device> stage_devices;
