@@ -98,8 +98,10 @@ class Pipeline:
     Consecutive groups split blocks of unequal cost unevenly (one large block beside three
     small ones leaves a thread idle a third of the time); shared workers keep every thread
     busy as long as no block alone costs more than a thread's share. Each block still trains
-    on one batch at a time, in order, so the parameters are the same either way. ``max_in_flight`` bounds the batches queued between two stages, and on
-    CUDA also how many batches a stage's stream may run behind its thread.
+    on one batch at a time, in order, so the parameters are the same either way.
+    ``max_in_flight`` bounds the batches queued between two stages (shared workers: waiting
+    for each block), and on CUDA also how many batches a stage's stream may run behind its
+    thread.
     ``threads_per_stage`` is each CPU stage's intra-op thread count (default: the cores
     shared out among the stages; all of them in sequential mode).
 
@@ -215,7 +217,9 @@ class Pipeline:
     @property
     def lookahead(self) -> int:
         """The batches a full pipeline holds: one in each stage and ``max_in_flight`` in each
-        queue between two stages; ``train`` runs at most this many ahead of its reader."""
+        queue between two stages (shared workers: one in each block and ``max_in_flight``
+        waiting for each block after the first); ``train`` runs at most this many ahead of
+        its reader."""
         if not self.pipelined:
             return 1
         holders = self.model.depth if self.shared else len(_C.balanced_groups(self.block_costs, self.stages))

@@ -2,16 +2,18 @@
 
     python -m pytest benchmarks/test_bench_pipeline.py --benchmark-only --benchmark-columns=mean,rounds -s
 
-For each model and batch size, one epoch of the same batches is trained in turn five ways
+For each model and batch size, one epoch of the same batches is trained in turn six ways
 (benchmarks/interleave.py), every block with its fused step (FusedBlockAdam):
 - python:     the sequential loop in Python (what Trainer does without pipeline=True);
 - sequential: the C++ scheduler's sequential mode, all intra-op threads on each step;
 - seq-1thread: the same on one thread: how much a step gains from the other cores, which
               bounds what the pipeline can gain over the sequential mode (on c cores at
               most c x seq-1thread);
-- pipeline:   all stages at once on consecutive batches, one stage (a worker running a
-              group of consecutive blocks, balanced by measured cost) per core;
-- per-block:  the same with one stage per block, more workers than cores when L > cores.
+- pipeline:   every block at once on consecutive batches, one worker per core, the
+              workers sharing the blocks (the CPU's default);
+- stages:     the same with each worker running a fixed group of consecutive blocks
+              (a stage, balanced by measured cost): Pipeline(shared=False);
+- per-block:  fixed stages of one block each, more workers than cores when L > cores.
 The summary (shown with -s) gives samples/s (median epoch), the speed-up over the C++
 sequential mode (median of per-round ratios, and best time against best time), each
 stage's idle (bubble) fraction, and the ideal ratio: the sum of the blocks' busy times
@@ -111,7 +113,8 @@ def test_epoch(benchmark, results, case):
     model, opts, batches = setup(in_features, hidden, label_dim, classes, batch, BATCHES)
     pipelines = {"sequential": Pipeline(model, opts, pipelined=False),
                  "seq-1thread": Pipeline(model, opts, pipelined=False, threads_per_stage=1),
-                 "pipeline": Pipeline(model, opts), "per-block": Pipeline(model, opts, stages=len(hidden))}
+                 "pipeline": Pipeline(model, opts), "stages": Pipeline(model, opts, shared=False),
+                 "per-block": Pipeline(model, opts, stages=len(hidden), shared=False)}
     runs: dict[str, Any] = {}
     benchmark.group = f"{name}, batch {batch}"
     times = interleaved(benchmark, epochs(model, opts, batches, pipelines, runs), ROUNDS)

@@ -4,6 +4,7 @@
     nice -n 19 python experiments/preset_batch_grid.py --families ALMLP LSTM_AL     (a chunk)
     nice -n 19 python experiments/preset_batch_grid.py --families ALCNN --epochs 3 --zero-centred
     nice -n 19 python experiments/preset_batch_grid.py --families VGG_AL --batches 32 256 --epochs 3 --centred-inputs
+    nice -n 19 python experiments/preset_batch_grid.py --families VGG_AL --batches 256 --epochs 9 --sigmoid-aware-init
     python experiments/preset_batch_grid.py --table                                (the table)
 
 Presets and data: the "neco" presets (ALMLP, ALCNN, VGG_AL, ResNet_AL-20) on the MNIST test
@@ -17,7 +18,9 @@ settings (al_ext.presets.training_settings: NECO lr 1e-4 and 2e-4 at batch 32, 1
 2e-3 for ResNet_AL, ICLR 2022
 1e-3 for both at batch 64), scaled by the square root of the batch ratio; no schedule; model
 seed 0. ``--zero-centred`` gives the NECO families al_ext.label_side.ZERO_CENTRED (tanh) in
-place of their sigmoid label side, the remedy the collapse warning names. Test accuracy is
+place of their sigmoid label side, the remedy the collapse warning names;
+``--sigmoid-aware-init`` keeps the sigmoid label side and re-initialises it
+(sigmoid_aware_init). Test accuracy is
 read at the epoch best on validation. Results are merged into
 experiments/results/preset_batch_grid.json, so the grid can run in chunks of minutes.
 """
@@ -74,14 +77,34 @@ def centred(parts: al_ext.data.DatasetSplits) -> al_ext.data.DatasetSplits:
                                        for part in (parts.train, parts.val, parts.test)))
 
 
+def sigmoid_aware_init(model: al_ext.AssociatedLearning) -> None:
+    """Every label-side Linear layer that takes sigmoid outputs and feeds a sigmoid (g_i for
+    i >= 2, every h_i, the bridges' second layer) gets weights N(0, 16 / fan_in) and biases
+    that cancel the inputs' common 1/2: a sigmoid's slope at 0 is 1/4, so the classes'
+    differences then pass each layer at their size, where He-normal weights and zero biases
+    shrink them about 3x per layer. The architecture and parameter count stay NECO's."""
+    for i, block in enumerate(model.blocks):
+        for part, takes_sigmoid in ((block.g, i > 0), (block.h, True), (block.b, False)):
+            layers = list(part)
+            for k, layer in enumerate(layers):
+                fed = isinstance(layers[k - 1], torch.nn.Sigmoid) if k > 0 else takes_sigmoid
+                feeds = k + 1 < len(layers) and isinstance(layers[k + 1], torch.nn.Sigmoid)
+                if isinstance(layer, torch.nn.Linear) and fed and feeds:
+                    with torch.no_grad():
+                        layer.weight.normal_(0.0, 4.0 / layer.in_features ** 0.5)
+                        layer.bias.copy_(-0.5 * layer.weight.sum(1))
+
+
 def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False,
-        centred_inputs: bool = False) -> dict[str, Any]:
+        centred_inputs: bool = False, sigmoid_aware: bool = False) -> dict[str, Any]:
     preset, data, make, widths = ROWS[family]
     parts, classes, vocab_size = load(data)
     if centred_inputs:
         parts = centred(parts)
     torch.manual_seed(0)
     model = make(classes, vocab_size, ZERO_CENTRED) if zero_centred else make(classes, vocab_size)
+    if sigmoid_aware:
+        sigmoid_aware_init(model)
     settings = presets.training_settings(preset, batch_size, family=type(model))
     trainer = al_ext.Trainer(model, progress=False, **settings)
     start = time.perf_counter()
@@ -89,7 +112,7 @@ def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False,
     seconds = time.perf_counter() - start
     trainer.restore_best()
     return {"preset": preset, "label_side": "zero-centred (tanh)" if zero_centred else "the preset's", "data": data,
-            "centred_inputs": centred_inputs,
+            "centred_inputs": centred_inputs, "sigmoid_aware_init": sigmoid_aware,
             "widths": widths, **settings, "classes": classes, "epochs": epochs,
             "parameters": sum(p.numel() for p in model.parameters()), "seconds": seconds,
             "val_accuracy": [r["val_accuracy"] for r in history],
@@ -133,7 +156,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         r, family = results[key], key.split("@")[0]
         accs = " ".join(f"{100 * a:.0f}" for a in r["val_accuracy"])
         first = first_epoch_above_chance(r)
-        side = (", tanh label side" if "+tanh" in key else "") + (", centred inputs" if "+centred" in key else "")
+        side = ((", tanh label side" if "+tanh" in key else "") + (", centred inputs" if "+centred" in key else "")
+                + (", sigmoid-aware init" if "+sigmoid-init" in key else ""))
         print(f"| {family} ({r['preset']}{side}, {r['widths']}) | {r['batch_size']} | {r['lr']:.2g} / {r['ae_lr']:.2g} "
               f"| {accs} | {first if first is not None else 'never'} | {100 * r['val_shortcut_accuracy'][-1][0]:.0f} % "
               f"| {100 * r['test_accuracy_at_best_val']:.1f} % "
@@ -162,6 +186,8 @@ def main() -> None:
                         "label side, the collapse warning's remedy")
     parser.add_argument("--centred-inputs", action="store_true",
                         help="subtract the training split's per-pixel mean from the images, as the NECO code does")
+    parser.add_argument("--sigmoid-aware-init", action="store_true",
+                        help="keep the NECO families' sigmoid label side, initialised by sigmoid_aware_init")
     parser.add_argument("--alpackage", action="store_true",
                         help="run only the case issue 14 reported (alpackage_case), for 8 epochs")
     args = parser.parse_args()
@@ -174,8 +200,9 @@ def main() -> None:
         for family in args.families:
             for batch_size in args.batches:
                 key = (f"{family}@{batch_size}" + ("+tanh" if args.zero_centred else "")
-                       + ("+centred" if args.centred_inputs else ""))
-                results[key] = r = run(family, batch_size, args.epochs, args.zero_centred, args.centred_inputs)
+                       + ("+centred" if args.centred_inputs else "") + ("+sigmoid-init" if args.sigmoid_aware_init else ""))
+                results[key] = r = run(family, batch_size, args.epochs, args.zero_centred, args.centred_inputs,
+                                       args.sigmoid_aware_init)
                 print(f"{family} batch {batch_size}: val {[round(a, 3) for a in r['val_accuracy']]} "
                       f"({r['seconds']:.0f} s)", flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,8 @@ def test_cuda_graphs_refuse_a_per_step_schedule():
 
 # ---- streaming, and your own loop ----------------------------------------------------------
 
-def test_the_pipeline_pulls_batches_only_as_it_trains_them():
+@pytest.mark.parametrize("shared", [False, True], ids=["stages", "shared"])
+def test_the_pipeline_pulls_batches_only_as_it_trains_them(shared):
     x, y = data(8 * 40)
     pulled = []
 
@@ -141,23 +142,25 @@ def test_the_pipeline_pulls_batches_only_as_it_trains_them():
             yield x[8 * j : 8 * j + 8], y[8 * j : 8 * j + 8]
 
     model = small_mlp(hidden=(24, 16, 12))
-    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, stages=3, max_in_flight=2)
+    pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, stages=3, max_in_flight=2, shared=shared)
     ahead = []
     run = pipeline.run(stream(), on_batch=lambda j, losses: ahead.append(len(pulled) - j),
                        max_unreported=pipeline.lookahead)
     assert run.losses.shape == (40, 3, 2)
     # When batch j is reported, batches 0..j-1 are: at most lookahead more were pulled, which is
-    # one batch in each of 3 stages and 2 in each of the 2 queues.
+    # one batch in each of 3 stages (blocks) and 2 in each of the 2 queues (waiting for blocks 2, 3).
     assert pipeline.lookahead == 7 and max(ahead) <= pipeline.lookahead, ahead
 
 
-def test_your_own_loop_stops_early_with_every_block_on_the_same_batches():
+@pytest.mark.parametrize("shared", [False, True], ids=["stages", "shared"])
+def test_your_own_loop_stops_early_with_every_block_on_the_same_batches(shared):
     x, y = data(8 * 30)
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)]
 
     def pipelined():
         model = small_mlp(hidden=(24, 16, 12))
-        pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, stages=3, threads_per_stage=1)
+        pipeline = Pipeline(model, Trainer(model, progress=False).optimizers, stages=3, threads_per_stage=1,
+                            shared=shared)
         seen = []
         for step, losses in enumerate(pipeline.train(iter(batches))):
             assert losses.shape == (3, 2) and bool(torch.isfinite(losses).all())

@@ -60,7 +60,7 @@ PyBlockStep python_block_step(py::function fn, bool reuses_outputs) {
   }};
 }
 
-// The batches of a Python iterable, pulled on the first stage's thread. An exception from
+// The batches of a Python iterable, pulled by one thread at a time. An exception from
 // the iterable ends the stream (the batches already pulled still train) and is kept to be
 // raised once the run is over.
 class PythonBatchSource {

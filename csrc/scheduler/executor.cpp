@@ -441,17 +441,21 @@ class Run {
       if (block == 0) {
         current_block_ = 0;  // a failing source is reported at the first block
         current_batch_ = batch;
+        const auto pull_start = Clock::now();
         if (std::optional<Batch> next = pull_batch()) {
           std::tie(s, t) = std::move(*next);
           pulled = true;
         }
+        w.wait_s += seconds_since(pull_start);  // as a stage waits on the source
       }
       StepResult out;
       if (pulled) {
-        const auto start = Clock::now();
+        // The block's own busy time (its step alone, as the stage measured it): this worker
+        // holds the block, so nothing else adds to it meanwhile.
+        const double block_busy = stats_[block].busy_s;
         std::vector<at::Tensor> reused;
         out = step(device, block, batch, s, t, reused, /*hands_on=*/block + 1 < depth);
-        w.busy_s += seconds_since(start);
+        w.busy_s += stats_[block].busy_s - block_busy;
       }
       lock.lock();
       busy_[block] = 0;

@@ -38,8 +38,8 @@ struct WorkerStats {
 
 using Batch = std::pair<at::Tensor, at::Tensor>;  // (s_0, t_0)
 
-// The stream of batches: called on the first stage's thread, once per batch, in order;
-// nullopt ends the stream.
+// The stream of batches: called by one thread at a time (the first stage's, or the shared
+// worker running the first block), once per batch, in order; nullopt ends the stream.
 using BatchSource = std::function<std::optional<Batch>()>;
 
 // Called on the calling thread, in batch order, as soon as every block has trained on a
