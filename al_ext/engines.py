@@ -248,8 +248,8 @@ def _updated_before(block: int) -> str:
 
 class PipelinedALEngine(Engine):
     """Every block at once on consecutive batches, in the C++ scheduler (al_ext.Pipeline),
-    with the parameters of the sequential loop. Per-step schedulers are stepped by each
-    block's own stage."""
+    with the parameters of the sequential loop. Per-step schedulers are stepped by the worker
+    that runs their block."""
 
     def __init__(self, model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
                  scheduler_interval: str = "step", precision: Precision | None = None, **pipeline_options: Any) -> None:

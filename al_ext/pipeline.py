@@ -1,6 +1,6 @@
 """Pipelined training: every block of an AL network trains at the same time, block i on
 batch j while block i+1 trains on batch j-1, in the C++ scheduler (csrc/scheduler/). The
-batches come from any iterable, pulled only as the first stage reaches them, so memory is
+batches come from any iterable, pulled only as the first block reaches them, so memory is
 bounded by ``max_in_flight``, not by the length of the stream.
 
 A block needs only the (s, t) that the block below produced for the same batch, with the
@@ -80,7 +80,7 @@ class Pipeline:
     runs in C++ with no Python and the GIL released), or a pair (f, b) and (g, h) of torch
     optimisers per block (the step calls back into Python, under ``precision``'s autocast:
     fp32 or bf16). ``schedulers``, if given, holds
-    one learning-rate scheduler per optimiser, stepped after each batch by the stage that
+    one learning-rate scheduler per optimiser, stepped after each batch by the worker that
     runs the optimiser's block: block i trains on batch j with the rates the sequential loop
     would give it, so per-step schedules keep pipelined training equal to sequential
     training. ``pipelined=False`` runs the same steps batch by batch, block by block (the C++
@@ -95,9 +95,9 @@ class Pipeline:
     first. The default is one stage per core on the CPU, and one per block (a stream per
     block) on CUDA. ``shared`` (the CPU's default; CPU only): the ``stages`` workers share
     the blocks instead, each running whichever block can step next (the deepest first).
-    Consecutive groups split blocks of unequal cost unevenly (one large block beside three
-    small ones leaves a thread idle a third of the time); shared workers keep every thread
-    busy as long as no block alone costs more than a thread's share. Each block still trains
+    Consecutive groups split blocks of unequal cost unevenly (blocks costing 2, 1, 1, 1 on
+    two threads split 2 | 3, leaving the first idle a third of the time); shared workers
+    keep every thread busy as long as no block alone costs more than a thread's share. Each block still trains
     on one batch at a time, in order, so the parameters are the same either way.
     ``max_in_flight`` bounds the batches queued between two stages (shared workers: waiting
     for each block), and on CUDA also how many batches a stage's stream may run behind its
@@ -152,8 +152,8 @@ class Pipeline:
         self.threads_per_stage = (default_threads if threads_per_stage is None
                                   else check_positive_int(threads_per_stage, "threads_per_stage"))
         if shared and self.on_cuda:
-            raise ValueError("shared=True shares the blocks among CPU threads; on CUDA each stage is a stream that "
-                             "keeps its group of blocks (use shared=False or None)")
+            raise ValueError("shared=True shares the blocks among CPU threads; on CUDA each stage is a stream "
+                             "that keeps its group of blocks (use shared=False or None)")
         self.shared = (not self.on_cuda) if shared is None else bool(shared)
         self.precision = precision or Precision()
         if isinstance(self.precision, FP16Precision):
@@ -205,7 +205,7 @@ class Pipeline:
         return devices
 
     def _prepared(self, batches: Iterable[Batch]) -> Iterator[tuple[Tensor, Tensor]]:
-        """(s_0, t_0) of each (inputs, labels) batch, made as the first stage pulls it: the
+        """(s_0, t_0) of each (inputs, labels) batch, made as the first block pulls it: the
         inputs copied to the first block's device without waiting (from pinned memory, the
         copy overlaps the work already queued)."""
         device = self.block_devices[0]

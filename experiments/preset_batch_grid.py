@@ -77,6 +77,12 @@ def centred(parts: al_ext.data.DatasetSplits) -> al_ext.data.DatasetSplits:
                                        for part in (parts.train, parts.val, parts.test)))
 
 
+# Each variant of a run: its option, the suffix of its results key, and its words in the table.
+VARIANTS: tuple[tuple[str, str, str], ...] = (("zero_centred", "+tanh", ", tanh label side"),
+                                              ("centred_inputs", "+centred", ", centred inputs"),
+                                              ("sigmoid_aware_init", "+sigmoid-init", ", sigmoid-aware init"))
+
+
 def sigmoid_aware_init(model: al_ext.AssociatedLearning) -> None:
     """Every label-side Linear layer that takes sigmoid outputs and feeds a sigmoid (g_i for
     i >= 2, every h_i, the bridges' second layer) gets weights N(0, 16 / fan_in) and biases
@@ -156,8 +162,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         r, family = results[key], key.split("@")[0]
         accs = " ".join(f"{100 * a:.0f}" for a in r["val_accuracy"])
         first = first_epoch_above_chance(r)
-        side = ((", tanh label side" if "+tanh" in key else "") + (", centred inputs" if "+centred" in key else "")
-                + (", sigmoid-aware init" if "+sigmoid-init" in key else ""))
+        side = "".join(words for _, suffix, words in VARIANTS if suffix in key)
         print(f"| {family} ({r['preset']}{side}, {r['widths']}) | {r['batch_size']} | {r['lr']:.2g} / {r['ae_lr']:.2g} "
               f"| {accs} | {first if first is not None else 'never'} | {100 * r['val_shortcut_accuracy'][-1][0]:.0f} % "
               f"| {100 * r['test_accuracy_at_best_val']:.1f} % "
@@ -191,6 +196,9 @@ def main() -> None:
     parser.add_argument("--alpackage", action="store_true",
                         help="run only the case issue 14 reported (alpackage_case), for 8 epochs")
     args = parser.parse_args()
+    if args.sigmoid_aware_init and (args.zero_centred or any(ROWS[f][0] != "neco" for f in args.families)):
+        parser.error("--sigmoid-aware-init re-initialises the NECO families' sigmoid label side: it takes neither "
+                     "--zero-centred nor the iclr22 families (tanh label sides)")
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.alpackage:
         results["alpackage_case"] = alpackage_case(8)
@@ -199,8 +207,8 @@ def main() -> None:
     if not args.table:
         for family in args.families:
             for batch_size in args.batches:
-                key = (f"{family}@{batch_size}" + ("+tanh" if args.zero_centred else "")
-                       + ("+centred" if args.centred_inputs else "") + ("+sigmoid-init" if args.sigmoid_aware_init else ""))
+                key = f"{family}@{batch_size}" + "".join(suffix for option, suffix, _ in VARIANTS
+                                                         if getattr(args, option))
                 results[key] = r = run(family, batch_size, args.epochs, args.zero_centred, args.centred_inputs,
                                        args.sigmoid_aware_init)
                 print(f"{family} batch {batch_size}: val {[round(a, 3) for a in r['val_accuracy']]} "

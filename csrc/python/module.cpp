@@ -212,7 +212,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("compute_dtype") = py::none(), py::arg("compute_weights") = std::vector<at::Tensor>(),
         "A fused Adam block step; with step_count, the step number is read and advanced there, on the "
         "parameters' device, and `steps` are left alone. next_lrs() -> (lr_fb, lr_gh), called after each step "
-        "taken, gives the rates of the next (a schedule stepped by the block's own stage).");
+        "taken, gives the rates of the next (a schedule stepped by the worker running the block).");
   m.def("fused_sgd_block_step",
         [](std::vector<at::Tensor> params, std::vector<at::Tensor> momentum_buffer, double lr_fb, double lr_gh,
            double momentum, std::string x_activation, std::string h_activation, std::string variant,

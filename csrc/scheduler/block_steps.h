@@ -13,8 +13,9 @@
 namespace al_ext::scheduler {
 
 // The learning rates (lr_fb, lr_gh) for a block's next step, asked for after each step it
-// takes: a learning-rate schedule stepped by the block's own stage, so that block i trains on
-// batch j with the rates that the sequential loop gives it on batch j. Runs on the stage's thread.
+// takes: a learning-rate schedule stepped by the worker running the block, so that block i
+// trains on batch j with the rates that the sequential loop gives it on batch j. Runs on that
+// worker's thread.
 using NextLearningRates = std::function<std::pair<double, double>()>;
 
 struct DenseBlockSpec {

@@ -1,10 +1,11 @@
 // Runs the blocks of an AL network over a stream of batches, either pipelined (one worker
-// thread per stage of consecutive blocks, activations handed on through bounded queues) or
-// sequentially (on the calling thread, batch by batch, block by block: a pipeline of one
-// stage). Only (s, t) flow from a block to the next; nothing flows back, so block i trains
-// on batch j while block i + 1 trains on batch j - 1, and every block sees the batches in
-// the same order as in the sequential loop. Batches are pulled from the source only as the
-// first stage gets to them, so memory is bounded by the queues, not by the stream's length.
+// thread per stage of consecutive blocks, or CPU workers sharing the blocks; activations
+// handed on through bounded queues) or sequentially (on the calling thread, batch by batch,
+// block by block: a pipeline of one stage). Only (s, t) flow from a block to the next;
+// nothing flows back, so block i trains on batch j while block i + 1 trains on batch j - 1,
+// and every block sees the batches in the same order as in the sequential loop. Batches are
+// pulled from the source only as the first block gets to them, so memory is bounded by the
+// queues, not by the stream's length.
 // Where a stage runs (CPU threads, or a CUDA stream with events at the handoffs) is its
 // StageDevice. On the CPU the workers may instead share the blocks (RunOptions::shared_workers).
 #pragma once
@@ -71,7 +72,7 @@ struct RunOptions {
   // Polled by the calling thread while the run goes on; true stops the run.
   std::function<bool()> interrupted;
   BatchDone on_batch;  // optional
-  // Pipelined: the first stage pulls batch j only once on_batch has been called for batch
+  // Pipelined: the first block pulls batch j only once on_batch has been called for batch
   // j - max_unreported, so that a slow reader (a loop over Pipeline.train) slows training
   // rather than falling behind it. 0: no limit.
   int max_unreported = 0;
