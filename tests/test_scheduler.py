@@ -1,6 +1,7 @@
 """The C++ scheduler: stage balancing, shared workers, the order every block sees the batches
 in, pipelined training equal to sequential training, streaming, and faults."""
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -289,3 +290,43 @@ def test_adam_steps_counted_in_a_tensor_train_as_with_the_host_count():
                 assert all(float(c) == 12 for c in counters)
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("mode", ["stages", "shared"])
+def test_random_streams_stops_limits_and_failures_end_with_every_block_in_order(mode):
+    """100 runs of random depth, length, workers, limits, stops and failing steps: every run
+    ends; without a failure every block trained on the same batches in order and each was
+    reported once, in order; with one, the failing step is the one reported."""
+    rng = random.Random(0)
+
+    def traced(depth, fail_at, log):
+        def make(block):
+            def step(s, t):
+                log.append((block, int(s[0])))
+                time.sleep(random.random() * 0.0005)  # not rng: the runs' timing must not change their draws
+                if (block, int(s[0])) == fail_at:
+                    raise RuntimeError("boom")
+                return s, t, torch.tensor(0.0), torch.tensor(0.0)
+            return _C.python_block_step(step)
+        return [make(b) for b in range(depth)]
+
+    for _ in range(100):
+        depth, n, workers = rng.randint(1, 5), rng.randint(0, 30), rng.randint(1, 4)
+        stop_at = rng.choice([None, None, rng.randint(0, 30)])
+        fail_at = rng.choice([None, None, None, (rng.randrange(depth), rng.randint(0, 30))])
+        log, reported = [], []
+
+        def on_batch(index, losses):
+            reported.append(index)
+            return stop_at is not None and index >= stop_at
+
+        stream = ((torch.tensor([float(j)]), torch.zeros(1)) for j in range(n))
+        layout = ([], {"shared_workers": workers}) if mode == "shared" else (list(range(depth)), {})
+        out = _C.run_blocks(traced(depth, fail_at, log), stream, True, layout[0], rng.randint(1, 3), 1, [],
+                            on_batch=on_batch, max_unreported=rng.choice([0, 0, 1, 2, 5]), **layout[1])
+        if "error" in out:
+            assert fail_at is not None and out["error"][:2] == fail_at
+            continue
+        trained = len(out["losses"])
+        assert reported == list(range(trained)) and (stop_at is not None or trained == n)
+        assert all([j for b, j in log if b == block] == list(range(trained)) for block in range(depth))
