@@ -151,6 +151,8 @@ class Pipeline:
         default_threads = max(1, cores // self.stages) if pipelined else cores
         self.threads_per_stage = (default_threads if threads_per_stage is None
                                   else check_positive_int(threads_per_stage, "threads_per_stage"))
+        if shared is not None and not isinstance(shared, bool):
+            raise TypeError(f"shared must be True, False or None (the device's default), got {shared!r}")
         if shared and self.on_cuda:
             raise ValueError("shared=True shares the blocks among CPU threads; on CUDA each stage is a stream "
                              "that keeps its group of blocks (use shared=False or None)")

@@ -81,8 +81,9 @@ class Trainer:
     same values and parameters: al_ext.memory_format), which oneDNN runs faster.
 
     ``pipeline=True`` (AL only) trains every block at once on consecutive batches
-    (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages`` and,
-    on CUDA, ``cuda_graphs``); the parameters are those of the sequential loop, per-step
+    (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages``,
+    ``pipeline_shared`` (its ``shared``: on the CPU the workers share the blocks unless False)
+    and, on CUDA, ``cuda_graphs``); the parameters are those of the sequential loop, per-step
     schedules included. ``callbacks``: objects with ``on_step``, ``on_validation`` and
     ``on_epoch`` (al_ext.callbacks). ``distributed`` (al_ext.distributed.DistributedConfig),
     under torchrun: this process trains its share of the run, every process running the same
@@ -113,6 +114,7 @@ class Trainer:
         max_in_flight: int = 2,
         threads_per_stage: int | None = None,
         pipeline_stages: int | None = None,
+        pipeline_shared: bool | None = None,
         cuda_graphs: bool = False,
         callbacks: Sequence[Any] = (),
         precision: str = "fp32",
@@ -160,7 +162,8 @@ class Trainer:
             raise ValueError("model must have a num_classes attribute of at least 2 (the number of classes)")
         self._fit_epochs = 1  # the run's length, for the "neco" schedule; set by fit
         pipeline_options = (dict(max_in_flight=max_in_flight, threads_per_stage=threads_per_stage,
-                                 stages=pipeline_stages, cuda_graphs=cuda_graphs) if pipeline else {})
+                                 stages=pipeline_stages, shared=pipeline_shared, cuda_graphs=cuda_graphs)
+                            if pipeline else {})
         self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay), self.lr,
                                           self.ae_lr, scheduler, scheduler_interval, pipeline,
                                           make_precision(precision, self.model, self.device), bool(compile),

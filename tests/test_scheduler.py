@@ -108,11 +108,13 @@ def trained_parameters(pipeline, backend, variant="A", optimizer="adam", epochs=
     return [p.detach().clone() for p in model.parameters()], history
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["stages", "shared"])
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("variant,optimizer", [("A", "adam"), ("B", "adam"), ("A", "sgd")])
-def test_pipelined_training_equals_sequential_bit_for_bit(backend, variant, optimizer):
+def test_pipelined_training_equals_sequential_bit_for_bit(backend, variant, optimizer, shared):
     sequential, _ = trained_parameters(False, backend, variant, optimizer)
-    pipelined, history = trained_parameters(True, backend, variant, optimizer, max_in_flight=1)
+    pipelined, history = trained_parameters(True, backend, variant, optimizer, max_in_flight=1,
+                                            pipeline_shared=shared)
     assert all(torch.equal(a, b) for a, b in zip(sequential, pipelined))
     assert len(history[-1]["stage_idle_fraction"]) == 3, "one worker per block"
 
@@ -238,6 +240,10 @@ def test_bad_pipeline_arguments():
         Pipeline(model, opts, cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs=True .* needs pipeline=True"):
         Trainer(model, progress=False, cuda_graphs=True)
+    with pytest.raises(TypeError, match="shared must be True, False or None .* got 'no'"):
+        Pipeline(model, opts, shared="no")
+    assert not Trainer(model, progress=False, pipeline=True, pipeline_shared=False).pipeline.shared
+    assert Trainer(model, progress=False, pipeline=True).pipeline.shared, "the CPU's default"
 
 
 @pytest.mark.parametrize("pipelined,options,message", [
