@@ -326,8 +326,9 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         """This block's step for the C++ scheduler (al_ext.Pipeline), which runs it with no
         Python in the loop; the learning rates are those of the param groups now, and, with
         ``next_lrs``, what it returns after each step taken (a schedule stepped by the worker
-        running the block). ``cuda_graph=True`` (CUDA only, constant rates): the step is replayed from a
-        CUDA graph after its first call; call ``scheduler_run_done()`` after the run."""
+        running the block). ``cuda_graph=True`` (CUDA only, constant rates): the step is
+        replayed from a CUDA graph after its first call; call ``scheduler_run_done()`` after
+        the run."""
         raise NotImplementedError
 
     def scheduler_run_done(self) -> None:

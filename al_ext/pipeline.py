@@ -97,8 +97,9 @@ class Pipeline:
     the blocks instead, each running whichever block can step next (the deepest first).
     Consecutive groups split blocks of unequal cost unevenly (blocks costing 2, 1, 1, 1 on
     two threads split 2 | 3, leaving the first idle a third of the time); shared workers
-    keep every thread busy as long as no block alone costs more than a thread's share. Each block still trains
-    on one batch at a time, in order, so the parameters are the same either way.
+    keep every thread busy as long as no block alone costs more than a thread's share. Each
+    block still trains on one batch at a time, in order, so the parameters are the same
+    either way.
     ``max_in_flight`` bounds the batches queued between two stages (shared workers: waiting
     for each block), and on CUDA also how many batches a stage's stream may run behind its
     thread.
@@ -156,7 +157,7 @@ class Pipeline:
         if shared and self.on_cuda:
             raise ValueError("shared=True shares the blocks among CPU threads; on CUDA each stage is a stream "
                              "that keeps its group of blocks (use shared=False or None)")
-        self.shared = (not self.on_cuda) if shared is None else bool(shared)
+        self.shared = (not self.on_cuda) if shared is None else shared
         self.precision = precision or Precision()
         if isinstance(self.precision, FP16Precision):
             raise ValueError("the pipeline trains in fp32 or bf16: fp16's loss scale is one state for every block, "
@@ -253,9 +254,11 @@ class Pipeline:
                              f"{', '.join(str(d) for d in self.block_devices)} to "
                              f"{', '.join(str(d) for d in _block_devices(self.model))}); make a new Pipeline")
         shared_workers = self.stages if self.pipelined and self.shared else 0
-        starts = ([] if shared_workers else _C.balanced_groups(self.block_costs, self.stages) if self.pipelined
-                  else [0])
-        stage_devices = ["cpu"] * shared_workers if shared_workers else self._stage_devices(starts)
+        if shared_workers:  # every worker takes any block: no groups, every worker on the CPU
+            starts, stage_devices = [], ["cpu"] * shared_workers
+        else:
+            starts = _C.balanced_groups(self.block_costs, self.stages) if self.pipelined else [0]
+            stage_devices = self._stage_devices(starts)
         cuda_devices = sorted({d for d in stage_devices if torch.device(d).type == "cuda"})
         for device in cuda_devices:
             torch.cuda.reset_peak_memory_stats(device)
