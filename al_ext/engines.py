@@ -41,7 +41,7 @@ class Engine:
         self.model = model
         self.optimizers = optimizers
         for opt in optimizers:  # whichever way a checkpoint is loaded (al_ext.memory_format)
-            opt.register_load_state_dict_post_hook(lambda loaded: match_state_layouts([loaded]))
+            opt.register_load_state_dict_post_hook(match_state_layouts)
         self.schedulers = schedulers
         self.scheduler_interval = scheduler_interval
         self.precision = precision or Precision()

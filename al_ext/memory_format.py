@@ -13,13 +13,8 @@ layout: cuDNN's choice depends on the GPU and the dtype.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
-
-CHANNELS_LAST = torch.channels_last
-
 
 def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Whether ``model``, on ``device``, trains faster with channels_last convolutions."""
@@ -37,19 +32,17 @@ def use_fastest_memory_format(model: nn.Module) -> None:
             # .to, not .contiguous: a weight of one input channel or a 1x1 kernel is already
             # "contiguous" in both layouts, and only .to gives it channels_last strides, which
             # is what the convolution reads to choose its layout.
-            tensor.data = tensor.data.to(memory_format=CHANNELS_LAST)
+            tensor.data = tensor.data.to(memory_format=torch.channels_last)
             if tensor.grad is not None:
-                tensor.grad = tensor.grad.to(memory_format=CHANNELS_LAST)
+                tensor.grad = tensor.grad.to(memory_format=torch.channels_last)
 
 
-def match_state_layouts(optimizers: Iterable[torch.optim.Optimizer]) -> None:
-    """Give every optimiser state tensor shaped like its parameter the parameter's layout.
+def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every state tensor of ``optimizer`` shaped like its parameter the parameter's layout.
     torch's fused CPU optimisers walk a parameter, its gradient and its state as flat memory,
     so state loaded in another layout (a checkpoint written before the conversion, on another
     device, or sharded) would pair the wrong elements."""
-    for optimizer in optimizers:
-        for parameter, state in optimizer.state.items():
-            for key, value in state.items():
-                if (torch.is_tensor(value) and value.shape == parameter.shape
-                        and value.stride() != parameter.stride()):
-                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+    for parameter, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)

@@ -103,7 +103,7 @@ def test_fused_adam_over_state_matched_to_a_channels_last_weight_steps_as_single
         opt = torch.optim.Adam([p], lr=1e-2, fused=fused, foreach=False if not fused else None)
         opt.load_state_dict({"state": {0: {k: v.clone() for k, v in state.items()}},
                              "param_groups": [{**opt.param_groups[0], "params": [0]}]})
-        match_state_layouts([opt])
+        match_state_layouts(opt)
         opt.step()
         results.append(p.detach())
     torch.testing.assert_close(results[0], results[1])
@@ -114,7 +114,7 @@ def test_match_state_layouts_copies_values_into_the_parameters_layout():
     opt = torch.optim.SGD([weight], lr=1.0, momentum=0.9)
     nchw = torch.randn(2, 3, 4, 5)
     opt.state[weight]["momentum_buffer"] = nchw
-    match_state_layouts([opt])
+    match_state_layouts(opt)
     buffer = opt.state[weight]["momentum_buffer"]
     assert buffer.stride() == weight.stride() and torch.equal(buffer, nchw)
 

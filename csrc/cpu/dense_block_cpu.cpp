@@ -318,11 +318,12 @@ template <typename T, typename A> struct GradientSink {
     // weight of one tile (block 2's f at batch 128) ran on one thread while the other waited
     // (7 ms of the bf16 step at batch 128).
     const int64_t threads = at::get_num_threads();
-    if (const int64_t tiles = (out + rows - 1) / rows; tiles % threads != 0) {
+    int64_t tiles = (out + rows - 1) / rows;
+    if (tiles % threads != 0) {
       const int64_t balanced = std::min((tiles / threads + 1) * threads, std::max<int64_t>(1, out / kMinTileRows));
       rows = (out + balanced - 1) / balanced;
+      tiles = (out + rows - 1) / rows;
     }
-    const int64_t tiles = (out + rows - 1) / rows;
     at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
       at::Tensor tile = at::empty({rows, in}, x.options());
       for (int64_t k = first; k < last; ++k) {

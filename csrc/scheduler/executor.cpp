@@ -336,8 +336,8 @@ class Run {
         reported_ = batch + 1;
       }
       feed_.notify_all();
-      wake(tasks_mutex_, tasks_);  // shared workers: the first block may pull again, or all is done
     }
+    if (shared()) wake(tasks_mutex_, tasks_);  // the first block may pull again, or all is done
   }
 
   // One block's training step on one batch. `reused`: the buffers that the stage's steps on
