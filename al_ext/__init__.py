@@ -4,7 +4,7 @@ Importing the package loads the compiled core (al_ext._C) and registers its ops 
 torch.ops.al_ext.
 """
 from ._extension import build_info
-from . import callbacks, data, distributed, engines, models, ops, reference, text
+from . import callbacks, data, distributed, engines, label_warmup, models, ops, reference, text
 from .engines import make_engine
 from .errors import DistributedError, NonFiniteLossError
 from .nn import ALBlock, ALMLP, AssociatedLearning, BPNetwork, bp_baseline
@@ -29,6 +29,7 @@ __all__ = [
     "data",
     "distributed",
     "engines",
+    "label_warmup",
     "make_engine",
     "models",
     "ops",

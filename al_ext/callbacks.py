@@ -90,7 +90,9 @@ class JSONLinesLogger(_FileLogger):
 
 class CSVLogger(_FileLogger):
     """``log_dir/steps.csv`` and ``log_dir/epochs.csv``, one column per value (per block for
-    AL's losses); the header is the first record's keys."""
+    AL's losses); the header is the first record's keys, or the file's own where a resumed
+    run appends to it (a value it has no column for is left out, a column a record lacks is
+    left empty: the first epoch's record holds the label warm-up's keys, later ones not)."""
 
     def __init__(self, log_dir: str | Path, every: int = 1) -> None:
         super().__init__(log_dir, every)
@@ -101,8 +103,13 @@ class CSVLogger(_FileLogger):
         if name not in self._writers:
             path = self.dir / f"{name}.csv"
             new = not path.exists() or path.stat().st_size == 0
+            if new:
+                fieldnames = list(row)
+            else:
+                with open(path, newline="", encoding="utf-8") as existing:
+                    fieldnames = next(csv.reader(existing))
             f = open(path, "a", newline="", encoding="utf-8")
-            writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
             if new:
                 writer.writeheader()
             self._writers[name] = (f, writer)

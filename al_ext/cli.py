@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"],
                        help="auto: each block's whole step as one fused op where it fits (dense blocks on the CPU), "
                        "else autograd; fused: insist on the fused op; reference: plain PyTorch (autograd) always")
+    train.add_argument("--no-label-warmup", action="store_true",
+                       help="start the AL run at once, without first training the label side alone until it tells "
+                       "every class apart at every depth (the Trainer's label_warmup)")
     train.add_argument("--pipeline", action="store_true",
                        help="train the AL blocks at the same time on consecutive batches (C++ scheduler: threads "
                        "on the CPU, a stream per block on CUDA); same parameters as without, bit for bit on the "
@@ -242,6 +245,8 @@ def _format_epoch(name: str, record: dict[str, Any], epochs: int) -> str:
         if "val_shortcut_accuracy" in record:
             parts.append("by depth [" + " ".join(f"{v:.3f}" for v in record["val_shortcut_accuracy"]) + "]")
     parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+    if "label_warmup_steps" in record:
+        parts.append(f"(label warm-up: {record['label_warmup_steps']} steps first)")
     if "collapse_warning" in record:
         parts.append(f"\n  warning: {record['collapse_warning']}")
     return "  ".join(parts)
@@ -294,6 +299,7 @@ def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, ar
                       progress=False if args.no_progress else None, optimizer=args.optimizer,
                       momentum=args.momentum, weight_decay=args.weight_decay, precision=args.precision,
                       distributed=_distributed_config(args) if al else None,
+                      label_warmup=False if al and args.no_label_warmup else None,
                       callbacks=[] if log_dir is None or not _is_main_process() else loggers_for(log_dir))
     if al and args.resume is not None:
         trainer.load(args.resume)

@@ -89,6 +89,7 @@ class LabelSide:
 # NECO's form (two-layer bridges, every decoder activated) with tanh in place of sigmoid. A
 # sigmoid's outputs share an offset of about 1/2, which the next block's weights turn into a
 # common input that swamps the classes' differences, so every block keeps less of their
-# separation and its auto-encoder starts on a longer plateau; tanh is centred on 0. The
-# remedy the collapse warning names when deeper blocks lag (experiments/preset_batch_grid.py).
+# separation and its auto-encoder starts on a longer plateau; tanh is centred on 0. A remedy
+# the collapse warning names when deeper blocks lag, besides the label warm-up, which keeps
+# the sigmoid (al_ext.label_warmup; experiments/preset_batch_grid.py).
 ZERO_CENTRED = LabelSide(activation="tanh", bridge_activation="tanh", decoder_activation="tanh")

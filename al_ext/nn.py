@@ -184,7 +184,8 @@ class AssociatedLearning(nn.Module):
             for block in self.blocks
         ]
 
-    def _decode(self, t_hat: Tensor, depth: int) -> Tensor:
+    def decode(self, t_hat: Tensor, depth: int) -> Tensor:
+        """Class scores from a code of block ``depth``'s label side: h_1(...h_depth(t_hat))."""
         for block in reversed(self.blocks[:depth]):
             t_hat = block.h(t_hat)
         return t_hat
@@ -200,7 +201,7 @@ class AssociatedLearning(nn.Module):
         s = self.check_input(x)
         for block in self.blocks[:depth]:
             s = block.f(s)
-        return self._decode(self.blocks[depth - 1].b(s), depth)
+        return self.decode(self.blocks[depth - 1].b(s), depth)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scores(x)
@@ -211,7 +212,7 @@ class AssociatedLearning(nn.Module):
         out = []
         for k, block in enumerate(self.blocks, start=1):
             s = block.f(s)
-            out.append(self._decode(block.b(s), k))
+            out.append(self.decode(block.b(s), k))
         return out
 
     def confidence(self, scores: Tensor) -> Tensor:
@@ -241,7 +242,7 @@ class AssociatedLearning(nn.Module):
         active = torch.arange(n, device=s.device)
         for k, block in enumerate(self.blocks, start=1):
             s = block.f(s)
-            scores = self._decode(block.b(s), k)
+            scores = self.decode(block.b(s), k)
             leave = self.confidence(scores) >= threshold if k < self.depth else torch.ones_like(active, dtype=torch.bool)
             classes[active[leave]] = scores[leave].argmax(dim=1)
             depths[active[leave]] = k

@@ -13,7 +13,9 @@ ALMLP and ALCNN is the NECO architecture itself.
 
 Each preset function below returns the keyword arguments of its family, and its docstring
 names the reference it follows. ``training_settings`` gives each reference's optimiser
-settings, for a Trainer.
+settings, for a Trainer. The references start training at once; the Trainer first trains
+the label side alone (al_ext.label_warmup), which changes no part of the architecture and
+is what takes NECO's sigmoid label side off chance in the first epochs at batch 32 to 256.
 """
 from __future__ import annotations
 

@@ -96,9 +96,15 @@ def local_losses(
     t = block.g(t_prev)
     target = t.detach() if variant == "A" else t
     loss_as = mse(_at_least_float32(block.b(s)), _at_least_float32(target))
-    decoded, t_in = _at_least_float32(block.h(t)), _at_least_float32(t_prev)
-    loss_ae = mse(decoded, t_in) if ae_loss == "mse" else F.cross_entropy(decoded, t_in)
+    loss_ae = auto_encoder_loss(block.h(t), t_prev, ae_loss, mse)
     return BlockLosses(s, t, loss_as, loss_ae)
+
+
+def auto_encoder_loss(decoded: Tensor, t_prev: Tensor, ae_loss: AELoss = "mse", mse: MseFunction = F.mse_loss) -> Tensor:
+    """L_ae: h's output against the block's label input t_prev, in float32 at least; under
+    ``ae_loss="cross_entropy"`` h's output is class logits and t_prev one-hot targets."""
+    decoded, t_prev = _at_least_float32(decoded), _at_least_float32(t_prev)
+    return mse(decoded, t_prev) if ae_loss == "mse" else F.cross_entropy(decoded, t_prev)
 
 
 def _at_least_float32(x: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .callbacks import HOOKS
 from .distributed.config import DistributedConfig, init_process_group
 from .collapse import collapse_warning
+from .label_warmup import holds_meta_parameters, label_side_ready, warm_up_label_side
 from .engines import Engine, PipelinedALEngine, make_engine
 from .pipeline import Pipeline
 from .errors import NonFiniteLossError
@@ -80,6 +81,14 @@ class Trainer:
     On the CPU the engine puts a model's convolution weights in channels_last, in place (the
     same values and parameters: al_ext.memory_format), which oneDNN runs faster.
 
+    ``label_warmup`` (AL only; on unless False): the first ``fit`` of a fresh run (one that
+    has not stepped or loaded a checkpoint) first trains the label side alone, on the class
+    codes, until it tells every class apart at every depth, about as well at each
+    (al_ext.label_warmup: a sigmoid label side otherwise holds the full path at chance for
+    its first few hundred steps, at any batch size). Its steps and seconds are in the first
+    epoch's record (``label_warmup_steps``, ``label_warmup_time_s``) and in
+    ``label_warmup_result``.
+
     ``pipeline=True`` (AL only) trains every block at once on consecutive batches
     (al_ext.Pipeline, with ``max_in_flight``, ``threads_per_stage``, ``pipeline_stages``,
     ``pipeline_shared`` (its ``shared``: on the CPU the workers share the blocks unless False)
@@ -120,9 +129,14 @@ class Trainer:
         precision: str = "fp32",
         compile: bool = False,
         distributed: DistributedConfig | None = None,
+        label_warmup: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if label_warmup is not None and not isinstance(label_warmup, bool):
+            raise TypeError(f"label_warmup must be True, False or None (on for AL models), got {label_warmup!r}")
+        if label_warmup and not isinstance(model, AssociatedLearning):
+            raise ValueError("label_warmup=True trains an AL model's label side; this model is trained end to end")
         self.lr = check_positive_float(lr, "lr")
         self.ae_lr = 2.0 * self.lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")
         self.batch_size = check_positive_int(batch_size, "batch_size")
@@ -164,6 +178,9 @@ class Trainer:
         pipeline_options = (dict(max_in_flight=max_in_flight, threads_per_stage=threads_per_stage,
                                  stages=pipeline_stages, shared=pipeline_shared, cuda_graphs=cuda_graphs)
                             if pipeline else {})
+        self.label_warmup = self.is_al and label_warmup is not False
+        self._warmup_pending = self.label_warmup  # until the run steps, loads or warms up
+        self.label_warmup_result: dict[str, float] | None = None  # its steps and seconds, once it has run
         self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay), self.lr,
                                           self.ae_lr, scheduler, scheduler_interval, pipeline,
                                           make_precision(precision, self.model, self.device), bool(compile),
@@ -266,6 +283,7 @@ class Trainer:
         """One update on one batch. Returns {"loss_as": [...], "loss_ae": [...]} per block for AL,
         {"loss": float} for BP."""
         x, y = self._check_pair(x, y, "batch")
+        self._warmup_pending = False  # a run that has stepped is not a fresh one
         return self.engine.loss_record(self.engine.step(x, y))
 
     def fit(
@@ -301,6 +319,8 @@ class Trainer:
         self._best_path = None if save_best is None else Path(save_best)
         self.should_stop = False
         try:
+            if self._warmup_pending:
+                self._warm_up_label_side()
             while self.epoch < epochs and not self.should_stop:
                 finished = self._train_epoch(train, epochs, checkpoint, checkpoint_every)
                 if not finished:
@@ -324,6 +344,22 @@ class Trainer:
             self.engine.report_failure(exc)  # distributed: so that the other ranks can say what happened
             raise
         return self.history
+
+    def _warm_up_label_side(self) -> None:
+        self._warmup_pending = False
+        if holds_meta_parameters(self.model):
+            warnings.warn("the label warm-up needs every block in this process, but this distributed run placed its "
+                          "blocks before fit (evaluate, predict or save did); it starts without the warm-up "
+                          "(label_warmup=False starts without it and without this warning)", RuntimeWarning,
+                          stacklevel=3)
+            return
+        start = time.perf_counter()
+        steps, decodes = warm_up_label_side(self.model)
+        self.label_warmup_result = {"label_warmup_steps": steps, "label_warmup_time_s": time.perf_counter() - start}
+        if not decodes:
+            warnings.warn(f"the label warm-up stopped after {steps} steps with the label side still not telling every "
+                          "class apart at every depth; training goes on from there (label_warmup=False starts "
+                          "without it)", RuntimeWarning, stacklevel=3)
 
     def _hooks(self, name: str) -> list[Any]:
         return [getattr(c, name) for c in self.callbacks if hasattr(c, name)]
@@ -414,6 +450,8 @@ class Trainer:
                       lr=self.engine.lr)
         if isinstance(self.engine, PipelinedALEngine):
             record["stage_idle_fraction"] = self.engine.stage_idle_fraction
+        if self.epoch == 0 and self.label_warmup_result is not None:
+            record.update(self.label_warmup_result)
         return record
 
     def _validate(self, val: Data, record: dict[str, Any]) -> None:
@@ -422,7 +460,8 @@ class Trainer:
         if self.is_al:
             record["val_shortcut_accuracy"] = metrics["shortcut_accuracy"]
             warning = collapse_warning(record["loss_ae"][0], metrics["shortcut_accuracy"], self.num_classes,
-                                       self.model.ae_loss_of(0))
+                                       self.model.ae_loss_of(0), label_side_ready(self.model),
+                                       warmed_up=self.label_warmup_result is not None)
             if warning is not None:
                 record["collapse_warning"] = warning
                 warnings.warn(f"epoch {self.epoch + 1}: {warning}", RuntimeWarning, stacklevel=3)
@@ -509,6 +548,7 @@ class Trainer:
             "epoch": self.epoch,
             "position": self.position,
             "global_step": self.global_step,
+            "label_warmup": self.label_warmup_result,
             "totals": self._totals if self.position else {},
             "epoch_start": self._epoch_start if self.position else None,
             "history": self.history,
@@ -557,6 +597,8 @@ class Trainer:
         self._check_format(ckpt, path)
         self._check_architecture(ckpt, path)
         self.epoch, self.position, self.global_step = ckpt["epoch"], ckpt["position"], ckpt["global_step"]
+        self._warmup_pending = False
+        self.label_warmup_result = ckpt.get("label_warmup")  # absent from checkpoints of before the warm-up
         self._totals = copy.deepcopy(ckpt["totals"])
         self._epoch_start = ckpt["epoch_start"]
         self.history = copy.deepcopy(ckpt["history"])

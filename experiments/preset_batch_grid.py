@@ -2,9 +2,10 @@
 256: is its full path off chance after the first epochs, and where it is not, why.
 
     nice -n 19 python experiments/preset_batch_grid.py --families ALMLP LSTM_AL     (a chunk)
-    nice -n 19 python experiments/preset_batch_grid.py --families ALCNN --epochs 3 --zero-centred
-    nice -n 19 python experiments/preset_batch_grid.py --families VGG_AL --batches 32 256 --epochs 3 --centred-inputs
-    nice -n 19 python experiments/preset_batch_grid.py --families VGG_AL --batches 256 --epochs 9 --sigmoid-aware-init
+    nice -n 19 python experiments/preset_batch_grid.py --families ALCNN --epochs 3 --no-label-warmup
+    nice -n 19 python experiments/preset_batch_grid.py --families ALCNN --epochs 3 --zero-centred --no-label-warmup
+    nice -n 19 python experiments/preset_batch_grid.py --families VGG_AL --batches 256 --epochs 9 \
+        --sigmoid-aware-init --no-label-warmup
     python experiments/preset_batch_grid.py --table                                (the table)
 
 Presets and data: the "neco" presets (ALMLP, ALCNN, VGG_AL, ResNet_AL-20) on the MNIST test
@@ -17,10 +18,11 @@ side and bridges keep the reference's widths (300, 1500). Optimiser: each refere
 settings (al_ext.presets.training_settings: NECO lr 1e-4 and 2e-4 at batch 32, 1e-3 and
 2e-3 for ResNet_AL, ICLR 2022
 1e-3 for both at batch 64), scaled by the square root of the batch ratio; no schedule; model
-seed 0. ``--zero-centred`` gives the NECO families al_ext.label_side.ZERO_CENTRED (tanh) in
-place of their sigmoid label side, the remedy the collapse warning names;
-``--sigmoid-aware-init`` keeps the sigmoid label side and re-initialises it
-(sigmoid_aware_init). Test accuracy is
+seed 0; the Trainer's label warm-up (al_ext.label_warmup) before the first batch, which
+``--no-label-warmup`` leaves out, as the references do. ``--zero-centred`` gives the NECO
+families al_ext.label_side.ZERO_CENTRED (tanh) in place of their sigmoid label side, a
+remedy the collapse warning names; ``--sigmoid-aware-init`` keeps the sigmoid label side
+and re-initialises it (sigmoid_aware_init). Test accuracy is
 read at the epoch best on validation. Results are merged into
 experiments/results/preset_batch_grid.json, so the grid can run in chunks of minutes.
 """
@@ -80,7 +82,8 @@ def centred(parts: al_ext.data.DatasetSplits) -> al_ext.data.DatasetSplits:
 # Each variant of a run: its option, the suffix of its results key, and its words in the table.
 VARIANTS: tuple[tuple[str, str, str], ...] = (("zero_centred", "+tanh", ", tanh label side"),
                                               ("centred_inputs", "+centred", ", centred inputs"),
-                                              ("sigmoid_aware_init", "+sigmoid-init", ", sigmoid-aware init"))
+                                              ("sigmoid_aware_init", "+sigmoid-init", ", sigmoid-aware init"),
+                                              ("no_label_warmup", "+no-warmup", ", no label warm-up"))
 
 
 def sigmoid_aware_init(model: al_ext.AssociatedLearning) -> None:
@@ -102,7 +105,7 @@ def sigmoid_aware_init(model: al_ext.AssociatedLearning) -> None:
 
 
 def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False,
-        centred_inputs: bool = False, sigmoid_aware: bool = False) -> dict[str, Any]:
+        centred_inputs: bool = False, sigmoid_aware: bool = False, label_warmup: bool = True) -> dict[str, Any]:
     preset, data, make, widths = ROWS[family]
     parts, classes, vocab_size = load(data)
     if centred_inputs:
@@ -112,13 +115,14 @@ def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False,
     if sigmoid_aware:
         sigmoid_aware_init(model)
     settings = presets.training_settings(preset, batch_size, family=type(model))
-    trainer = al_ext.Trainer(model, progress=False, **settings)
+    trainer = al_ext.Trainer(model, progress=False, label_warmup=label_warmup, **settings)
     start = time.perf_counter()
     history = trainer.fit(parts.train, parts.val, epochs=epochs)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # the warm-up included
     trainer.restore_best()
     return {"preset": preset, "label_side": "zero-centred (tanh)" if zero_centred else "the preset's", "data": data,
             "centred_inputs": centred_inputs, "sigmoid_aware_init": sigmoid_aware,
+            **(trainer.label_warmup_result or {"label_warmup_steps": None}),
             "widths": widths, **settings, "classes": classes, "epochs": epochs,
             "parameters": sum(p.numel() for p in model.parameters()), "seconds": seconds,
             "val_accuracy": [r["val_accuracy"] for r in history],
@@ -130,16 +134,19 @@ def run(family: str, batch_size: int, epochs: int, zero_centred: bool = False,
 def alpackage_case(epochs: int) -> dict[str, Any]:
     """The case issue 14 reported: a 3-block LSTM_AL at the ALPackage's settings (nlpconfig.json:
     batch 256, lr 2.5e-4 for both optimisers, LSTM width 256, label width 128, embedding 300)
-    on the generated topic task, with al_ext's default architecture and with the iclr22 preset."""
+    on the generated topic task, with al_ext's default architecture and with the iclr22 preset,
+    both started at once as the ALPackage starts; and al_ext's default after the label warm-up."""
     parts, classes, vocab_size = load("text")
     out = {}
-    for name, preset in (("al_ext default", None), ("iclr22 preset", "iclr22")):
+    for name, preset, warmup in (("al_ext default", None, False), ("iclr22 preset", "iclr22", False),
+                                 ("al_ext default, label warm-up", None, True)):
         torch.manual_seed(0)
         model = LSTM_AL(vocab_size, classes, embed_dim=300, hidden=(256, 256, 256), label_dim=128, preset=preset)
-        trainer = al_ext.Trainer(model, lr=2.5e-4, ae_lr=2.5e-4, batch_size=256, progress=False)
+        trainer = al_ext.Trainer(model, lr=2.5e-4, ae_lr=2.5e-4, batch_size=256, progress=False, label_warmup=warmup)
         start = time.perf_counter()
         history = trainer.fit(parts.train, parts.val, epochs=epochs)
         out[name] = {"seconds": time.perf_counter() - start, "val_accuracy": [r["val_accuracy"] for r in history],
+                     **(trainer.label_warmup_result or {}),
                      "val_shortcut_accuracy": [r["val_shortcut_accuracy"] for r in history]}
         print(f"ALPackage settings, {name}: val {[round(a, 3) for a in out[name]['val_accuracy']]}, by depth "
               f"{[round(a, 3) for a in history[-1]['val_shortcut_accuracy']]}", flush=True)
@@ -163,6 +170,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         accs = " ".join(f"{100 * a:.0f}" for a in r["val_accuracy"])
         first = first_epoch_above_chance(r)
         side = "".join(words for _, suffix, words in VARIANTS if suffix in key)
+        if r.get("label_warmup_steps") is not None:
+            side += f", label warm-up of {r['label_warmup_steps']} steps"
         print(f"| {family} ({r['preset']}{side}, {r['widths']}) | {r['batch_size']} | {r['lr']:.2g} / {r['ae_lr']:.2g} "
               f"| {accs} | {first if first is not None else 'never'} | {100 * r['val_shortcut_accuracy'][-1][0]:.0f} % "
               f"| {100 * r['test_accuracy_at_best_val']:.1f} % "
@@ -188,11 +197,13 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
     parser.add_argument("--zero-centred", action="store_true",
                         help="the NECO families with al_ext.label_side.ZERO_CENTRED (tanh) in place of their sigmoid "
-                        "label side, the collapse warning's remedy")
+                        "label side, a remedy the collapse warning names")
     parser.add_argument("--centred-inputs", action="store_true",
                         help="subtract the training split's per-pixel mean from the images, as the NECO code does")
     parser.add_argument("--sigmoid-aware-init", action="store_true",
                         help="keep the NECO families' sigmoid label side, initialised by sigmoid_aware_init")
+    parser.add_argument("--no-label-warmup", action="store_true",
+                        help="start training at once, as the references do, without the Trainer's label warm-up")
     parser.add_argument("--alpackage", action="store_true",
                         help="run only the case issue 14 reported (alpackage_case), for 8 epochs")
     args = parser.parse_args()
@@ -210,7 +221,7 @@ def main() -> None:
                 key = f"{family}@{batch_size}" + "".join(suffix for option, suffix, _ in VARIANTS
                                                          if getattr(args, option))
                 results[key] = r = run(family, batch_size, args.epochs, args.zero_centred, args.centred_inputs,
-                                       args.sigmoid_aware_init)
+                                       args.sigmoid_aware_init, not args.no_label_warmup)
                 print(f"{family} batch {batch_size}: val {[round(a, 3) for a in r['val_accuracy']]} "
                       f"({r['seconds']:.0f} s)", flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ def test_train_on_digits_and_compare_with_bp(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "1258 train / 180 val / 359 test" in result.stdout
     assert result.stdout.count("AL epoch") == 6 and result.stdout.count("BP epoch") == 6
+    assert result.stdout.count("label warm-up") == 1, "said once, on AL's first epoch"
     assert "AL - BP test accuracy" in result.stdout
     report = json.loads(out.read_text())
     for name in ("AL", "BP"):
@@ -57,7 +58,7 @@ def test_save_writes_the_final_state_and_save_best_the_best_weights(tmp_path):
     result = run("train", "--dataset", "digits", "--epochs", "3", "--batch-size", "32", "--hidden", "32,32",
                  "--label-dim", "32", "--bridge-factor", "2", "--optimizer", "adamw", "--weight-decay", "0.001",
                  "--schedule", "onecycle", "--save", str(tmp_path / "final.pt"), "--save-best", str(tmp_path / "best.pt"),
-                 "--log-dir", str(tmp_path / "logs"), "--no-progress")
+                 "--log-dir", str(tmp_path / "logs"), "--no-progress", "--no-label-warmup")
     assert result.returncode == 0, result.stderr
     model = al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2)
     onecycle = lambda opt: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731 - as the CLI builds it
@@ -65,6 +66,7 @@ def test_save_writes_the_final_state_and_save_best_the_best_weights(tmp_path):
     trainer = al_ext.Trainer(model, optimizer="adamw", scheduler=onecycle, progress=False)
     trainer.load(tmp_path / "final.pt")  # the run's last state, resumable, not the best epoch's weights
     assert trainer.epoch == 3 and len(trainer.history) == 3 and trainer.global_step == 3 * 40
+    assert trainer.label_warmup_result is None and "label warm-up" not in result.stdout  # --no-label-warmup
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert set(best) == set(model.state_dict())
     steps = (tmp_path / "logs" / "AL" / "steps.jsonl").read_text().splitlines()

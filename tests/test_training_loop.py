@@ -248,6 +248,19 @@ def test_loggers_write_json_lines_and_csv(tmp_path):
     assert [s["step"] for s in steps] == list(range(1, 7)) and len(steps[0]["loss_as"]) == 2
     epochs = list(csv.DictReader((tmp_path / "epochs.csv").open()))
     assert [e["epoch"] for e in epochs] == ["1", "2"] and {"loss_as_1", "loss_as_2", "loss_ae_2"} <= set(epochs[0])
+    assert epochs[0]["label_warmup_steps"] != "" and epochs[1]["label_warmup_steps"] == ""
+
+
+def test_a_resumed_run_appends_its_csv_rows_under_the_files_header(tmp_path):
+    first = CSVLogger(tmp_path)
+    first.on_epoch(None, {"epoch": 1, "loss": 0.5, "label_warmup_steps": 30, "val_accuracy": 0.4})
+    first.close()
+    resumed = CSVLogger(tmp_path)  # a later record has fewer keys, and one the file has no column for
+    resumed.on_epoch(None, {"epoch": 2, "loss": 0.25, "val_accuracy": 0.6, "new": 1})
+    resumed.close()
+    rows = list(csv.DictReader((tmp_path / "epochs.csv").open()))
+    assert rows == [{"epoch": "1", "loss": "0.5", "label_warmup_steps": "30", "val_accuracy": "0.4"},
+                    {"epoch": "2", "loss": "0.25", "label_warmup_steps": "", "val_accuracy": "0.6"}]
 
 
 @pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed (pip install al-ext[tensorboard])")
@@ -461,12 +474,14 @@ def test_a_label_side_stuck_at_its_trivial_solution_is_reported():
     with torch.no_grad():  # h_1 predicts 0.1 for every class, and too small a rate keeps it there
         model.blocks[0].h[0].weight.zero_()
         model.blocks[0].h[0].bias.fill_(-math.log(9.0))
-    trainer = Trainer(model, lr=1e-9, batch_size=64, progress=False)
-    with pytest.warns(RuntimeWarning, match="label side looks stuck at its trivial solution.*first_ae_loss="):
+    trainer = Trainer(model, lr=1e-9, batch_size=64, progress=False, label_warmup=False)
+    with pytest.warns(RuntimeWarning, match="label side looks stuck at its trivial solution.*label_warmup=True.*"
+                                            "first_ae_loss="):
         history = trainer.fit(parts.train, parts.val, epochs=1)
     assert "block 1's L_ae is 0.0900" in history[0]["collapse_warning"]
     healthy = Trainer(al_ext.ALMLP(64, 10, hidden=(32, 32), label_dim=32, bridge_factor=2,
-                                   first_ae_loss="cross_entropy"), lr=3e-3, batch_size=32, progress=False)
+                                   first_ae_loss="cross_entropy"), lr=3e-3, batch_size=32, progress=False,
+                      label_warmup=False)
     with pytest.warns(RuntimeWarning, match="the deeper blocks' label side has not yet"):  # epoch 2: block 2 lags
         history = healthy.fit(parts.train, parts.val, epochs=3)
     assert all("trivial solution" not in r.get("collapse_warning", "") for r in history)
@@ -483,13 +498,19 @@ def test_a_label_side_stuck_at_its_trivial_solution_is_reported():
         ([0.10, 0.11], None),  # all at chance, but L_ae is not at the trivial loss: not this warning's case
     ],
 )
-def test_deeper_blocks_lagging_behind_a_good_shortcut_are_reported(accuracy, expected):
+@pytest.mark.parametrize("decodes", [None, False, True])
+@pytest.mark.parametrize("warmed_up", [False, True])
+def test_deeper_blocks_lagging_behind_a_good_shortcut_are_reported(accuracy, expected, decodes, warmed_up):
     from al_ext.collapse import collapse_warning
-    warning = collapse_warning(0.05, accuracy, 10, "mse")
+    warning = collapse_warning(0.05, accuracy, 10, "mse", label_side_ready=decodes, warmed_up=warmed_up)
     if expected is None:
         assert warning is None
+    elif decodes:  # the label side tells the classes apart: the bridges lag, not it
+        assert expected in warning and "the deeper bridges have yet to reach their codes" in warning
+        assert "ZERO_CENTRED" not in warning and "label_warmup" not in warning
     else:
         assert expected in warning and "label_side=al_ext.label_side.ZERO_CENTRED" in warning
+        assert ("label_warmup=True" in warning) is not warmed_up, "the warm-up is advised only where it has not run"
 
 
 # ---- what the review found ---------------------------------------------------------------
