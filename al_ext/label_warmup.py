@@ -23,7 +23,9 @@ is UNIT_STEP / label width, the same step per unit at any width (1e-3 at NECO's 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -49,25 +51,31 @@ def holds_meta_parameters(model: AssociatedLearning) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def _codes(model: AssociatedLearning) -> list[Tensor]:
-    """t_1 .. t_L of the C class codes (one row per class), in eval mode and without grad;
-    the model goes back to the mode it was in."""
+@contextlib.contextmanager
+def _evaluating(model: AssociatedLearning) -> Iterator[None]:
+    """Eval mode and no grad for a check; the model goes back to the mode it was in."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            t, codes = model.label_targets(_classes(model)), []
-            for block in model.blocks:
-                t = block.g(t)
-                codes.append(t)
-        return codes
+            yield
     finally:
         model.train(was_training)
 
 
+def _codes(model: AssociatedLearning) -> list[Tensor]:
+    """t_1 .. t_L of the C class codes, one row per class."""
+    with _evaluating(model):
+        t, codes = model.label_targets(_classes(model)), []
+        for block in model.blocks:
+            t = block.g(t)
+            codes.append(t)
+    return codes
+
+
 def _decodes(model: AssociatedLearning, codes: list[Tensor]) -> bool:
-    classes = _classes(model)
-    with torch.no_grad():
+    classes = torch.arange(len(codes[0]), device=codes[0].device)  # row c of each code is class c's
+    with _evaluating(model):
         return all(bool((model.decode(t, depth).argmax(1) == classes).all())
                    for depth, t in enumerate(codes, start=1))
 
