@@ -132,7 +132,17 @@ class FinalStatePool(nn.Module):
 
 
 class MaskedTransformerLayer(nn.Module):
-    """torch's (post-norm) Transformer encoder layer, its attention skipping padded positions."""
+    """torch's (post-norm) Transformer encoder layer, its attention skipping padded positions.
+
+    The weights are nn.TransformerEncoderLayer's (``self.layer``, so its state_dict keys and
+    initialisation); the forward pass is its own. torch's layer splits the packed query, key
+    and value projection with three selects, whose backward passes each fill a zero tensor of
+    all three and add them up, and first copies the projection into another layout. Here one
+    unbind splits a view of the projection, whose backward is one stack: a training step of
+    the layer runs 1.11-1.14x faster at width 128 (benchmarks/transformer_layer.py). The
+    arithmetic and the order of dropout draws are torch's. In eval mode without autograd it
+    calls torch's layer, for its fused inference kernel.
+    """
 
     def __init__(self, dim: int, heads: int, feedforward: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -142,8 +152,30 @@ class MaskedTransformerLayer(nn.Module):
         h, mask = split(state)
         padding = mask[..., 0] == 0
         padding[:, 0] = False  # an all-padding row would make attention 0/0
-        out = self.layer(h, src_key_padding_mask=padding)
+        if self.training or torch.is_grad_enabled():
+            out = self._post_norm(h, padding)
+        else:
+            out = self.layer(h, src_key_padding_mask=padding)
         return _join(out * mask, mask)
+
+    def _post_norm(self, x: Tensor, padding: Tensor) -> Tensor:
+        layer = self.layer
+        x = layer.norm1(x + layer.dropout1(self._attention(x, padding)))
+        return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
+
+    def _attention(self, x: Tensor, padding: Tensor) -> Tensor:
+        attention = self.layer.self_attn
+        n, t, d = x.shape
+        heads = attention.num_heads
+        qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).view(n, t, 3, heads, d // heads)
+        q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))
+        keep = ~padding.view(n, 1, 1, t)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                             dropout_p=attention.dropout if attention.training else 0.0)
+        # out_proj in torch's (T, N) row order, as its layer does: dropout1 then draws its
+        # mask over the same memory layout
+        out = attention.out_proj(out.permute(2, 0, 1, 3).reshape(t * n, d))
+        return out.view(t, n, d).transpose(0, 1)
 
 
 class StdLayerNorm(nn.Module):

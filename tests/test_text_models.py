@@ -6,6 +6,7 @@ import torch
 import al_ext
 from al_ext import Trainer, bp_baseline, text
 from al_ext.models import LSTM_AL, Transformer_AL
+from al_ext.sequence_layers import MaskedTransformerLayer, split
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,34 @@ def test_transformer_arguments():
         Transformer_AL(50, 4, dim=30)
     with pytest.raises(ValueError, match="exceed max_len 8"):
         Transformer_AL(50, 4, max_len=8, dim=16, heads=2)(torch.ones(2, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval without autograd", "train under autocast bf16"])
+def test_masked_transformer_layer_computes_torchs_layer(dropout, mode):
+    # Its own attention forward must give what torch's nn.TransformerEncoderLayer gives on the same weights,
+    # dropout draws included, and the same gradients (to rounding: the q/k/v gradients are stacked, not summed).
+    torch.manual_seed(0)
+    layer = MaskedTransformerLayer(16, 4, 24, dropout).train(mode.startswith("train"))
+    h = torch.randn(3, 7, 16)
+    mask = (torch.arange(7) < torch.tensor([[7], [2], [1]])).float().unsqueeze(-1)
+    state = torch.cat([h, mask], dim=-1).requires_grad_(mode != "eval without autograd")
+
+    def torchs(state):
+        features, mask = split(state)
+        padding = mask[..., 0] == 0
+        padding[:, 0] = False
+        return torch.cat([layer.layer(features, src_key_padding_mask=padding) * mask, mask], dim=-1)
+
+    with torch.autocast("cpu", torch.bfloat16, enabled="autocast" in mode), \
+            torch.set_grad_enabled(mode != "eval without autograd"):
+        outs = []
+        for fn in (layer, torchs):
+            torch.manual_seed(1)
+            outs.append(fn(state))
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=0)
+    if state.requires_grad:
+        weights = [state, *layer.parameters()]
+        ours, theirs = (torch.autograd.grad(out.float().square().sum(), weights) for out in outs)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-2 if "autocast" in mode else 1e-5, rtol=1e-3)

@@ -1,0 +1,73 @@
+"""Transformer_AL's attention layer (al_ext.sequence_layers.MaskedTransformerLayer) against
+torch's nn.TransformerEncoderLayer on the same weights: one training step's forward and
+backward over a padded batch, taking turns (benchmarks/interleave.py's rule), and eval-mode
+inference without autograd (where the layer calls torch's).
+
+    python benchmarks/transformer_layer.py [--batch 64] [--length 64] [--dim 128] [--threads 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from al_ext.sequence_layers import MaskedTransformerLayer, split
+from interleave import median_ratio, median_time
+
+ROUNDS, CALLS = 15, 4
+
+
+def time_per_call(fn, state: torch.Tensor, grad: torch.Tensor | None) -> float:
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        out = fn(state)
+        if grad is not None:
+            out.backward(grad)
+    return (time.perf_counter() - start) / CALLS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--feedforward", type=int, default=256)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ours = MaskedTransformerLayer(args.dim, args.heads, args.feedforward)
+    lengths = torch.randint(args.length // 4, args.length + 1, (args.batch, 1))
+    mask = (torch.arange(args.length) < lengths).float().unsqueeze(-1)
+    state = torch.cat([torch.randn(args.batch, args.length, args.dim), mask], dim=-1).requires_grad_()
+    grad = torch.randn_like(state)
+
+    def torchs(state: torch.Tensor) -> torch.Tensor:
+        features, mask = split(state)
+        padding = mask[..., 0] == 0
+        padding[:, 0] = False
+        return torch.cat([ours.layer(features, src_key_padding_mask=padding) * mask, mask], dim=-1)
+
+    fns = {"torch's layer": torchs, "al_ext's": ours}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        ours.train()
+        for fn in fns.values():
+            time_per_call(fn, state, grad)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(ROUNDS):
+            for name, fn in fns.items():
+                times[name].append(time_per_call(fn, state, grad))
+        for name in fns:
+            print(f"{threads} thread(s), training step: {name:14} {median_time(times[name]) * 1e3:6.2f} ms "
+                  f"(best {min(times[name]) * 1e3:.2f}), x torch's {median_ratio(times[next(iter(fns))], times[name]):.3f}")
+        ours.eval()
+        with torch.no_grad():
+            for name, fn in fns.items():
+                eval_times = [time_per_call(fn, state, None) for _ in range(ROUNDS)]
+                print(f"{threads} thread(s), eval inference: {name:14} {median_time(eval_times) * 1e3:6.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
