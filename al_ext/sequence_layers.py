@@ -131,6 +131,19 @@ class FinalStatePool(nn.Module):
         return h.reshape(h.shape[0], self.directions, -1).sum(dim=1)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
+    """F.scaled_dot_product_attention, run in float32 where q is bf16 or fp16 on the CPU: there
+    torch's attention kernels (its backward most) are 2-3x slower in bf16 than in float32
+    (benchmarks/transformer_layer.py --bf16), and float32 only adds precision. The result has
+    q's dtype."""
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    with torch.autocast("cpu", enabled=False):
+        mask = mask.float() if mask.is_floating_point() else mask
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p)
+    return out.to(q.dtype)
+
+
 class MaskedTransformerLayer(nn.Module):
     """torch's (post-norm) Transformer encoder layer, its attention skipping padded positions.
 
@@ -170,8 +183,7 @@ class MaskedTransformerLayer(nn.Module):
         qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).view(n, t, 3, heads, d // heads)
         q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))
         keep = ~padding.view(n, 1, 1, t)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                             dropout_p=attention.dropout if attention.training else 0.0)
+        out = attend(q, k, v, keep, attention.dropout if attention.training else 0.0)
         # out_proj in torch's (T, N) row order, as its layer does: dropout1 then draws its
         # mask over the same memory layout
         out = attention.out_proj(out.permute(2, 0, 1, 3).reshape(t * n, d))
@@ -203,7 +215,7 @@ class SelfAttention(nn.Module):
         n, t, d = x.shape
         q, k, v = (proj(x).view(n, t, self.heads, d // self.heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
         bias = (mask[..., 0] == 0).to(x.dtype).mul(-1e9).view(n, 1, 1, t)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, k, v, bias, self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).reshape(n, t, d))
 
 

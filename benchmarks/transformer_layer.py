@@ -1,13 +1,16 @@
 """Transformer_AL's attention layer (al_ext.sequence_layers.MaskedTransformerLayer) against
 torch's nn.TransformerEncoderLayer on the same weights: one training step's forward and
 backward over a padded batch, taking turns (benchmarks/interleave.py's rule), and eval-mode
-inference without autograd (where the layer calls torch's).
+inference without autograd (where the layer calls torch's). ``--bf16``: both under
+torch.autocast("cpu", torch.bfloat16), where al_ext's layer runs the attention itself in
+float32 (al_ext.sequence_layers.attend).
 
-    python benchmarks/transformer_layer.py [--batch 64] [--length 64] [--dim 128] [--threads 1 2]
+    python benchmarks/transformer_layer.py [--batch 64] [--length 64] [--dim 128] [--threads 1 2] [--bf16]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -18,12 +21,13 @@ from interleave import median_ratio, median_time
 ROUNDS, CALLS = 15, 4
 
 
-def time_per_call(fn, state: torch.Tensor, grad: torch.Tensor | None) -> float:
+def time_per_call(fn, state: torch.Tensor, grad: torch.Tensor | None, bf16: bool) -> float:
     start = time.perf_counter()
     for _ in range(CALLS):
-        out = fn(state)
+        with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = fn(state)
         if grad is not None:
-            out.backward(grad)
+            out.float().backward(grad)
     return (time.perf_counter() - start) / CALLS
 
 
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--feedforward", type=int, default=256)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--bf16", action="store_true", help="under torch.autocast in bfloat16")
     args = parser.parse_args()
     torch.manual_seed(0)
     ours = MaskedTransformerLayer(args.dim, args.heads, args.feedforward)
@@ -54,18 +59,18 @@ def main() -> None:
         torch.set_num_threads(threads)
         ours.train()
         for fn in fns.values():
-            time_per_call(fn, state, grad)
+            time_per_call(fn, state, grad, args.bf16)
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(ROUNDS):
             for name, fn in fns.items():
-                times[name].append(time_per_call(fn, state, grad))
+                times[name].append(time_per_call(fn, state, grad, args.bf16))
         for name in fns:
             print(f"{threads} thread(s), training step: {name:14} {median_time(times[name]) * 1e3:6.2f} ms "
                   f"(best {min(times[name]) * 1e3:.2f}), x torch's {median_ratio(times[next(iter(fns))], times[name]):.3f}")
         ours.eval()
         with torch.no_grad():
             for name, fn in fns.items():
-                eval_times = [time_per_call(fn, state, None) for _ in range(ROUNDS)]
+                eval_times = [time_per_call(fn, state, None, args.bf16) for _ in range(ROUNDS)]
                 print(f"{threads} thread(s), eval inference: {name:14} {median_time(eval_times) * 1e3:6.2f} ms")
 
 

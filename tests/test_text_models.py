@@ -1,12 +1,14 @@
 """LSTM_AL and Transformer_AL: padding never changes a result, they learn a generated text
 task, and they work with every inference path, the BP baseline and the pipeline."""
+import unittest.mock
+
 import pytest
 import torch
 
 import al_ext
-from al_ext import Trainer, bp_baseline, text
+from al_ext import Trainer, bp_baseline, sequence_layers, text
 from al_ext.models import LSTM_AL, Transformer_AL
-from al_ext.sequence_layers import MaskedTransformerLayer, split
+from al_ext.sequence_layers import MaskedTransformerLayer, PreNormTransformer, split
 
 
 @pytest.fixture(scope="module")
@@ -124,32 +126,77 @@ def test_transformer_arguments():
         Transformer_AL(50, 4, max_len=8, dim=16, heads=2)(torch.ones(2, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-@pytest.mark.parametrize("mode", ["train", "eval", "eval without autograd", "train under autocast bf16"])
-def test_masked_transformer_layer_computes_torchs_layer(dropout, mode):
-    # Its own attention forward must give what torch's nn.TransformerEncoderLayer gives on the same weights,
-    # dropout draws included, and the same gradients (to rounding: the q/k/v gradients are stacked, not summed).
-    torch.manual_seed(0)
-    layer = MaskedTransformerLayer(16, 4, 24, dropout).train(mode.startswith("train"))
-    h = torch.randn(3, 7, 16)
+def padded_state(n_features: int) -> torch.Tensor:
     mask = (torch.arange(7) < torch.tensor([[7], [2], [1]])).float().unsqueeze(-1)
-    state = torch.cat([h, mask], dim=-1).requires_grad_(mode != "eval without autograd")
+    return torch.cat([torch.randn(3, 7, n_features), mask], dim=-1).requires_grad_()
 
-    def torchs(state):
+
+def torchs_layer(layer: MaskedTransformerLayer):
+    """torch's nn.TransformerEncoderLayer called on the layer's weights, as the layer called it before."""
+    def forward(state):
         features, mask = split(state)
         padding = mask[..., 0] == 0
         padding[:, 0] = False
         return torch.cat([layer.layer(features, src_key_padding_mask=padding) * mask, mask], dim=-1)
+    return forward
 
-    with torch.autocast("cpu", torch.bfloat16, enabled="autocast" in mode), \
-            torch.set_grad_enabled(mode != "eval without autograd"):
-        outs = []
-        for fn in (layer, torchs):
-            torch.manual_seed(1)
-            outs.append(fn(state))
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=0)
-    if state.requires_grad:
-        weights = [state, *layer.parameters()]
-        ours, theirs = (torch.autograd.grad(out.float().square().sum(), weights) for out in outs)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, atol=1e-2 if "autocast" in mode else 1e-5, rtol=1e-3)
+
+def outputs_and_grads(fn, state, params, bf16=False, seed=1):
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        out = fn(state)
+    return [out.float(), *torch.autograd.grad(out.float().square().sum(), [state, *params])]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval without autograd"])
+def test_masked_transformer_layer_computes_torchs_layer(dropout, mode):
+    # Its own attention forward must give what torch's nn.TransformerEncoderLayer gives on the same weights,
+    # dropout draws included, and the same gradients (to rounding: the q/k/v gradients are stacked, not summed).
+    torch.manual_seed(0)
+    layer = MaskedTransformerLayer(16, 4, 24, dropout).train(mode == "train")
+    state = padded_state(16)
+    if mode == "eval without autograd":
+        with torch.no_grad():
+            torch.testing.assert_close(layer(state), torchs_layer(layer)(state), atol=0, rtol=0)
+        return
+    params = list(layer.parameters())
+    for a, b in zip(outputs_and_grads(layer, state, params), outputs_and_grads(torchs_layer(layer), state, params)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def attend_in_bf16(q, k, v, mask, dropout_p):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("layer", ["MaskedTransformerLayer", "PreNormTransformer"])
+def test_attention_layers_under_autocast_bf16_stay_close_to_float32(layer):
+    # On the CPU the attention itself runs in float32 under bf16 (al_ext.sequence_layers.attend): the result
+    # must be no further from float32 than the layer with every op in bf16 is (the architecture's rule: at
+    # most 2x its error).
+    torch.manual_seed(0)
+    model = MaskedTransformerLayer(16, 4, 24) if layer == "MaskedTransformerLayer" else \
+        PreNormTransformer(16, 4, 24, layers=2, dropout=0.0)
+    state, params = padded_state(16), list(model.parameters())
+    exact = outputs_and_grads(model, state, params)
+    ours = outputs_and_grads(model, state, params, bf16=True)
+    with unittest.mock.patch.object(sequence_layers, "attend", attend_in_bf16):
+        all_bf16 = outputs_and_grads(model, state, params, bf16=True)
+    assert not torch.equal(ours[0], all_bf16[0])
+    for e, a, b in zip(exact, ours, all_bf16):
+        assert (a - e).abs().max() <= 2 * (b - e).abs().max() + 1e-6
+
+
+def test_attend_runs_bf16_attention_in_float32_on_the_cpu():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    keep = torch.rand(2, 1, 1, 5) > 0.3
+    keep[..., 0] = True
+    with torch.autocast("cpu", torch.bfloat16):
+        out = sequence_layers.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep, 0.0)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(),
+                                                                v.bfloat16().float(), attn_mask=keep)
+    torch.testing.assert_close(out, expected.bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(sequence_layers.attend(q, k, v, keep, 0.0),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep))
