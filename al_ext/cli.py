@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from .precision import PRECISIONS
 from .distributed import DistributedConfig
 from .errors import DistributedError
 from .train import Trainer
+from .validation import check_output_path
 
 DATASET_HELP = (
     "images: digits (scikit-learn's 8x8 digits, embedded), mnist-test (the MNIST test set in "
@@ -134,6 +135,22 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _int_from(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _int_from(1)
+
+
 def _size(text: str) -> float | int:
     """A split size: a fraction if it has a decimal point, else a sample count."""
     try:
@@ -158,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="architecture: mlp (the NECO MLP, ALMLP), cnn (the NECO CNN, ALCNN), vgg (VGG_AL), "
                        "resnet20 / resnet32 (ResNet_AL) on images; lstm (LSTM_AL) or transformer (Transformer_AL) "
                        "on text. --hidden gives the MLP's and the LSTM's widths, and the Transformer's block count")
-    train.add_argument("--epochs", type=int, default=20, help="training epochs (the same for AL and BP)")
+    train.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (the same for AL and BP)")
     train.add_argument("--compare-bp", action="store_true", help="also train the BP baseline: the AL model's inference path trained end to end with "
                        "cross-entropy (matched on that path; AL also trains its label side and every bridge)")
     train.add_argument("--variant", default="A", choices=["A", "B"],
@@ -170,18 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "scaled by the square root of the batch ratio where --batch-size is given)")
     train.add_argument("--hidden", type=_widths, default=None,
                        help="x-side widths, one per block, comma-separated (default 1024,1024, or the preset's)")
-    train.add_argument("--label-dim", type=int, default=None, help="label-side width d (default 1024, or the preset's)")
-    train.add_argument("--bridge-factor", type=int, default=None,
+    train.add_argument("--label-dim", type=_positive_int, default=None, help="label-side width d (default 1024, or the preset's)")
+    train.add_argument("--bridge-factor", type=_positive_int, default=None,
                        help="bridge hidden width = factor x label-dim (default 5, or the preset's)")
-    train.add_argument("--max-len", type=int, default=64, help="text: tokens kept per text (padded or cut)")
-    train.add_argument("--vocab-size", type=int, default=20000, help="text: the vocabulary's size at most")
+    train.add_argument("--max-len", type=_positive_int, default=64, help="text: tokens kept per text (padded or cut)")
+    train.add_argument("--vocab-size", type=_int_from(3), default=20000, help="text: the vocabulary's size at most")
     train.add_argument("--first-ae-loss", default=None, choices=["mse", "cross_entropy"],
                        help="loss of the first block's auto-encoder (default mse, or the preset's)")
     train.add_argument("--lr", type=float, default=None,
                        help="learning rate of (f, b) and of the BP baseline (default 1e-3, or the preset's)")
     train.add_argument("--ae-lr", type=float, default=None,
                        help="learning rate of (g, h) (default 2 x lr, or the preset's ratio to lr)")
-    train.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128, or the preset's)")
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size (default 128, or the preset's)")
     train.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS), help="optimiser of every parameter group")
     train.add_argument("--momentum", type=float, default=0.9, help="momentum of --optimizer sgd")
     train.add_argument("--weight-decay", type=float, default=None,
@@ -213,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distributed", action="store_true",
                        help="under torchrun: train across its processes (Gloo on the CPU, NCCL on CUDA), each rank "
                        "its share; --batch-size is the global batch")
-    train.add_argument("--pipeline-stages", type=int, default=1, metavar="P",
+    train.add_argument("--pipeline-stages", type=_positive_int, default=1, metavar="P",
                        help="with --distributed: P ranks each train a contiguous range of blocks (at most one stage "
                        "per block), activations passed forward between them")
-    train.add_argument("--data-parallel", type=int, default=None, metavar="R",
+    train.add_argument("--data-parallel", type=_positive_int, default=None, metavar="R",
                        help="with --distributed: R replicas of the pipeline, each on its share of every batch, "
                        "gradients averaged per block; P x R must be the number of processes (default: all of them)")
     train.add_argument("--resume", type=Path, default=None, metavar="FILE",
@@ -346,6 +363,15 @@ def _print_comparison(results: dict[str, dict[str, Any]]) -> None:
         print(f"AL - BP test accuracy: {gap:+.2f} points; AL throughput {ratio:.2f}x BP's")
 
 
+def _check_outputs(args: argparse.Namespace, has_val: bool) -> None:
+    """The files the run writes: their folders must exist before it trains."""
+    for flag, path in (("--save", args.save), ("--save-best", args.save_best), ("--json", args.json)):
+        if path is not None:
+            check_output_path(path, flag)
+    if args.save_best is not None and not has_val:
+        raise ValueError("--save-best needs a validation part (--val above 0): the best epoch is the best on it")
+
+
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     texts = load_texts(args.dataset)
     if texts is not None:
@@ -359,6 +385,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {k: 0 if v is None else v[0].shape[0] for k, v in vars(splits).items()}
     num_classes = int(y.max()) + 1
     _distributed_config(args)  # a bad combination fails before any work
+    _check_outputs(args, has_val=splits.val is not None)
     _say(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
          f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test")
     torch.manual_seed(args.seed)

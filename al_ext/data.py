@@ -6,6 +6,7 @@ import gzip
 import math
 import os
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .validation import check_labels
+from .validation import check_labels, check_tensor
 
 # IDX type codes (third byte of the magic number) and their big-endian numpy types.
 _IDX_TYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -128,6 +129,7 @@ def stratified_split(labels: Tensor, val: float | int = 0.1, test: float | int =
 
     ``val`` and ``test`` are fractions in [0, 1) or sample counts; the rest is training data.
     """
+    labels = check_tensor(labels, "labels")
     y = check_labels(labels, int(labels.max()) + 1 if labels.numel() else 1, "labels").numpy()
     n = y.shape[0]
     n_test, n_val = _resolve_size(test, n, "test"), _resolve_size(val, n, "val")
@@ -136,6 +138,10 @@ def stratified_split(labels: Tensor, val: float | int = 0.1, test: float | int =
     classes, counts = np.unique(y, return_counts=True)
     test_share = _allocate(counts, n_test)
     val_share = np.minimum(_allocate(counts, n_val), counts - test_share)
+    untrained = classes[counts - test_share - val_share == 0]
+    if untrained.size:
+        warnings.warn(f"class(es) {untrained.tolist()} get no training sample (val {n_val} and test {n_test} take "
+                      "every one), so the model cannot learn them; give val and test less", UserWarning, stacklevel=2)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for c, n_t, n_v in zip(classes, test_share, val_share):
@@ -155,6 +161,7 @@ class DatasetSplits:
 
 def split_dataset(x: Tensor, y: Tensor, val: float | int = 0.1, test: float | int = 0.2, seed: int = 0) -> DatasetSplits:
     """(x, y) cut by ``stratified_split``; an empty part is None."""
+    x, y = check_tensor(x, "x"), check_tensor(y, "y")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     idx = stratified_split(y, val, test, seed)

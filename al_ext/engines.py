@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .errors import NonFiniteLossError
-from .fused import FusedBlockOptimizer, bf16_compute_available, fused_block_optimizer
+from .fused import FusedBlockAdam, FusedBlockOptimizer, FusedBlockSGD, bf16_compute_available, fused_block_optimizer
 from .memory_format import match_state_layouts, use_fastest_memory_format
 from .nn import AssociatedLearning
 from .optim import OptimizerFactory, OptimizerSpec, SchedulerFactory, optimizer_factory, step_scheduler
@@ -132,18 +132,40 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [o.state_dict() for o in self.optimizers],
+                "optimizer_kinds": [optimizer_kind(o) for o in self.optimizers],
                 "schedulers": [s.state_dict() for s in self.schedulers], "precision": self.precision.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state_matches(self, state: dict[str, Any]) -> None:
+        """ValueError unless ``state`` (a state_dict) is one of an engine like this one: as
+        many optimisers, of the same kinds (states from before the kinds were saved are
+        taken on trust), and as many schedulers."""
         if len(state["optimizers"]) != len(self.optimizers) or len(state["schedulers"]) != len(self.schedulers):
             raise ValueError(f"the state holds {len(state['optimizers'])} optimisers and {len(state['schedulers'])} "
                              f"schedulers; this engine has {len(self.optimizers)} and {len(self.schedulers)} "
                              "(another optimiser, schedule or engine?)")
+        kinds = [optimizer_kind(o) for o in self.optimizers]
+        saved = state.get("optimizer_kinds", kinds)
+        if saved != kinds:
+            raise ValueError(f"the state holds {', '.join(sorted(set(saved)))} optimiser states; this engine trains "
+                             f"with {', '.join(sorted(set(kinds)))} (pass the optimizer the run was trained with)")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_matches(state)
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         for scheduler, s in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(s)
         self.precision.load_state_dict(state["precision"])
+
+
+def optimizer_kind(opt: torch.optim.Optimizer) -> str:
+    """What an optimiser's state holds, named by the torch optimiser it is or matches (a fused
+    block optimiser keeps the state of the torch optimiser it matches)."""
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW, FusedBlockAdam)):
+        return "Adam"
+    if isinstance(opt, (torch.optim.SGD, FusedBlockSGD)):
+        return "SGD"
+    return type(opt).__name__
 
 
 class BPEngine(Engine):
@@ -184,7 +206,7 @@ class ALEngine(Engine):
     def _block_losses(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
         if self._compiled is None:
             return [(b.loss_as, b.loss_ae) for b in self.model.local_losses(x, y)]
-        s, t = self.model.check_input(x), self.model.label_targets(y)
+        s, t = self.model.inputs_and_targets(x, y)
         out = []
         for forward in self._compiled:
             s, t, loss_as, loss_ae = forward(s, t)
@@ -222,7 +244,7 @@ class FusedALEngine(Engine):
     losses, every gradient and the update."""
 
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
-        s, t = self.model.check_input(x), self.model.label_targets(y)
+        s, t = self.model.inputs_and_targets(x, y)
         # On CUDA each block's kernel refuses a non-finite step by itself, so the losses are
         # read once for the whole batch (one wait for the GPU), not after every block.
         on_cuda = s.is_cuda

@@ -23,16 +23,14 @@ is UNIT_STEP / label width, the same step per unit at any width (1e-3 at NECO's 
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from . import reference
 from .errors import NonFiniteLossError
-from .nn import AssociatedLearning
+from .nn import AssociatedLearning, evaluating
 from .optim import optimizer_factory
 from .validation import check_positive_float, check_positive_int
 
@@ -51,21 +49,20 @@ def holds_meta_parameters(model: AssociatedLearning) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-@contextlib.contextmanager
-def _evaluating(model: AssociatedLearning) -> Iterator[None]:
-    """Eval mode and no grad for a check; the model goes back to the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+def warm_up_problem(model: AssociatedLearning) -> str | None:
+    """Why the warm-up cannot run on ``model`` as it stands, or None."""
+    if holds_meta_parameters(model):
+        return ("it needs every block's label side in this process, and this distributed run placed its blocks "
+                "(evaluate, predict or save before fit do)")
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        return ("its Adam state underflows in float16 parameters and the label side never gets ready (keep the "
+                "parameters in float32: precision='fp16' computes in float16 on CUDA)")
+    return None
 
 
 def _codes(model: AssociatedLearning) -> list[Tensor]:
     """t_1 .. t_L of the C class codes, one row per class."""
-    with _evaluating(model):
+    with evaluating(model):
         t, codes = model.label_targets(_classes(model)), []
         for block in model.blocks:
             t = block.g(t)
@@ -75,7 +72,7 @@ def _codes(model: AssociatedLearning) -> list[Tensor]:
 
 def _decodes(model: AssociatedLearning, codes: list[Tensor]) -> bool:
     classes = torch.arange(len(codes[0]), device=codes[0].device)  # row c of each code is class c's
-    with _evaluating(model):
+    with evaluating(model):
         return all(bool((model.decode(t, depth).argmax(1) == classes).all())
                    for depth, t in enumerate(codes, start=1))
 
@@ -121,9 +118,9 @@ def warm_up_label_side(model: AssociatedLearning, lr: float | None = None,
     if not isinstance(model, AssociatedLearning):
         raise TypeError(f"model must be an al_ext.AssociatedLearning, got {type(model).__name__}")
     max_steps = MAX_STEPS if max_steps is None else check_positive_int(max_steps, "max_steps")
-    if holds_meta_parameters(model):
-        raise ValueError("the warm-up needs every block's label side in this process (some parameters are on the "
-                         "meta device)")
+    problem = warm_up_problem(model)
+    if problem is not None:
+        raise ValueError(f"the label warm-up cannot run: {problem}")
     lr = UNIT_STEP / _codes(model)[0].shape[-1] if lr is None else check_positive_float(lr, "lr")
     adam = optimizer_factory("adam")
     optimizers = [adam(label_params, lr) for _, label_params in model.parameter_groups()]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import presets
 from .initialisation import Init, initialise
 from .label_side import LabelSide
-from .nn import ALBlock, AssociatedLearning, Backend
+from .nn import ALBlock, AssociatedLearning, Backend, evaluating
 from .reference import AE_LOSSES, AELoss, Variant, activation_module
 from .residual_units import RESIDUAL_UNITS, BasicBlock, NecoResidualUnit, conv3x3  # noqa: F401
 from .validation import check_choice, check_positive_int
@@ -68,9 +68,10 @@ class FlattenMap(nn.Flatten):
 
 
 def _feature_shape(encoders: Sequence[nn.Module], in_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    """The output shape (without batch) of each encoder, by running a dummy sample through."""
+    """The output shape (without batch) of each encoder, by running a dummy sample through in
+    eval mode: no BatchNorm statistic of the new model moves, and a 1 x 1 map is legal."""
     shapes = []
-    with torch.no_grad():
+    with evaluating(nn.ModuleList(encoders)):
         s = torch.zeros(1, *in_shape)
         for f in encoders:
             s = f(s)
@@ -110,14 +111,14 @@ class _VisionAL(AssociatedLearning):
                                   side.decoder(label_dim, y_dim, first=i == 0, first_ae_loss=first_loss)))
             y_dim = label_dim
         super().__init__(blocks, num_classes, variant=variant, first_ae_loss=first_loss, backend=backend)
-        self.in_features = math.prod(in_shape)
+        self.in_features, self.in_shape = math.prod(in_shape), in_shape
         initialise(self, o["init"])
 
 
 def _check_image_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
     in_shape = tuple(in_shape)
-    if len(in_shape) != 3 or min(in_shape) < 1:
-        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape}")
+    if len(in_shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in in_shape):
+        raise ValueError(f"in_shape must be (channels, height, width), three positive integers, got {in_shape}")
     return in_shape  # type: ignore[return-value]
 
 
@@ -144,7 +145,9 @@ class ALCNN(_VisionAL):
         act = activation_module(o["activation"])
         encoders: list[nn.Module] = []
         c_in = in_shape[0]
-        for (c1, c2), stride in zip(channels, strides):
+        for i, ((c1, c2), stride) in enumerate(zip(channels, strides)):
+            for name, value in ((f"channels[{i}][0]", c1), (f"channels[{i}][1]", c2), (f"strides[{i}]", stride)):
+                check_positive_int(value, name)
             encoders.append(nn.Sequential(conv3x3(c_in, c1), act(), conv3x3(c1, c2, stride), act()))
             c_in = c2
         super().__init__(encoders, in_shape, num_classes, o, variant, backend)
@@ -170,6 +173,10 @@ class VGG_AL(_VisionAL):
         stages, head = o["stages"], list(o["head"])
         if not stages or not all(any(w != MAX_POOL for w in stage) for stage in stages):
             raise ValueError("stages must list at least one stage, each with at least one convolution width")
+        for i, stage in enumerate(stages):
+            for j, w in enumerate(stage):
+                if w != MAX_POOL:
+                    check_positive_int(w, f"stages[{i}][{j}] (a convolution width, or {MAX_POOL!r} for a max-pool)")
         in_shape = _check_image_shape(in_shape)
         pools = sum(1 + sum(w == MAX_POOL for w in stage) for stage in stages)
         if min(in_shape[1:]) < 2 ** pools:
@@ -220,6 +227,10 @@ class ResNet_AL(_VisionAL):
         activation = o["activation"]
         act = activation_module(activation)
         widths = list(o["widths"])
+        if not widths:
+            raise ValueError("widths must give each stage's width, got none")
+        for i, width in enumerate(widths):
+            check_positive_int(width, f"widths[{i}]")
         in_shape = _check_image_shape(in_shape)
         units = (depth - 2) // 6
         stem: list[nn.Module] = [conv3x3(in_shape[0], widths[0]), nn.BatchNorm2d(widths[0]), act()]

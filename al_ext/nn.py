@@ -1,8 +1,10 @@
 """Model API: ALBlock, AssociatedLearning, the NECO MLP and the BP baseline on the same inference path."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from typing import Literal, Sequence
 
 import torch
@@ -13,17 +15,20 @@ from ._extension import has_cuda_kernels
 from .initialisation import Init, he_normal_, initialise  # noqa: F401  (he_normal_: al_ext.nn's own name)
 from .label_side import LabelSide
 from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
-from .validation import check_choice, check_float_tensor, check_positive_int, check_tensor
+from .validation import check_choice, check_float_tensor, check_labels, check_positive_int, check_tensor
 
 Backend = Literal["auto", "fused", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "fused", "reference")
 
 
 def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "x",
-                vocab_size: int | None = None) -> Tensor:
+                vocab_size: int | None = None, in_shape: tuple[int, ...] | None = None) -> Tensor:
     """x must be a non-empty batch on the device of ``param`` (a model parameter): token ids
     in [0, vocab_size), shape (N, T), where the model reads text; otherwise floats in the
-    parameter's dtype, with ``in_features`` values per sample where the architecture fixes that."""
+    parameter's dtype. Where the architecture fixes ``in_features`` values per sample, x comes
+    back flat, (N, in_features): from any shape that holds them, or, for a model of images of
+    ``in_shape`` (C, H, W), from (N, C, H, W) only ((N, H, W) too where C is 1), so that
+    images in another layout (N, H, W, C) are refused, not read as noise."""
     if vocab_size is not None:
         return check_token_batch(x, param.device, vocab_size, name)
     check_float_tensor(x, name)
@@ -33,9 +38,18 @@ def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "
         raise TypeError(f"{name} must have the model's dtype {param.dtype}, got {x.dtype}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch (samples along dim 0), got shape {tuple(x.shape)}")
-    if in_features is not None and math.prod(x.shape[1:]) != in_features:
+    if in_features is None:
+        return x
+    sample = tuple(x.shape[1:])
+    if in_shape is not None:
+        images = [in_shape] + ([in_shape[1:]] if in_shape[0] == 1 else [])
+        if sample != (in_features,) and sample not in images:
+            shapes = " or ".join(str((0, *image)).replace("0", "N", 1) for image in images)
+            raise ValueError(f"{name} must be images {shapes}, or flat (N, {in_features}), got shape {tuple(x.shape)} "
+                             "(images in another layout, such as (N, H, W, C), need a permute first)")
+    elif math.prod(sample) != in_features:
         raise ValueError(f"{name} must have {in_features} features per sample, got shape {tuple(x.shape)}")
-    return x
+    return x.flatten(1)
 
 
 def check_token_batch(x: Tensor, device: torch.device, vocab_size: int, name: str = "x") -> Tensor:
@@ -50,6 +64,20 @@ def check_token_batch(x: Tensor, device: torch.device, vocab_size: int, name: st
     if low < 0 or high >= vocab_size:
         raise ValueError(f"{name} token ids must lie in [0, {vocab_size}), got values from {low} to {high}")
     return x
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd, for inference on a model that may be training: no BatchNorm
+    statistic moves and no dropout draws. Every submodule goes back to the mode it was in."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class ALBlock(nn.Module):
@@ -107,6 +135,7 @@ class AssociatedLearning(nn.Module):
         # for models that read text, the vocabulary size (inputs are token ids).
         self.in_features: int | None = None
         self.vocab_size: int | None = None
+        self.in_shape: tuple[int, ...] | None = None  # (C, H, W), for a model of images
 
     @property
     def depth(self) -> int:
@@ -116,12 +145,21 @@ class AssociatedLearning(nn.Module):
         return next(self.parameters())
 
     def check_input(self, x: Tensor, name: str = "x") -> Tensor:
-        return check_batch(x, self._reference_tensor(), self.in_features, name, self.vocab_size)
+        return check_batch(x, self._reference_tensor(), self.in_features, name, self.vocab_size, self.in_shape)
 
-    def label_targets(self, y: Tensor) -> Tensor:
-        """t_0 = one-hot(y), in the model's dtype and on its device."""
+    def label_targets(self, y: Tensor, samples: int | None = None) -> Tensor:
+        """t_0 = one-hot(y), in the model's dtype and on its device, of ``samples`` labels
+        where given. Their range is checked where they are on the CPU (on a GPU that would
+        wait for it; the Trainer checks them before they get there)."""
+        y = check_labels(y, self.num_classes, "y", samples, read_values=y.device.type == "cpu")
         param = self._reference_tensor()
         return reference.one_hot_targets(y.to(param.device), self.num_classes, param.dtype)
+
+    def inputs_and_targets(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(s_0, t_0) of a training batch: the checked inputs (see check_batch) and the
+        one-hot targets of the checked labels."""
+        s = self.check_input(x)
+        return s, self.label_targets(y, s.shape[0])
 
     def fused_block_problem(self) -> str | None:
         """Why the fused dense block step cannot train this model as it stands, or None if it can."""
@@ -138,9 +176,12 @@ class AssociatedLearning(nn.Module):
             return f"the fused dense block step on {param.device.type} takes {', '.join(map(str, dtypes))}, not {param.dtype}"
         for i, block in enumerate(self.blocks):
             try:
-                fused.dense_block_layout(block)
+                _, _, h_activation = fused.dense_block_layout(block)
             except ValueError as exc:
                 return f"block {i + 1} is not a dense block: {exc}"
+            if self.ae_loss_of(i) == "cross_entropy" and h_activation != "identity":
+                return (f"block {i + 1}'s h ends in {h_activation}, and the fused step takes the cross-entropy "
+                        "auto-encoder loss on h's logits only")
         return None
 
     def uses_fused_step(self) -> bool:
@@ -161,7 +202,7 @@ class AssociatedLearning(nn.Module):
         The losses use ATen's mse_loss on every backend: through autograd it is 2-2.5x faster
         than al_ext.ops.mse_loss on this project's CPU (43 against 94 us forward and backward
         at 64 x 128, 2.5 against 6.3 ms at 512 x 5120), which pays only inside a fused step."""
-        s, t = self.check_input(x), self.label_targets(y)
+        s, t = self.inputs_and_targets(x, y)
         out = []
         for i, block in enumerate(self.blocks):
             losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i))
@@ -221,20 +262,25 @@ class AssociatedLearning(nn.Module):
         probs = scores.softmax(dim=1) if self.first_ae_loss == "cross_entropy" else scores
         return probs.max(dim=1).values
 
-    @torch.no_grad()
     def predict(self, x: Tensor, depth: int | None = None) -> Tensor:
-        """Predicted classes through the full path, or the shortcut path of depth ``depth``."""
-        return self.scores(x, depth).argmax(dim=1)
+        """Predicted classes through the full path, or the shortcut path of depth ``depth``
+        (in eval mode, whatever mode the model is in)."""
+        with evaluating(self):
+            return self.scores(x, depth).argmax(dim=1)
 
-    @torch.no_grad()
     def predict_adaptive(self, x: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
         """Early exit: each sample leaves at the first depth whose confidence reaches ``threshold``
-        (the last block otherwise). Deeper blocks only see the samples still in flight.
+        (the last block otherwise). Deeper blocks only see the samples still in flight. In
+        eval mode, whatever mode the model is in.
 
         Returns (classes, depths), depths counted from 1.
         """
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"threshold must be a confidence in (0, 1], got {threshold!r}")
+        with evaluating(self):
+            return self._exit_early(x, threshold)
+
+    def _exit_early(self, x: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
         s = self.check_input(x)
         n = s.shape[0]
         classes = torch.empty(n, dtype=torch.long, device=s.device)
@@ -310,17 +356,17 @@ class BPNetwork(nn.Module):
     """An AL model's inference path f_1..f_L, b_L, h_L..h_1 as one network, trained end to end."""
 
     def __init__(self, encoders: Sequence[nn.Module], bridge: nn.Module, decoders: Sequence[nn.Module],
-                 num_classes: int, in_features: int | None, vocab_size: int | None = None) -> None:
+                 num_classes: int, in_features: int | None, vocab_size: int | None = None,
+                 in_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.bridge = bridge
         self.decoders = nn.ModuleList(decoders)  # h_L first, h_1 last
         self.num_classes = num_classes
-        self.in_features = in_features
-        self.vocab_size = vocab_size
+        self.in_features, self.vocab_size, self.in_shape = in_features, vocab_size, in_shape
 
     def forward(self, x: Tensor) -> Tensor:
-        s = check_batch(x, next(self.parameters()), self.in_features, vocab_size=self.vocab_size)
+        s = check_batch(x, next(self.parameters()), self.in_features, vocab_size=self.vocab_size, in_shape=self.in_shape)
         for f in self.encoders:
             s = f(s)
         t = self.bridge(s)
@@ -328,9 +374,10 @@ class BPNetwork(nn.Module):
             t = h(t)
         return t
 
-    @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        return self(x).argmax(dim=1)
+        """Predicted classes (in eval mode, whatever mode the network is in)."""
+        with evaluating(self):
+            return self(x).argmax(dim=1)
 
 
 def bp_baseline(model: AssociatedLearning) -> BPNetwork:
@@ -349,4 +396,4 @@ def bp_baseline(model: AssociatedLearning) -> BPNetwork:
     if isinstance(first, nn.Sequential) and len(first) > 1 and isinstance(first[-1], nn.Sigmoid):
         decoders[-1] = first[:-1]
     return BPNetwork([block.f for block in blocks], blocks[-1].b, decoders, model.num_classes, model.in_features,
-                     model.vocab_size)
+                     model.vocab_size, model.in_shape)

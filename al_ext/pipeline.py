@@ -215,7 +215,8 @@ class Pipeline:
         for batch in batches:
             check_batch_pair(batch, "each batch")
             x, y = (t.to(device, non_blocking=True) if isinstance(t, Tensor) else t for t in batch)
-            yield self.model.check_input(x).detach(), self.model.label_targets(y)
+            s, t = self.model.inputs_and_targets(x, y)
+            yield s.detach(), t
 
     @property
     def lookahead(self) -> int:

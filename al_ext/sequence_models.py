@@ -152,7 +152,10 @@ class Transformer_AL(_SequenceAL):
                             first_ae_loss=first_ae_loss, label_side=label_side, init=init)
         num_blocks = check_positive_int(o["num_blocks"], "num_blocks")
         per_block = check_positive_int(o["layers_per_block"], "layers_per_block")
-        dim, heads, feedforward, dropout = o["dim"], check_positive_int(o["heads"], "heads"), o["feedforward"], o["dropout"]
+        dim, heads = check_positive_int(o["dim"], "dim"), check_positive_int(o["heads"], "heads")
+        feedforward, dropout = check_positive_int(o["feedforward"], "feedforward"), o["dropout"]
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         check_heads(dim, heads)
         style = check_choice(o["encoder_layer"], "encoder_layer", ENCODER_LAYERS)
         embedding = TokenEmbedding(check_positive_int(vocab_size, "vocab_size"), dim,

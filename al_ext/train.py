@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from .callbacks import HOOKS
 from .distributed.config import DistributedConfig, init_process_group
 from .collapse import collapse_warning
-from .label_warmup import holds_meta_parameters, label_side_ready, warm_up_label_side
+from .label_warmup import label_side_ready, warm_up_label_side, warm_up_problem
 from .engines import Engine, PipelinedALEngine, make_engine
 from .pipeline import Pipeline
 from .errors import NonFiniteLossError
-from .nn import AssociatedLearning, check_token_batch
+from .nn import AssociatedLearning, check_token_batch, evaluating
 from .precision import make_precision
 from .optim import (SCHEDULER_INTERVALS, OptimizerSpec, ScheduleName, SchedulerFactory, named_schedule, neco_lr_factor,
                     optimizer_factory)
@@ -35,6 +35,7 @@ from .validation import (
     check_finite,
     check_float_tensor,
     check_labels,
+    check_output_path,
     check_positive_float,
     check_positive_int,
     check_tensor,
@@ -125,7 +126,7 @@ class Trainer:
         pipeline_stages: int | None = None,
         pipeline_shared: bool | None = None,
         cuda_graphs: bool = False,
-        callbacks: Sequence[Any] = (),
+        callbacks: Sequence[Any] | None = (),
         precision: str = "fp32",
         compile: bool = False,
         distributed: DistributedConfig | None = None,
@@ -137,6 +138,8 @@ class Trainer:
             raise TypeError(f"label_warmup must be True, False or None (on for AL models), got {label_warmup!r}")
         if label_warmup and not isinstance(model, AssociatedLearning):
             raise ValueError("label_warmup=True trains an AL model's label side; this model is trained end to end")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         self.lr = check_positive_float(lr, "lr")
         self.ae_lr = 2.0 * self.lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")
         self.batch_size = check_positive_int(batch_size, "batch_size")
@@ -185,7 +188,9 @@ class Trainer:
                                           self.ae_lr, scheduler, scheduler_interval, pipeline,
                                           make_precision(precision, self.model, self.device), bool(compile),
                                           distributed, **pipeline_options)
-        self.callbacks = list(callbacks)
+        if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, (Sequence, type(None))):
+            raise TypeError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}")
+        self.callbacks = list(callbacks or ())
         for i, callback in enumerate(self.callbacks):
             if not any(hasattr(callback, hook) for hook in HOOKS):
                 raise TypeError(f"callbacks[{i}] must have at least one of {', '.join(HOOKS)} (al_ext.callbacks."
@@ -225,9 +230,9 @@ class Trainer:
         y = check_labels(y, self.num_classes, f"{name} labels", length=x.shape[0] if x.dim() else None)
         if x.dim() < 2:
             raise ValueError(f"{name} inputs must have samples along dim 0 and features after, got shape {tuple(x.shape)}")
+        x = x.to(dtype=next(self.model.parameters()).dtype)  # checked as the model gets it: 1e39 is inf in float32
         check_finite(x, f"{name} inputs")
-        dtype = next(self.model.parameters()).dtype
-        return x.to(self.device, dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _prepared(self, data: Data, name: str) -> Data:
         if isinstance(data, DataLoader):
@@ -313,10 +318,16 @@ class Trainer:
             check_positive_int(checkpoint_every, "checkpoint_every")
             if checkpoint is None:
                 raise ValueError("checkpoint_every needs checkpoint= (the file to write)")
+        if checkpoint is not None:
+            checkpoint = check_output_path(checkpoint, "checkpoint")
+        if save_best is not None:
+            save_best = check_output_path(save_best, "save_best")
+            if val is None:
+                raise ValueError("save_best needs val= (the best epoch is the best on validation)")
         train = self._prepared(train, "train")
         val = None if val is None else self._prepared(val, "val")
         self._fit_epochs = epochs
-        self._best_path = None if save_best is None else Path(save_best)
+        self._best_path = save_best
         self.should_stop = False
         try:
             if self._warmup_pending:
@@ -347,11 +358,10 @@ class Trainer:
 
     def _warm_up_label_side(self) -> None:
         self._warmup_pending = False
-        if holds_meta_parameters(self.model):
-            warnings.warn("the label warm-up needs every block in this process, but this distributed run placed its "
-                          "blocks before fit (evaluate, predict or save did); it starts without the warm-up "
-                          "(label_warmup=False starts without it and without this warning)", RuntimeWarning,
-                          stacklevel=3)
+        problem = warm_up_problem(self.model)
+        if problem is not None:
+            warnings.warn(f"the run starts without the label warm-up: {problem} (label_warmup=False starts without "
+                          "it and without this warning)", RuntimeWarning, stacklevel=3)
             return
         start = time.perf_counter()
         steps, decodes = warm_up_label_side(self.model)
@@ -486,18 +496,13 @@ class Trainer:
                                "its weights across a resume)")
         self.engine.load_model_state(self._best_state)
 
-    @torch.no_grad()
     def evaluate(self, data: Data) -> dict[str, Any]:
         """Accuracy on ``data``; for AL also the accuracy of every shortcut depth 1..L
         (``shortcut_accuracy[-1]`` is the full path, equal to ``accuracy``)."""
         data = self._prepared(data, "data")
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             correct, samples = self.engine.correct_counts(self._batches(data, "data", self.eval_batch_size,
                                                                         shuffle=False))
-        finally:
-            self.model.train(was_training)
         if correct is None:
             raise ValueError("data holds no samples")
         accuracy = (correct.double() / samples).tolist()
@@ -547,6 +552,7 @@ class Trainer:
             "signature": self._signature(),
             "epoch": self.epoch,
             "position": self.position,
+            "batch_size": self.batch_size,
             "global_step": self.global_step,
             "label_warmup": self.label_warmup_result,
             "totals": self._totals if self.position else {},
@@ -569,8 +575,7 @@ class Trainer:
                                  "one process, load the file that save() without sharded=True writes")
             from .distributed.checkpoint import read_run_state
             run_state = read_run_state(str(path))
-            self._check_format(run_state, path)
-            self._check_architecture(run_state, path)  # before any shard is read
+            self._check_run_state(run_state, path)  # before any shard is read
             self.engine.load_sharded(str(path))
             self._load_run_state(run_state, path)
             return
@@ -580,8 +585,7 @@ class Trainer:
             raise
         except Exception as exc:
             raise ValueError(f"{path} is not a readable al_ext checkpoint ({exc})") from exc
-        self._check_format(ckpt, path)
-        self._check_architecture(ckpt, path)
+        self._check_run_state(ckpt, path)
         self.engine.load_model_state(ckpt["model"])
         self.engine.load_state_dict(ckpt["engine"])
         self._load_run_state(ckpt, path)
@@ -593,9 +597,18 @@ class Trainer:
             raise ValueError(f"{path} is not an al_ext checkpoint of format {CHECKPOINT_FORMAT!r} (found {found!r}; "
                              "a checkpoint of an older al_ext cannot be resumed by this one)")
 
-    def _load_run_state(self, ckpt: dict[str, Any], path: str | Path) -> None:
+    def _check_run_state(self, ckpt: Any, path: str | Path) -> None:
+        """ValueError unless this trainer can resume ``ckpt``, before anything is loaded."""
         self._check_format(ckpt, path)
         self._check_architecture(ckpt, path)
+        saved = ckpt.get("batch_size")  # absent from checkpoints of before it was kept
+        if ckpt["position"] and saved is not None and saved != self.batch_size:
+            raise ValueError(f"{path} stopped after batch {ckpt['position']} of an epoch of batches of {saved}; resume "
+                             f"it with batch_size={saved} (this trainer's is {self.batch_size}), or from a checkpoint "
+                             "written at the end of an epoch")
+
+    def _load_run_state(self, ckpt: dict[str, Any], path: str | Path) -> None:
+        self._check_run_state(ckpt, path)
         self.epoch, self.position, self.global_step = ckpt["epoch"], ckpt["position"], ckpt["global_step"]
         self._warmup_pending = False
         self.label_warmup_result = ckpt.get("label_warmup")  # absent from checkpoints of before the warm-up

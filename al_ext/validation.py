@@ -5,6 +5,7 @@ Bad input must fail here, loudly, rather than crash inside a kernel or train on 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,13 +32,26 @@ def check_finite(tensor: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); expected only finite values")
 
 
+def check_output_path(path: Any, name: str) -> Path:
+    """A file to be written later: its folder must exist now, so that a run does not fail
+    only after it has trained."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"{name} must be a path (str or pathlib.Path), got {type(path).__name__}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"{name}: the folder {str(path.parent)!r} (of {str(path)!r}) does not exist")
+    return path
+
+
 def check_device(tensor: Tensor, name: str, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(f"{name} must be on {device} (the model's device), got {tensor.device}")
 
 
-def check_labels(labels: Any, num_classes: int, name: str = "y", length: int | None = None) -> Tensor:
-    """Integer class labels, one per sample, each in [0, num_classes)."""
+def check_labels(labels: Any, num_classes: int, name: str = "y", length: int | None = None,
+                 read_values: bool = True) -> Tensor:
+    """Integer class labels, one per sample, each in [0, num_classes). ``read_values=False``
+    leaves out the range, whose check reads the values (a wait, for labels on a GPU)."""
     y = check_tensor(labels, name)
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
@@ -45,7 +59,7 @@ def check_labels(labels: Any, num_classes: int, name: str = "y", length: int | N
         raise ValueError(f"{name} must be 1-D (one label per sample), got shape {tuple(y.shape)}")
     if length is not None and y.shape[0] != length:
         raise ValueError(f"{name} must have one label per sample ({length}), got {y.shape[0]}")
-    if y.numel() > 0:
+    if read_values and y.numel() > 0:
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}), got values from {low} to {high}")

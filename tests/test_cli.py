@@ -163,6 +163,12 @@ def test_train_on_idx_files(tmp_path):
         (["--test", "0.9", "--val", "0.2"], "leave no training samples"),
         (["--cuda-graphs"], "cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True"),
         (["--cuda-graphs", "--pipeline"], "cuda_graphs=True replays fused block steps on CUDA"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer of at least 1, got '0'"),
+        (["--epochs", "-1"], "argument --epochs: expected an integer of at least 1"),
+        (["--vocab-size", "2"], "argument --vocab-size: expected an integer of at least 3"),
+        (["--save", "/no/such/folder/run.pt"], "--save: the folder '/no/such/folder'"),
+        (["--save-best", "/no/such/folder/best.pt"], "--save-best: the folder '/no/such/folder'"),
+        (["--val", "0", "--save-best", "best.pt"], "--save-best needs a validation part"),
     ],
 )
 def test_bad_arguments_are_reported_without_a_traceback(args, message):

@@ -171,11 +171,19 @@ def test_the_trainer_says_when_the_warm_up_runs_out_or_cannot_run(data, monkeypa
         run.fit(train, epochs=1)
     assert run.history[0]["label_warmup_steps"] == 1
     # a distributed run whose blocks were placed before fit: the other stages' are on the meta device
-    monkeypatch.setattr("al_ext.train.holds_meta_parameters", lambda model: True)
-    placed = trainer()
-    with pytest.warns(RuntimeWarning, match="placed its blocks before fit.*starts without the warm-up"):
-        placed.fit(train, epochs=1)
-    assert placed.label_warmup_result is None and "label_warmup_steps" not in placed.history[0]
+    with monkeypatch.context() as patched:
+        patched.setattr("al_ext.label_warmup.holds_meta_parameters", lambda model: True)
+        placed = trainer()
+        with pytest.warns(RuntimeWarning, match="starts without the label warm-up: .*placed its blocks"):
+            placed.fit(train, epochs=1)
+        assert placed.label_warmup_result is None and "label_warmup_steps" not in placed.history[0]
+    # float16 parameters: Adam's state underflows (NaN at eps 1e-8; never ready above it)
+    half = trainer(al_ext.ALMLP(train[0].shape[1], 10, hidden=(32, 32), label_dim=16).half())
+    with pytest.raises(ValueError, match="cannot run: its Adam state underflows in float16"):
+        al_ext.label_warmup.warm_up_label_side(half.model)
+    with pytest.warns(RuntimeWarning, match="starts without the label warm-up: .*float16"):
+        half.fit((train[0].half(), train[1]), epochs=1)
+    assert half.label_warmup_result is None
 
 
 def test_a_non_finite_loss_in_the_warm_up_stops_it(data):

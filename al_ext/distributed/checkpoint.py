@@ -133,6 +133,7 @@ def save_sharded(engine: DistributedALEngine, directory: str, run_state: dict[st
     if top.rank == 0:
         state = engine.state_dict()
         rest = {"schedulers": state["schedulers"], "precision": state["precision"],
+                "optimizer_kinds": state["optimizer_kinds"],
                 "param_groups": [s["param_groups"] for s in state["optimizers"]]}
         torch.save({**run_state, "engine": rest}, f"{directory}/{RUN_STATE_FILE}")
     # The directory is whole when save returns, on any rank.
@@ -152,6 +153,7 @@ def load_sharded(engine: DistributedALEngine, directory: str) -> None:
     schedulers and the precision from a sharded checkpoint written by any number of ranks."""
     import torch.distributed.checkpoint as dcp
     rest = read_run_state(directory)["engine"]
+    engine.check_state_matches({**rest, "optimizers": rest["param_groups"]})  # one entry per optimiser
     model_state = owned_model_state(engine, engine.model.state_dict())
     wanted: dict[str, Any] = {f"model.{k}": v for k, v in model_state.items()}
     owned = set(engine.owned_optimizers())

@@ -200,8 +200,7 @@ class DistributedALEngine(Engine):
         """Loads the whole run's engine state (as one process saves it): this rank's
         optimisers whole, the others' hyperparameters (learning rates: every rank keeps them
         all, as it steps every scheduler), the schedulers and the precision."""
-        if len(state["optimizers"]) != len(self.optimizers) or len(state["schedulers"]) != len(self.schedulers):
-            super().load_state_dict(state)  # says what does not match
+        self.check_state_matches(state)
         owned = set(self.owned_optimizers())
         for j, (opt, saved) in enumerate(zip(self.optimizers, state["optimizers"])):
             if j in owned:
@@ -359,7 +358,7 @@ class DistributedALEngine(Engine):
             if index == 0 and top.replicas > 1:
                 self._check_replicas_read_alike(x, y)
             samples = int(x.shape[0])
-            s, t = self._shard(self.model.check_input(x), self.model.label_targets(y))
+            s, t = self._shard(*self.model.inputs_and_targets(x, y))
             losses = torch.zeros(self.model.depth, 2, dtype=torch.float64)
             s, t = self._train(index, s, t, samples, losses)
             if top.is_last:

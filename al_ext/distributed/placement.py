@@ -34,7 +34,7 @@ def measured_costs(engine: DistributedALEngine, x: Tensor, y: Tensor) -> list[fl
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        s, t = model.check_input(x), model.label_targets(y)
+        s, t = model.inputs_and_targets(x, y)
         costs = []
         for i in range(model.depth):
             best = float("inf")

@@ -51,7 +51,8 @@ def run_in_scheduler(engine: DistributedALEngine, batches: Iterable[Batch] | Non
             for x, y in batches or ():
                 x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
                 pulled.append((None, int(x.shape[0])))
-                yield model.check_input(x).detach(), model.label_targets(y)
+                s, t = model.inputs_and_targets(x, y)
+                yield s.detach(), t
             ended["kind"] = END
             return
         for _, s, t, posted in engine.received_batches():

@@ -1,0 +1,168 @@
+"""Inputs a user gets wrong, or gets right in a way the happy path did not try: each is
+refused with a message naming what was expected, or works as a PyTorch user would expect,
+on every training path (not only through the Trainer)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import al_ext
+from al_ext import Trainer, data, text
+from al_ext.label_side import LabelSide
+from al_ext.models import ALCNN, VGG_AL, ResNet_AL, Transformer_AL
+
+from conftest import small_mlp
+
+
+def batch(n=12, features=20, classes=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=generator), torch.randint(0, classes, (n,), generator=generator)
+
+
+@pytest.mark.parametrize("options", [{}, {"pipeline": True}, {"backend": "reference"}])
+def test_an_mlp_trains_on_inputs_of_any_shape_holding_its_features(options):
+    # ALMLP flattens (N, ...) on every path; the fused step skipped the nn.Flatten and refused (N, 4, 5).
+    x, y = batch()
+    flat, shaped = (Trainer(small_mlp(backend=options.get("backend", "auto")), progress=False, label_warmup=False,
+                            pipeline=options.get("pipeline", False)) for _ in range(2))
+    flat.fit((x, y), epochs=1)
+    shaped.fit((x.reshape(12, 4, 5), y), epochs=1)
+    for a, b in zip(flat.model.parameters(), shaped.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_image_models_take_their_layout_or_flat_data_only():
+    model = ALCNN((3, 8, 8), 3, channels=[(2, 2)], strides=[1], label_dim=4).eval()
+    images = torch.rand(4, 3, 8, 8)
+    torch.testing.assert_close(model(images), model(images.flatten(1)))
+    for wrong in (images.permute(0, 2, 3, 1), images.reshape(4, 2, 96)):  # HWC images would be read as noise
+        with pytest.raises(ValueError, match=r"x must be images \(N, 3, 8, 8\), or flat \(N, 192\), got shape"):
+            model(wrong)
+    grey = ALCNN((1, 8, 8), 3, channels=[(2, 2)], strides=[1], label_dim=4).eval()
+    torch.testing.assert_close(grey(torch.ones(2, 8, 8)), grey(torch.ones(2, 1, 8, 8)))
+    with pytest.raises(ValueError, match=r"\(N, 1, 8, 8\) or \(N, 8, 8\), or flat \(N, 64\)"):
+        grey(torch.ones(2, 8, 8, 1))
+    with pytest.raises(ValueError, match="x must be images"):
+        al_ext.bp_baseline(model)(images.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("path", ["engine", "pipeline", "local_losses"])
+@pytest.mark.parametrize("labels,error,message", [
+    (torch.tensor([1]), ValueError, r"y must have one label per sample \(12\), got 1"),
+    (torch.zeros(12, 1, dtype=torch.long), ValueError, "y must be 1-D"),
+    (torch.full((12,), 5), ValueError, r"y must lie in \[0, 5\), got values from 5 to 5"),
+    (torch.zeros(12), TypeError, "y must hold integer class labels"),
+])
+def test_labels_are_checked_on_every_training_path(path, labels, error, message):
+    # A wrong label shape used to broadcast against the targets and train on garbage.
+    model = small_mlp(backend="reference")
+    engine = al_ext.make_engine(model, "adam", 1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, _ = batch()
+    run = {"engine": lambda: engine.step(x, labels), "local_losses": lambda: model.local_losses(x, labels),
+           "pipeline": lambda: al_ext.Pipeline(model, engine.optimizers).run([(x, labels)])}[path]
+    with pytest.raises((error, al_ext.PipelineError), match=message):
+        run()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    engine.step(x, torch.randint(0, 5, (12,), dtype=torch.int32))  # any integer dtype is fine
+
+
+def test_building_a_batch_norm_model_leaves_its_statistics_alone():
+    for model in (ResNet_AL(8, (3, 8, 8), 3, widths=[2, 2, 2], label_dim=4),
+                  VGG_AL((3, 8, 8), 3, stages=[(2,)], batch_norm=True, head=[4], label_dim=4)):
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            assert int(norm.num_batches_tracked) == 0
+            assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+        assert all(m.training for m in model.modules())
+    ResNet_AL(8, (3, 4, 4), 3, widths=[2, 2, 2])  # a 1 x 1 map of the dummy sample is legal in eval mode
+
+
+def test_predict_runs_in_eval_mode_and_puts_every_module_back():
+    model = ResNet_AL(8, (3, 8, 8), 3, widths=[2, 2, 2], label_dim=4)
+    model.blocks[0].f[-1].eval()  # a user's own choice of mode for one module survives
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    x = torch.rand(5, 3, 8, 8)
+    model.predict(x), model.predict_adaptive(x, 0.5), al_ext.bp_baseline(model).predict(x)
+    assert int(norm.num_batches_tracked) == 0
+    assert model.training and not model.blocks[0].f[-1].training
+    text_model = Transformer_AL(50, 3, preset="iclr22", dim=16, heads=2, feedforward=16, label_dim=8)  # dropout 0.1
+    ids = torch.randint(1, 50, (6, 9))
+    assert torch.equal(text_model.predict(ids), text_model.predict(ids)) and text_model.training
+
+
+def test_auto_backend_falls_back_where_the_fused_step_refuses_the_loss():
+    model = small_mlp(first_ae_loss="cross_entropy", label_side=LabelSide(first_decoder_activation="sigmoid"))
+    assert not model.uses_fused_step()
+    assert "cross-entropy" in model.fused_block_problem()
+    Trainer(model, progress=False, label_warmup=False).fit(batch(), epochs=1)
+
+
+def test_a_checkpoint_loads_only_into_the_optimiser_it_was_trained_with(tmp_path):
+    trainer = Trainer(small_mlp(), progress=False, label_warmup=False)
+    trainer.fit(batch(), epochs=1)
+    trainer.save(tmp_path / "adam.pt")
+    for options in ({"optimizer": "sgd"}, {"optimizer": "sgd", "pipeline": True}):
+        with pytest.raises(ValueError, match="holds Adam optimiser states; this engine trains with SGD"):
+            Trainer(small_mlp(), progress=False, **options).load(tmp_path / "adam.pt")
+    Trainer(small_mlp(), progress=False, optimizer="adamw").load(tmp_path / "adam.pt")  # the same state
+
+
+def test_resuming_mid_epoch_needs_the_batch_size_it_stopped_with(tmp_path):
+    x, y = batch(n=40)
+    trainer = Trainer(small_mlp(), batch_size=8, progress=False, label_warmup=False)
+    trainer.fit((x, y), epochs=1, checkpoint=tmp_path / "run.pt", checkpoint_every=2)
+    trainer.position = 2  # as if it had stopped there
+    trainer.save(tmp_path / "mid.pt")
+    with pytest.raises(ValueError, match="stopped after batch 2 of an epoch of batches of 8; resume it with batch_size=8"):
+        Trainer(small_mlp(), batch_size=16, progress=False).load(tmp_path / "mid.pt")
+    Trainer(small_mlp(), batch_size=16, progress=False).load(tmp_path / "run.pt")  # an epoch's end: any size
+
+
+def test_files_a_fit_writes_are_checked_before_it_trains(tmp_path):
+    trainer = Trainer(small_mlp(), progress=False)
+    for option in ("checkpoint", "save_best"):
+        with pytest.raises(ValueError, match=f"{option}: the folder .*does not exist"):
+            trainer.fit(batch(), batch(seed=1), epochs=1, **{option: tmp_path / "missing" / "file.pt"})
+    with pytest.raises(ValueError, match="save_best needs val="):
+        trainer.fit(batch(), epochs=1, save_best=tmp_path / "best.pt")
+    assert trainer.epoch == 0 and trainer.global_step == 0
+
+
+def test_inputs_are_checked_as_the_model_gets_them():
+    x, y = batch()
+    x = x.double()
+    x[0, 0] = 1e39  # finite in float64, inf in the model's float32
+    with pytest.raises(ValueError, match="train inputs contains 1 NaN or infinite value"):
+        Trainer(small_mlp(), progress=False).fit((x, y), epochs=1)
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: ALCNN((1, 8, 8), 3, channels=[(2, 2)], strides=[0]), r"strides\[0\] must be a positive integer"),
+    (lambda: ALCNN((1, 8, 8), 3, channels=[(2.0, 2)], strides=[1]), r"channels\[0\]\[0\] must be a positive integer"),
+    (lambda: ALCNN((1, 4.0, 4), 3), "in_shape must be .* three positive integers"),
+    (lambda: VGG_AL((3, 8, 8), 3, stages=[(0,)]), r"stages\[0\]\[0\] \(a convolution width, or 'M'"),
+    (lambda: VGG_AL((3, 8, 8), 3, stages=[("x",)]), r"stages\[0\]\[0\] .* got 'x'"),
+    (lambda: ResNet_AL(8, (3, 8, 8), 3, widths=[]), "widths must give each stage's width"),
+    (lambda: ResNet_AL(8, (3, 8, 8), 3, widths=[0, 2, 2]), r"widths\[0\] must be a positive integer"),
+    (lambda: Transformer_AL(20, 3, feedforward=0), "feedforward must be a positive integer"),
+    (lambda: Transformer_AL(20, 3, dim=4.0, heads=2), "dim must be a positive integer"),
+    (lambda: Transformer_AL(20, 3, dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
+    (lambda: text.Vocabulary(["a b c"], max_size=2), "max_size must be at least 3"),
+    (lambda: Trainer(small_mlp(), seed="a"), "seed must be an integer"),
+    (lambda: Trainer(small_mlp(), callbacks=al_ext.callbacks.Callback()), "callbacks must be a list"),
+    (lambda: data.split_dataset(torch.zeros(3, 2), torch.tensor([0, 1, 1]).numpy()), "y must be a torch.Tensor"),
+])
+def test_bad_model_and_setting_arguments_name_themselves(build, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def test_a_split_that_leaves_a_class_untrained_says_so():
+    labels = torch.tensor([0] + [1] + [2] * 8)
+    with pytest.warns(UserWarning, match=r"class\(es\) \[0\] get no training sample"):
+        split = data.stratified_split(labels, val=3, test=5)
+    assert 0 not in labels[split.train].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.stratified_split(labels, val=1, test=1)
