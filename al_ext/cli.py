@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bridge-factor", type=_positive_int, default=None,
                        help="bridge hidden width = factor x label-dim (default 5, or the preset's)")
     train.add_argument("--max-len", type=_positive_int, default=64, help="text: tokens kept per text (padded or cut)")
-    train.add_argument("--vocab-size", type=_int_from(3), default=20000, help="text: the vocabulary's size at most")
+    train.add_argument("--vocab-size", type=_int_from(text.MIN_VOCABULARY), default=20000, help="text: the vocabulary's size at most")
     train.add_argument("--first-ae-loss", default=None, choices=["mse", "cross_entropy"],
                        help="loss of the first block's auto-encoder (default mse, or the preset's)")
     train.add_argument("--lr", type=float, default=None,
@@ -363,13 +363,13 @@ def _print_comparison(results: dict[str, dict[str, Any]]) -> None:
         print(f"AL - BP test accuracy: {gap:+.2f} points; AL throughput {ratio:.2f}x BP's")
 
 
-def _check_outputs(args: argparse.Namespace, has_val: bool) -> None:
-    """The files the run writes: their folders must exist before it trains."""
-    for flag, path in (("--save", args.save), ("--save-best", args.save_best), ("--json", args.json)):
-        if path is not None:
-            check_output_path(path, flag)
-    if args.save_best is not None and not has_val:
-        raise ValueError("--save-best needs a validation part (--val above 0): the best epoch is the best on it")
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The files the run writes after it trains (Trainer.fit checks --save-best's itself):
+    their folders must exist before it starts."""
+    if _is_main_process():
+        for flag, path in (("--save", args.save), ("--json", args.json)):
+            if path is not None:
+                check_output_path(path, flag)
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -385,7 +385,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {k: 0 if v is None else v[0].shape[0] for k, v in vars(splits).items()}
     num_classes = int(y.max()) + 1
     _distributed_config(args)  # a bad combination fails before any work
-    _check_outputs(args, has_val=splits.val is not None)
+    _check_outputs(args)
     _say(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
          f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test")
     torch.manual_seed(args.seed)

@@ -162,7 +162,9 @@ def optimizer_kind(opt: torch.optim.Optimizer) -> str:
     """What an optimiser's state holds, named by the torch optimiser it is or matches (a fused
     block optimiser keeps the state of the torch optimiser it matches)."""
     if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW, FusedBlockAdam)):
-        return "Adam"
+        # one state, but loading it takes the checkpoint's settings: AdamW's decay would be lost
+        decoupled = isinstance(opt, torch.optim.AdamW) or opt.defaults.get("decoupled_weight_decay", False)
+        return "AdamW" if decoupled else "Adam"
     if isinstance(opt, (torch.optim.SGD, FusedBlockSGD)):
         return "SGD"
     return type(opt).__name__

@@ -52,8 +52,8 @@ def holds_meta_parameters(model: AssociatedLearning) -> bool:
 def warm_up_problem(model: AssociatedLearning) -> str | None:
     """Why the warm-up cannot run on ``model`` as it stands, or None."""
     if holds_meta_parameters(model):
-        return ("it needs every block's label side in this process, and this distributed run placed its blocks "
-                "(evaluate, predict or save before fit do)")
+        return ("it needs every block's label side in this process, and some parameters are on the meta device (in "
+                "a distributed run: the blocks of other stages, once evaluate, predict or save before fit placed them)")
     if any(p.dtype == torch.float16 for p in model.parameters()):
         return ("its Adam state underflows in float16 parameters and the label side never gets ready (keep the "
                 "parameters in float32: precision='fp16' computes in float16 on CUDA)")

@@ -25,10 +25,10 @@ def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "
                 vocab_size: int | None = None, in_shape: tuple[int, ...] | None = None) -> Tensor:
     """x must be a non-empty batch on the device of ``param`` (a model parameter): token ids
     in [0, vocab_size), shape (N, T), where the model reads text; otherwise floats in the
-    parameter's dtype. Where the architecture fixes ``in_features`` values per sample, x comes
-    back flat, (N, in_features): from any shape that holds them, or, for a model of images of
-    ``in_shape`` (C, H, W), from (N, C, H, W) only ((N, H, W) too where C is 1), so that
-    images in another layout (N, H, W, C) are refused, not read as noise."""
+    parameter's dtype, with ``in_features`` values per sample where the architecture fixes
+    that: in any shape, or, for a model of images of ``in_shape`` (C, H, W), flat or
+    (N, C, H, W) only ((N, H, W) too where C is 1), so that images in another layout, such
+    as (N, H, W, C), are refused rather than read as noise."""
     if vocab_size is not None:
         return check_token_batch(x, param.device, vocab_size, name)
     check_float_tensor(x, name)
@@ -49,7 +49,7 @@ def check_batch(x: Tensor, param: Tensor, in_features: int | None, name: str = "
                              "(images in another layout, such as (N, H, W, C), need a permute first)")
     elif math.prod(sample) != in_features:
         raise ValueError(f"{name} must have {in_features} features per sample, got shape {tuple(x.shape)}")
-    return x.flatten(1)
+    return x
 
 
 def check_token_batch(x: Tensor, device: torch.device, vocab_size: int, name: str = "x") -> Tensor:
@@ -350,6 +350,11 @@ class ALMLP(AssociatedLearning):
         super().__init__(blocks, num_classes, variant=variant, first_ae_loss=first_loss, backend=backend)
         self.in_features = in_features
         initialise(self, o["init"])
+
+    def check_input(self, x: Tensor, name: str = "x") -> Tensor:
+        """The checked batch as (N, in_features), as the first block's nn.Flatten makes it:
+        the fused step, which takes the block's Linear alone, reads it so too."""
+        return super().check_input(x, name).flatten(1)
 
 
 class BPNetwork(nn.Module):

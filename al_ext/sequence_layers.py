@@ -133,9 +133,8 @@ class FinalStatePool(nn.Module):
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
     """F.scaled_dot_product_attention, run in float32 where q is bf16 or fp16 on the CPU: there
-    torch's attention kernels (its backward most) are 2-3x slower in bf16 than in float32
-    (benchmarks/transformer_layer.py --bf16), and float32 only adds precision. The result has
-    q's dtype."""
+    torch's attention (its backward most) is 2.5-3x slower in bf16 than in float32
+    (benchmarks/RESULTS.md), and float32 only adds precision. The result has q's dtype."""
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     with torch.autocast("cpu", enabled=False):
@@ -145,16 +144,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> T
 
 
 class MaskedTransformerLayer(nn.Module):
-    """torch's (post-norm) Transformer encoder layer, its attention skipping padded positions.
+    """torch's Transformer encoder layer (post-norm, or pre-norm if ``self.layer.norm_first``),
+    its attention skipping padded positions.
 
     The weights are nn.TransformerEncoderLayer's (``self.layer``, so its state_dict keys and
-    initialisation); the forward pass is its own. torch's layer splits the packed query, key
-    and value projection with three selects, whose backward passes each fill a zero tensor of
-    all three and add them up, and first copies the projection into another layout. Here one
-    unbind splits a view of the projection, whose backward is one stack: a training step of
-    the layer runs 1.11-1.14x faster at width 128 (benchmarks/transformer_layer.py). The
-    arithmetic and the order of dropout draws are torch's. In eval mode without autograd it
-    calls torch's layer, for its fused inference kernel.
+    initialisation); where autograd records, the forward pass is its own. torch's layer
+    splits the packed query, key and value projection with three selects, whose backward
+    passes each fill a zero tensor of all three and add them up, and first copies the
+    projection into another layout. Here one unbind splits a view of the projection, whose
+    backward is one stack: a training step of the layer runs 1.10-1.11x faster at width 128
+    (benchmarks/transformer_layer.py). The arithmetic and the order of dropout draws are
+    torch's. Inference without autograd calls torch's layer, for its fused kernel, and so
+    does every call while hooks sit on the layer or its attention (pruning's, for one),
+    which the own forward pass would skip.
     """
 
     def __init__(self, dim: int, heads: int, feedforward: int, dropout: float = 0.0) -> None:
@@ -165,16 +167,26 @@ class MaskedTransformerLayer(nn.Module):
         h, mask = split(state)
         padding = mask[..., 0] == 0
         padding[:, 0] = False  # an all-padding row would make attention 0/0
-        if self.training or torch.is_grad_enabled():
-            out = self._post_norm(h, padding)
+        if (self.training or torch.is_grad_enabled()) and not self._hooked():
+            out = self._encoder_layer(h, padding)
         else:
             out = self.layer(h, src_key_padding_mask=padding)
         return _join(out * mask, mask)
 
-    def _post_norm(self, x: Tensor, padding: Tensor) -> Tensor:
+    def _hooked(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.layer, self.layer.self_attn))
+
+    def _encoder_layer(self, x: Tensor, padding: Tensor) -> Tensor:
         layer = self.layer
+        if layer.norm_first:
+            x = x + layer.dropout1(self._attention(layer.norm1(x), padding))
+            return x + self._feedforward(layer.norm2(x))
         x = layer.norm1(x + layer.dropout1(self._attention(x, padding)))
-        return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))))
+        return layer.norm2(x + self._feedforward(x))
+
+    def _feedforward(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
 
     def _attention(self, x: Tensor, padding: Tensor) -> Tensor:
         attention = self.layer.self_attn
@@ -186,7 +198,7 @@ class MaskedTransformerLayer(nn.Module):
         out = attend(q, k, v, keep, attention.dropout if attention.training else 0.0)
         # out_proj in torch's (T, N) row order, as its layer does: dropout1 then draws its
         # mask over the same memory layout
-        out = attention.out_proj(out.permute(2, 0, 1, 3).reshape(t * n, d))
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(t * n, d), attention.out_proj.weight, attention.out_proj.bias)
         return out.view(t, n, d).transpose(0, 1)
 
 

@@ -24,12 +24,15 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower().replace("<br />", " "))
 
 
+MIN_VOCABULARY = 3  # padding, unknown and one word
+
+
 class Vocabulary:
     """Token ids by frequency in the texts it is built from: 0 is padding, 1 unknown."""
 
     def __init__(self, texts: Sequence[str], max_size: int = 20000, min_count: int = 1) -> None:
-        if check_positive_int(max_size, "max_size") < 3:
-            raise ValueError(f"max_size must be at least 3 (padding, unknown and one word), got {max_size}")
+        if check_positive_int(max_size, "max_size") < MIN_VOCABULARY:
+            raise ValueError(f"max_size must be at least {MIN_VOCABULARY} (padding, unknown and one word), got {max_size}")
         check_positive_int(min_count, "min_count")
         counts = Counter(token for text in texts for token in tokenize(text))
         kept = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]

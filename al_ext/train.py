@@ -196,6 +196,7 @@ class Trainer:
                 raise TypeError(f"callbacks[{i}] must have at least one of {', '.join(HOOKS)} (al_ext.callbacks."
                                 f"Callback), got {type(callback).__name__}")
         self.should_stop = False  # set by a callback to end the run after the batches already started
+        self._epoch_batch_size: int | None = None  # the batch size of tensor data this epoch began with
         self._generator = torch.Generator().manual_seed(seed)
         # Where the run is: epochs done, batches done in the current epoch, batches in all.
         self.epoch = 0
@@ -318,16 +319,16 @@ class Trainer:
             check_positive_int(checkpoint_every, "checkpoint_every")
             if checkpoint is None:
                 raise ValueError("checkpoint_every needs checkpoint= (the file to write)")
-        if checkpoint is not None:
-            checkpoint = check_output_path(checkpoint, "checkpoint")
-        if save_best is not None:
-            save_best = check_output_path(save_best, "save_best")
-            if val is None:
-                raise ValueError("save_best needs val= (the best epoch is the best on validation)")
+        for name, path in (("checkpoint", checkpoint), ("save_best", save_best)):
+            if path is not None and self.engine.is_writer:  # the one process that writes them
+                check_output_path(path, name)
+        if save_best is not None and val is None:
+            raise ValueError("save_best needs val= (the best epoch is the best on validation)")
         train = self._prepared(train, "train")
         val = None if val is None else self._prepared(val, "val")
+        self._check_batch_size_of_epoch(train)
         self._fit_epochs = epochs
-        self._best_path = save_best
+        self._best_path = None if save_best is None else Path(save_best)
         self.should_stop = False
         try:
             if self._warmup_pending:
@@ -355,6 +356,17 @@ class Trainer:
             self.engine.report_failure(exc)  # distributed: so that the other ranks can say what happened
             raise
         return self.history
+
+    def _check_batch_size_of_epoch(self, train: Data) -> None:
+        """A run stopped mid-epoch resumes at a batch count, which the batches of tensor data
+        only mean at the batch size the epoch began with (a DataLoader makes its own)."""
+        batch_size = None if isinstance(train, DataLoader) else self.batch_size
+        if self.position and self._epoch_batch_size is not None and batch_size is not None \
+                and batch_size != self._epoch_batch_size:
+            raise ValueError(f"the run stopped after batch {self.position} of an epoch of batches of "
+                             f"{self._epoch_batch_size}; resume it with batch_size={self._epoch_batch_size} (this "
+                             f"trainer's is {batch_size}), or from a checkpoint written at the end of an epoch")
+        self._epoch_batch_size = batch_size
 
     def _warm_up_label_side(self) -> None:
         self._warmup_pending = False
@@ -552,7 +564,7 @@ class Trainer:
             "signature": self._signature(),
             "epoch": self.epoch,
             "position": self.position,
-            "batch_size": self.batch_size,
+            "batch_size": self._epoch_batch_size,
             "global_step": self.global_step,
             "label_warmup": self.label_warmup_result,
             "totals": self._totals if self.position else {},
@@ -601,15 +613,11 @@ class Trainer:
         """ValueError unless this trainer can resume ``ckpt``, before anything is loaded."""
         self._check_format(ckpt, path)
         self._check_architecture(ckpt, path)
-        saved = ckpt.get("batch_size")  # absent from checkpoints of before it was kept
-        if ckpt["position"] and saved is not None and saved != self.batch_size:
-            raise ValueError(f"{path} stopped after batch {ckpt['position']} of an epoch of batches of {saved}; resume "
-                             f"it with batch_size={saved} (this trainer's is {self.batch_size}), or from a checkpoint "
-                             "written at the end of an epoch")
 
     def _load_run_state(self, ckpt: dict[str, Any], path: str | Path) -> None:
-        self._check_run_state(ckpt, path)
+        """After _check_run_state passed and the model's and the engine's state loaded."""
         self.epoch, self.position, self.global_step = ckpt["epoch"], ckpt["position"], ckpt["global_step"]
+        self._epoch_batch_size = ckpt.get("batch_size")  # absent from checkpoints of before it was kept
         self._warmup_pending = False
         self.label_warmup_result = ckpt.get("label_warmup")  # absent from checkpoints of before the warm-up
         self._totals = copy.deepcopy(ckpt["totals"])

@@ -167,8 +167,9 @@ def test_train_on_idx_files(tmp_path):
         (["--epochs", "-1"], "argument --epochs: expected an integer of at least 1"),
         (["--vocab-size", "2"], "argument --vocab-size: expected an integer of at least 3"),
         (["--save", "/no/such/folder/run.pt"], "--save: the folder '/no/such/folder'"),
-        (["--save-best", "/no/such/folder/best.pt"], "--save-best: the folder '/no/such/folder'"),
-        (["--val", "0", "--save-best", "best.pt"], "--save-best needs a validation part"),
+        (["--json", "/no/such/folder/run.json"], "--json: the folder '/no/such/folder'"),
+        (["--save-best", "/no/such/folder/best.pt"], "save_best: the folder '/no/such/folder'"),
+        (["--val", "0", "--save-best", "best.pt"], "save_best needs val="),
     ],
 )
 def test_bad_arguments_are_reported_without_a_traceback(args, message):

@@ -47,7 +47,7 @@ def test_image_models_take_their_layout_or_flat_data_only():
         al_ext.bp_baseline(model)(images.permute(0, 2, 3, 1))
 
 
-@pytest.mark.parametrize("path", ["engine", "pipeline", "local_losses"])
+@pytest.mark.parametrize("path", ["engine", "fused engine", "pipeline", "local_losses"])
 @pytest.mark.parametrize("labels,error,message", [
     (torch.tensor([1]), ValueError, r"y must have one label per sample \(12\), got 1"),
     (torch.zeros(12, 1, dtype=torch.long), ValueError, "y must be 1-D"),
@@ -56,11 +56,12 @@ def test_image_models_take_their_layout_or_flat_data_only():
 ])
 def test_labels_are_checked_on_every_training_path(path, labels, error, message):
     # A wrong label shape used to broadcast against the targets and train on garbage.
-    model = small_mlp(backend="reference")
+    model = small_mlp(backend="fused" if path == "fused engine" else "reference")
     engine = al_ext.make_engine(model, "adam", 1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     x, _ = batch()
-    run = {"engine": lambda: engine.step(x, labels), "local_losses": lambda: model.local_losses(x, labels),
+    run = {"engine": lambda: engine.step(x, labels), "fused engine": lambda: engine.step(x, labels),
+           "local_losses": lambda: model.local_losses(x, labels),
            "pipeline": lambda: al_ext.Pipeline(model, engine.optimizers).run([(x, labels)])}[path]
     with pytest.raises((error, al_ext.PipelineError), match=message):
         run()
@@ -87,8 +88,11 @@ def test_predict_runs_in_eval_mode_and_puts_every_module_back():
     assert int(norm.num_batches_tracked) == 0
     assert model.training and not model.blocks[0].f[-1].training
     text_model = Transformer_AL(50, 3, preset="iclr22", dim=16, heads=2, feedforward=16, label_dim=8)  # dropout 0.1
-    ids = torch.randint(1, 50, (6, 9))
-    assert torch.equal(text_model.predict(ids), text_model.predict(ids)) and text_model.training
+    dropout_modes = []
+    for dropout in (m for m in text_model.modules() if isinstance(m, nn.Dropout)):
+        dropout.register_forward_pre_hook(lambda module, inputs: dropout_modes.append(module.training))
+    text_model.predict(torch.randint(1, 50, (6, 9)))
+    assert dropout_modes and not any(dropout_modes) and text_model.training
 
 
 def test_auto_backend_falls_back_where_the_fused_step_refuses_the_loss():
@@ -102,21 +106,29 @@ def test_a_checkpoint_loads_only_into_the_optimiser_it_was_trained_with(tmp_path
     trainer = Trainer(small_mlp(), progress=False, label_warmup=False)
     trainer.fit(batch(), epochs=1)
     trainer.save(tmp_path / "adam.pt")
-    for options in ({"optimizer": "sgd"}, {"optimizer": "sgd", "pipeline": True}):
-        with pytest.raises(ValueError, match="holds Adam optimiser states; this engine trains with SGD"):
+    for options, kind in (({"optimizer": "sgd"}, "SGD"), ({"optimizer": "sgd", "pipeline": True}, "SGD"),
+                          ({"optimizer": "adamw"}, "AdamW")):  # AdamW would take Adam's settings: no decay
+        with pytest.raises(ValueError, match=f"holds Adam optimiser states; this engine trains with {kind}"):
             Trainer(small_mlp(), progress=False, **options).load(tmp_path / "adam.pt")
-    Trainer(small_mlp(), progress=False, optimizer="adamw").load(tmp_path / "adam.pt")  # the same state
+    Trainer(small_mlp(), progress=False, pipeline=True).load(tmp_path / "adam.pt")  # the pipelined fused step
 
 
 def test_resuming_mid_epoch_needs_the_batch_size_it_stopped_with(tmp_path):
     x, y = batch(n=40)
-    trainer = Trainer(small_mlp(), batch_size=8, progress=False, label_warmup=False)
-    trainer.fit((x, y), epochs=1, checkpoint=tmp_path / "run.pt", checkpoint_every=2)
-    trainer.position = 2  # as if it had stopped there
-    trainer.save(tmp_path / "mid.pt")
+
+    class StopAfterTwoBatches:
+        def on_step(self, trainer, record):
+            trainer.should_stop = trainer.position == 2
+
+    trainer = Trainer(small_mlp(), batch_size=8, progress=False, label_warmup=False, callbacks=[StopAfterTwoBatches()])
+    trainer.fit((x, y), epochs=1, checkpoint=tmp_path / "mid.pt")
+    assert trainer.position == 2
+    resumed = Trainer(small_mlp(), batch_size=16, progress=False)
+    resumed.load(tmp_path / "mid.pt")
     with pytest.raises(ValueError, match="stopped after batch 2 of an epoch of batches of 8; resume it with batch_size=8"):
-        Trainer(small_mlp(), batch_size=16, progress=False).load(tmp_path / "mid.pt")
-    Trainer(small_mlp(), batch_size=16, progress=False).load(tmp_path / "run.pt")  # an epoch's end: any size
+        resumed.fit((x, y), epochs=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    resumed.fit(loader, epochs=1)  # a DataLoader makes its own batches: no size to match
 
 
 def test_files_a_fit_writes_are_checked_before_it_trains(tmp_path):
@@ -127,6 +139,21 @@ def test_files_a_fit_writes_are_checked_before_it_trains(tmp_path):
     with pytest.raises(ValueError, match="save_best needs val="):
         trainer.fit(batch(), epochs=1, save_best=tmp_path / "best.pt")
     assert trainer.epoch == 0 and trainer.global_step == 0
+
+
+def test_a_custom_model_gets_its_inputs_in_their_own_shape():
+    # in_features is a per-sample count: a model of one's own whose f takes images gets images
+    class ConvAL(al_ext.AssociatedLearning):
+        def __init__(self):
+            block = al_ext.ALBlock(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten()), nn.Linear(3, 4),
+                                   nn.Linear(32, 4), nn.Linear(4, 3))
+            super().__init__([block], 3, backend="reference")
+            self.in_features = 16
+
+    model = ConvAL()
+    x = torch.rand(5, 1, 4, 4)
+    assert model(x).shape == (5, 3)
+    Trainer(model, progress=False, label_warmup=False).fit((x, torch.randint(0, 3, (5,))), epochs=1)
 
 
 def test_inputs_are_checked_as_the_model_gets_them():

@@ -174,7 +174,7 @@ def test_the_trainer_says_when_the_warm_up_runs_out_or_cannot_run(data, monkeypa
     with monkeypatch.context() as patched:
         patched.setattr("al_ext.label_warmup.holds_meta_parameters", lambda model: True)
         placed = trainer()
-        with pytest.warns(RuntimeWarning, match="starts without the label warm-up: .*placed its blocks"):
+        with pytest.warns(RuntimeWarning, match="starts without the label warm-up: .*on the meta device"):
             placed.fit(train, epochs=1)
         assert placed.label_warmup_result is None and "label_warmup_steps" not in placed.history[0]
     # float16 parameters: Adam's state underflows (NaN at eps 1e-8; never ready above it)

@@ -156,13 +156,26 @@ def test_masked_transformer_layer_computes_torchs_layer(dropout, mode):
     torch.manual_seed(0)
     layer = MaskedTransformerLayer(16, 4, 24, dropout).train(mode == "train")
     state = padded_state(16)
-    if mode == "eval without autograd":
-        with torch.no_grad():
-            torch.testing.assert_close(layer(state), torchs_layer(layer)(state), atol=0, rtol=0)
+    if mode == "eval without autograd":  # torch's layer itself, for its fused inference kernel
+        with torch.no_grad(), unittest.mock.patch.object(layer, "_encoder_layer", side_effect=AssertionError):
+            layer(state)
         return
     params = list(layer.parameters())
     for a, b in zip(outputs_and_grads(layer, state, params), outputs_and_grads(torchs_layer(layer), state, params)):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_masked_transformer_layer_follows_norm_first_and_hooks():
+    torch.manual_seed(0)
+    layer = MaskedTransformerLayer(16, 4, 24)
+    layer.layer.norm_first = True  # pre-norm, as torch's layer computes it
+    state, params = padded_state(16), list(layer.parameters())
+    for a, b in zip(outputs_and_grads(layer, state, params), outputs_and_grads(torchs_layer(layer), state, params)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    calls = []
+    layer.layer.self_attn.register_forward_pre_hook(lambda module, inputs: calls.append(module))  # as pruning does
+    layer(state)
+    assert calls == [layer.layer.self_attn]
 
 
 def attend_in_bf16(q, k, v, mask, dropout_p):
