@@ -82,7 +82,7 @@ def dense_block_adam_step_(
     must equal the rounded parameters when the op is called (the SGD form takes them too).
     """
     if isinstance(step, Tensor):
-        op, step_arg = torch.ops.al_ext.dense_block_adam_step_.step_tensor, step
+        op, step_arg = torch.ops.al_ext.dense_block_adam_step_.step_tensor, step.detach()  # advanced in place
     else:
         op, step_arg = torch.ops.al_ext.dense_block_adam_step_.default, float(step)
     return op(
@@ -463,6 +463,21 @@ class FusedBlockSGD(FusedBlockOptimizer):
         return _cuda_graph_step(step) if cuda_graph else step
 
 
+def _check_takes_over(block: nn.Module, fb: torch.optim.Optimizer, gh: torch.optim.Optimizer) -> None:
+    """What the fused optimiser keeps of ``fb`` and ``gh``: one learning rate each, and no
+    state; so they must be over the block's (f, b) and (g, h), one rate each, not yet stepped."""
+    parts = {"fb": [*block.f.parameters(), *block.b.parameters()], "gh": [*block.g.parameters(), *block.h.parameters()]}
+    for name, opt in (("fb", fb), ("gh", gh)):
+        if {id(p) for g in opt.param_groups for p in g["params"]} != {id(p) for p in parts[name]}:
+            raise ValueError(f"{name} must be over the block's {name[0]} and {name[1]} parameters exactly")
+        if len({g["lr"] for g in opt.param_groups}) > 1:
+            raise ValueError(f"{name}'s parameter groups have different learning rates; the fused step has one "
+                             "rate for f and b and one for g and h")
+        if opt.state:
+            raise ValueError(f"{name} has stepped already; the fused optimiser starts from a fresh state (load a "
+                             "state_dict into it instead)")
+
+
 def fused_block_optimizer(block: nn.Module, fb: torch.optim.Optimizer, gh: torch.optim.Optimizer, variant: str,
                           ae_loss: str, compute_dtype: torch.dtype | None = None) -> FusedBlockOptimizer:
     """The fused optimiser that does what the torch optimisers ``fb`` (over f and b) and
@@ -475,6 +490,7 @@ def fused_block_optimizer(block: nn.Module, fb: torch.optim.Optimizer, gh: torch
     shared = {k: v for k, v in fb.defaults.items() if k not in ("lr", "foreach", "fused", "capturable")}
     if shared != {k: v for k, v in gh.defaults.items() if k not in ("lr", "foreach", "fused", "capturable")}:
         raise ValueError("the two optimisers of a block must differ in their learning rate alone")
+    _check_takes_over(block, fb, gh)
     d, lr, ae_lr = fb.defaults, fb.param_groups[0]["lr"], gh.param_groups[0]["lr"]
     if d.get("maximize") or d.get("differentiable"):
         raise ValueError("maximize=True and differentiable=True have no fused form")

@@ -140,7 +140,10 @@ def _step(model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], co
     t_prev = codes
     for index, (block, opt) in enumerate(zip(model.blocks, optimizers)):
         t = block.g(t_prev)
-        loss = reference.auto_encoder_loss(block.h(t), t_prev, model.ae_loss_of(index))
+        try:
+            loss = reference.auto_encoder_loss(block.h(t), t_prev, model.ae_loss_of(index))
+        except ValueError as exc:  # h's width
+            raise ValueError(f"block {index + 1}: {exc}") from None
         if not bool(loss.isfinite()):
             raise NonFiniteLossError("L_ae", loss.item(), block=index + 1, detail="in the label warm-up")
         opt.zero_grad()

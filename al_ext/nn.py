@@ -205,7 +205,10 @@ class AssociatedLearning(nn.Module):
         s, t = self.inputs_and_targets(x, y)
         out = []
         for i, block in enumerate(self.blocks):
-            losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i))
+            try:
+                losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i))
+            except ValueError as exc:
+                raise ValueError(f"block {i + 1}: {exc}") from None
             out.append(losses)
             s, t = losses.s, losses.t
         return out

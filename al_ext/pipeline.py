@@ -15,6 +15,7 @@ host does not wait for the device, and blocks may sit on several GPUs (``devices
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,27 @@ Batch = tuple[Tensor, Tensor]
 Scheduler = torch.optim.lr_scheduler.LRScheduler  # stepped per batch (ReduceLROnPlateau has no such form)
 # on_batch(batch index, losses (blocks, 2) float64); a true result stops the run gracefully.
 BatchCallback = Callable[[int, Tensor], Any]
+
+
+# The models a pipeline run is training now: two runs of one model at once would update its
+# parameters from two sets of threads (and with torch optimisers, crash the process).
+_TRAINING: set[int] = set()
+_TRAINING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _the_only_run_of(model: AssociatedLearning) -> Iterator[None]:
+    with _TRAINING_LOCK:
+        if id(model) in _TRAINING:
+            raise RuntimeError("a pipeline run is still training this model: a train() stream left before its end "
+                               "stays open until it is closed (stream.close()) or collected, or a run on another "
+                               "thread; finish it before starting another")
+        _TRAINING.add(id(model))
+    try:
+        yield
+    finally:
+        with _TRAINING_LOCK:
+            _TRAINING.discard(id(model))
 
 
 class PipelineError(RuntimeError):
@@ -126,9 +148,16 @@ class Pipeline:
             raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
         self.model = model
         self.max_in_flight = check_positive_int(max_in_flight, "max_in_flight")
-        self.pipelined = bool(pipelined)
+        for name, flag in (("pipelined", pipelined), ("cuda_graphs", cuda_graphs)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.pipelined = pipelined
         self.block_costs = [float(sum(p.numel() for p in block.parameters())) for block in model.blocks]
         optimizers = list(optimizers)
+        schedulers = list(schedulers) if schedulers is not None else [None] * len(optimizers)
+        if len(schedulers) != len(optimizers):
+            raise ValueError(f"schedulers must hold one scheduler per optimiser ({len(optimizers)}), got {len(schedulers)}")
+        _check_ownership(model, optimizers, schedulers)
         self._devices = _cuda_devices(devices) if devices is not None else None
         self._optimizers = optimizers
         if self._devices is not None:
@@ -162,9 +191,6 @@ class Pipeline:
         if isinstance(self.precision, FP16Precision):
             raise ValueError("the pipeline trains in fp32 or bf16: fp16's loss scale is one state for every block, "
                              "which blocks training on different batches at once cannot share")
-        schedulers = list(schedulers) if schedulers is not None else [None] * len(optimizers)
-        if len(schedulers) != len(optimizers):
-            raise ValueError(f"schedulers must hold one scheduler per optimiser ({len(optimizers)}), got {len(schedulers)}")
         self._schedulers = schedulers
         if all(isinstance(o, FusedBlockOptimizer) for o in optimizers) and len(optimizers) == model.depth:
             self._steps = [None] * model.depth
@@ -264,7 +290,7 @@ class Pipeline:
         for device in cuda_devices:
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            with torch.no_grad() if self._fused is not None else torch.enable_grad():
+            with _the_only_run_of(self.model), torch.no_grad() if self._fused is not None else torch.enable_grad():
                 out = _C.run_blocks(self._block_steps(), self._prepared(batches), self.pipelined, starts,
                                     self.max_in_flight, self.threads_per_stage, stage_devices,
                                     on_batch=on_batch, should_abort=should_abort, max_unreported=max_unreported,
@@ -347,6 +373,33 @@ class Pipeline:
                 except queue.Empty:
                     pass
             worker.join()
+
+
+def _check_ownership(model: AssociatedLearning, optimizers: list[Any], schedulers: list[Any]) -> None:
+    """The optimisers must be the model's, in its order: one fused optimiser per block, or per
+    block one over (f, b) and one over (g, h); scheduler j, where given, steps optimiser j.
+    Anything else trains other parameters, or these at each other's rates, with no error."""
+    for j, opt in enumerate(optimizers):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizers[{j}] must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    pairs = model.parameter_groups()
+    if len(optimizers) == model.depth:
+        expected = [[*fb, *gh] for fb, gh in pairs]
+        what = "block {block}'s f, b, g and h"
+    elif len(optimizers) == 2 * model.depth:
+        expected = [part for pair in pairs for part in pair]
+        what = "block {block}'s " + "{part}"
+    else:
+        return  # the count's own error follows
+    for j, (opt, params) in enumerate(zip(optimizers, expected)):
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        if held != {id(p) for p in params}:
+            block, part = (j + 1, None) if len(optimizers) == model.depth else (j // 2 + 1, ("f and b", "g and h")[j % 2])
+            raise ValueError(f"optimizers[{j}] must hold exactly {what.format(block=block, part=part)} parameters "
+                             "(the model's parameter_groups(), in block order), and holds others")
+    for j, (scheduler, opt) in enumerate(zip(schedulers, optimizers)):
+        if scheduler is not None and getattr(scheduler, "optimizer", opt) is not opt:
+            raise ValueError(f"schedulers[{j}] must step optimizers[{j}], one scheduler per optimiser in the same order")
 
 
 def losses_backward(model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer], i: int, s: Tensor,

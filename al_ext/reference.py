@@ -91,18 +91,30 @@ def local_losses(
     and ``t_prev`` as one-hot targets. ``mse`` is the MSE implementation to use. The losses
     are float32 at least, also when the block runs under bf16 autocast.
     """
+    check_choice(variant, "variant", VARIANTS)
     s_prev, t_prev = s_prev.detach(), t_prev.detach()
     s = block.f(s_prev)
     t = block.g(t_prev)
     target = t.detach() if variant == "A" else t
-    loss_as = mse(_at_least_float32(block.b(s)), _at_least_float32(target))
+    bridged = block.b(s)
+    _check_same_shape(bridged, t, "the bridge b's output", "the label encoder g's")
+    loss_as = mse(_at_least_float32(bridged), _at_least_float32(target))
     loss_ae = auto_encoder_loss(block.h(t), t_prev, ae_loss, mse)
     return BlockLosses(s, t, loss_as, loss_ae)
+
+
+def _check_same_shape(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
+    """A loss of two tensors of different shapes would broadcast them, and train on garbage."""
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} has shape {tuple(a.shape)}, {b_name} {tuple(b.shape)}: a local loss compares "
+                         "them, so their widths must agree")
 
 
 def auto_encoder_loss(decoded: Tensor, t_prev: Tensor, ae_loss: AELoss = "mse", mse: MseFunction = F.mse_loss) -> Tensor:
     """L_ae: h's output against the block's label input t_prev, in float32 at least; under
     ``ae_loss="cross_entropy"`` h's output is class logits and t_prev one-hot targets."""
+    check_choice(ae_loss, "ae_loss", AE_LOSSES)
+    _check_same_shape(decoded, t_prev, "the decoder h's output", "its target, the block's label input,")
     decoded, t_prev = _at_least_float32(decoded), _at_least_float32(t_prev)
     return mse(decoded, t_prev) if ae_loss == "mse" else F.cross_entropy(decoded, t_prev)
 
@@ -157,6 +169,8 @@ X_ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_MODULES)
 def activation_module(name: str) -> type[nn.Module]:
     """The module class of an x-side activation named ``name`` (one of X_ACTIVATIONS)."""
     return ACTIVATION_MODULES[check_choice(name, "activation", X_ACTIVATIONS)]
+
+
 H_ACTIVATIONS: tuple[str, ...] = ("sigmoid", "identity")
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": F.elu, "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda z: z,
@@ -189,7 +203,8 @@ def dense_block_step(
     g = sigmoid(Linear), h = h_activation(Linear); params as nn.Linear stores them:
     W_f (H, d_x), c_f, W_b1 (B, H), c_b1, W_b2 (D, B), c_b2, W_g (D, d_y), c_g, W_h (d_y, D), c_h."""
     W_f, c_f, W_b1, c_b1, W_b2, c_b2, W_g, c_g, W_h, c_h = [p.detach().requires_grad_(True) for p in params]
-    act_x, act_h = _ACTIVATIONS[x_activation], _ACTIVATIONS[h_activation]
+    act_x = _ACTIVATIONS[check_choice(x_activation, "x_activation", X_ACTIVATIONS)]
+    act_h = _ACTIVATIONS[check_choice(h_activation, "h_activation", H_ACTIVATIONS)]
     block = _FunctionalBlock(
         f=lambda x: act_x(F.linear(x, W_f, c_f)),
         g=lambda y: torch.sigmoid(F.linear(y, W_g, c_g)),

@@ -6,7 +6,7 @@ import csv
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -27,10 +27,17 @@ def tokenize(text: str) -> list[str]:
 MIN_VOCABULARY = 3  # padding, unknown and one word
 
 
+def _check_texts(texts: Any, name: str) -> None:
+    """A sequence of strings: one string alone would be read as texts of one character each."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"{name} must be a sequence (list) of strings, got {type(texts).__name__}")
+
+
 class Vocabulary:
     """Token ids by frequency in the texts it is built from: 0 is padding, 1 unknown."""
 
     def __init__(self, texts: Sequence[str], max_size: int = 20000, min_count: int = 1) -> None:
+        _check_texts(texts, "texts")
         if check_positive_int(max_size, "max_size") < MIN_VOCABULARY:
             raise ValueError(f"max_size must be at least {MIN_VOCABULARY} (padding, unknown and one word), got {max_size}")
         check_positive_int(min_count, "min_count")
@@ -44,6 +51,7 @@ class Vocabulary:
 
     def encode(self, texts: Sequence[str], length: int) -> Tensor:
         """(len(texts), length) int64 ids, cut or padded with PAD at the end."""
+        _check_texts(texts, "texts")
         check_positive_int(length, "length")
         out = torch.full((len(texts), length), PAD, dtype=torch.long)
         for row, text in enumerate(texts):
@@ -59,12 +67,17 @@ def load_ag_news(path: str | Path) -> Texts:
     if not path.is_file():
         raise FileNotFoundError(f"AG News file not found: {path}")
     texts, labels = [], []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for line, row in enumerate(csv.reader(fh), start=1):
-            if len(row) != 3 or row[0].strip() not in {"1", "2", "3", "4"}:
-                raise ValueError(f"{path}, row {line}: expected class index 1-4, title, description; got {row[:3]}")
-            texts.append(f"{row[1]}. {row[2]}")
-            labels.append(int(row[0]) - 1)
+    line = 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is no part of row 1
+            for line, row in enumerate(csv.reader(fh), start=1):
+                if len(row) != 3 or row[0].strip() not in {"1", "2", "3", "4"}:
+                    raise ValueError(f"{path}, row {line}: expected class index 1-4, title, description (3 fields); "
+                                     f"got {len(row)} field(s): {str(row)[:200]}")
+                texts.append(f"{row[1]}. {row[2]}")
+                labels.append(int(row[0]) - 1)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}, after row {line}: not a UTF-8 CSV file of AG News ({exc})") from None
     if not texts:
         raise ValueError(f"{path} holds no rows")
     return texts, torch.tensor(labels, dtype=torch.long)

@@ -162,32 +162,6 @@ class Trainer:
         # run both ways); cuda_graphs changes what runs, so it may not.
         if cuda_graphs and not pipeline:
             raise ValueError("cuda_graphs=True replays the pipeline's block steps; it needs pipeline=True")
-        self.schedule = schedule
-        self.device = _resolve_device(device)
-        if distributed is not None:
-            if not isinstance(distributed, DistributedConfig):
-                raise TypeError(f"distributed must be an al_ext.distributed.DistributedConfig, got {distributed!r}")
-            self.device = _local_device(self.device)
-            init_process_group(distributed, self.device)
-            if torch.distributed.get_rank() != 0:
-                progress = False  # one progress bar for the job
-        self.progress = progress
-        self.model = model.to(self.device)
-        self.is_al = isinstance(model, AssociatedLearning)
-        self.num_classes: int = getattr(model, "num_classes", 0)
-        if self.num_classes < 2:
-            raise ValueError("model must have a num_classes attribute of at least 2 (the number of classes)")
-        self._fit_epochs = 1  # the run's length, for the "neco" schedule; set by fit
-        pipeline_options = (dict(max_in_flight=max_in_flight, threads_per_stage=threads_per_stage,
-                                 stages=pipeline_stages, shared=pipeline_shared, cuda_graphs=cuda_graphs)
-                            if pipeline else {})
-        self.label_warmup = self.is_al and label_warmup is not False
-        self._warmup_pending = self.label_warmup  # until the run steps, loads or warms up
-        self.label_warmup_result: dict[str, float] | None = None  # its steps and seconds, once it has run
-        self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay), self.lr,
-                                          self.ae_lr, scheduler, scheduler_interval, pipeline,
-                                          make_precision(precision, self.model, self.device), bool(compile),
-                                          distributed, **pipeline_options)
         if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, (Sequence, type(None))):
             raise TypeError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}")
         self.callbacks = list(callbacks or ())
@@ -195,6 +169,38 @@ class Trainer:
             if not any(hasattr(callback, hook) for hook in HOOKS):
                 raise TypeError(f"callbacks[{i}] must have at least one of {', '.join(HOOKS)} (al_ext.callbacks."
                                 f"Callback), got {type(callback).__name__}")
+        self.schedule = schedule
+        self.device = _resolve_device(device)
+        made_group = False
+        if distributed is not None:
+            if not isinstance(distributed, DistributedConfig):
+                raise TypeError(f"distributed must be an al_ext.distributed.DistributedConfig, got {distributed!r}")
+            self.device = _local_device(self.device)
+            made_group = init_process_group(distributed, self.device)
+            if torch.distributed.get_rank() != 0:
+                progress = False  # one progress bar for the job
+        self.progress = progress
+        try:
+            self.model = model.to(self.device)
+            self.is_al = isinstance(model, AssociatedLearning)
+            self.num_classes: int = getattr(model, "num_classes", 0)
+            if self.num_classes < 2:
+                raise ValueError("model must have a num_classes attribute of at least 2 (the number of classes)")
+            self._fit_epochs = 1  # the run's length, for the "neco" schedule; set by fit
+            pipeline_options = (dict(max_in_flight=max_in_flight, threads_per_stage=threads_per_stage,
+                                     stages=pipeline_stages, shared=pipeline_shared, cuda_graphs=cuda_graphs)
+                                if pipeline else {})
+            self.label_warmup = self.is_al and label_warmup is not False
+            self._warmup_pending = self.label_warmup  # until the run steps, loads or warms up
+            self.label_warmup_result: dict[str, float] | None = None  # its steps and seconds, once it has run
+            self.engine: Engine = make_engine(self.model, optimizer_factory(optimizer, momentum, weight_decay),
+                                              self.lr, self.ae_lr, scheduler, scheduler_interval, pipeline,
+                                              make_precision(precision, self.model, self.device), bool(compile),
+                                              distributed, **pipeline_options)
+        except BaseException:
+            if made_group:  # a Trainer that failed to build leaves no process group behind
+                torch.distributed.destroy_process_group()
+            raise
         self.should_stop = False  # set by a callback to end the run after the batches already started
         self._epoch_batch_size: int | None = None  # the batch size of tensor data this epoch began with
         self._generator = torch.Generator().manual_seed(seed)

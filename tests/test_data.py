@@ -72,6 +72,10 @@ def test_idx_pair_checks_that_images_and_labels_agree(tmp_path):
         data.load_idx_pair(tmp_path / "x.idx", tmp_path / "y.idx")
     with pytest.raises(data.IdxFormatError, match="expected 3-D uint8 images"):
         data.load_idx_pair(tmp_path / "y.idx", tmp_path / "y.idx")
+    for labels, code in ((np.array([1.7, 0.0, 2.0], dtype=np.float32), 0x0D), (np.array([1, -3, 2], dtype=np.int8), 0x09)):
+        (tmp_path / "y.idx").write_bytes(idx_bytes(labels, code))  # 1.7 would become class 1, -3 no class at all
+        with pytest.raises(data.IdxFormatError, match="expected class indices"):
+            data.load_idx_pair(tmp_path / "x.idx", tmp_path / "y.idx")
 
 
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"the MNIST test set is not at {MNIST}")

@@ -387,7 +387,7 @@ def test_refused_adam_step_changes_nothing():
     assert all(s.abs().sum() == 0 for s in state[0] + state[1])
     with pytest.raises(RuntimeError, match="step must be the step number"):
         fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 0, 1e-3, 2e-3)
-    with pytest.raises(RuntimeError, match="lr_gh must be a positive finite number"):
+    with pytest.raises(ValueError, match="lr_gh must be a finite number >= 0, got -0.002"):
         fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 1, 1e-3, -2e-3)
     with pytest.raises(RuntimeError, match=r"exp_avg\[3\] must be a contiguous tensor like params\[3\]"):
         fused.dense_block_adam_step_(s_prev, t_prev, params, state[0][:3] + [state[0][4]] + state[0][4:], state[1],

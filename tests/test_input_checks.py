@@ -193,3 +193,115 @@ def test_a_split_that_leaves_a_class_untrained_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.stratified_split(labels, val=1, test=1)
+
+
+def test_a_schedule_may_reach_a_learning_rate_of_zero_on_the_fused_step():
+    # LinearLR to 0, CosineAnnealingLR's end, a warm-up from 0: torch's optimisers take lr = 0, so the fused op does
+    x, y = batch(n=48)
+    for pipeline in (False, True):
+        trainer = Trainer(small_mlp(), batch_size=16, progress=False, label_warmup=False, pipeline=pipeline,
+                          scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10))
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.step(x[:16], y[:16])  # at lr 0: nothing moves
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+        trainer.fit((x, y), epochs=1)
+
+
+def test_a_second_run_while_a_stream_is_open_is_refused():
+    model = small_mlp(backend="reference")
+    pipeline = al_ext.Pipeline(model, al_ext.make_engine(model, "adam", 1e-3).optimizers)
+    batches = [batch(seed=i) for i in range(40)]
+    stream = pipeline.train(iter(batches))
+    next(stream)  # left open: its run waits for the reader
+    with pytest.raises(RuntimeError, match="a pipeline run is still training this model"):
+        pipeline.run(batches[:2])
+    with pytest.raises(RuntimeError, match="still training this model"):
+        al_ext.Pipeline(model, pipeline._optimizers).run(batches[:2])  # another Pipeline of the same model
+    stream.close()
+    assert len(pipeline.run(batches[:3]).losses) == 3
+
+
+def test_a_pipeline_takes_the_models_own_optimisers_and_schedulers_in_order():
+    model, other = small_mlp(backend="reference"), small_mlp(backend="reference")
+    opts = al_ext.make_engine(model, "adam", 1e-3).optimizers
+    with pytest.raises(ValueError, match=r"optimizers\[0\] must hold exactly block 1's f and b parameters"):
+        al_ext.Pipeline(other, opts)
+    with pytest.raises(ValueError, match=r"optimizers\[0\] must hold exactly block 1's f and b"):
+        al_ext.Pipeline(model, [opts[1], opts[0], *opts[2:]])  # (g, h) at (f, b)'s rate
+    with pytest.raises(ValueError, match=r"schedulers\[1\] must step optimizers\[1\]"):
+        al_ext.Pipeline(model, opts, schedulers=[torch.optim.lr_scheduler.StepLR(opts[0], 1) for _ in opts])
+    with pytest.raises(TypeError, match="pipelined must be True or False, got 'no'"):
+        al_ext.Pipeline(model, opts, pipelined="no")
+    fused = small_mlp()
+    with pytest.raises(ValueError, match=r"optimizers\[1\] must hold exactly block 2's f, b, g and h"):
+        al_ext.Pipeline(fused, [al_ext.make_engine(fused, "adam", 1e-3).optimizers[0]] * 2)
+
+
+@pytest.mark.parametrize("h_width,b_width,message", [
+    (1, 5, r"block 1: the decoder h's output has shape \(\d+, 1\), its target, the block's label input, \(\d+, 3\)"),
+    (3, 2, r"block 1: the bridge b's output has shape \(16, 2\), the label encoder g's \(16, 5\)"),
+])
+def test_a_hand_built_block_whose_widths_disagree_is_refused(h_width, b_width, message):
+    # an MSE of two shapes broadcasts them, and trained on garbage
+    block = al_ext.ALBlock(nn.Sequential(nn.Linear(20, 8), nn.ELU()), nn.Sequential(nn.Linear(3, 5), nn.Sigmoid()),
+                           nn.Sequential(nn.Linear(8, b_width), nn.Sigmoid()), nn.Linear(5, h_width))
+    x, y = batch(n=16, classes=3)
+    with pytest.raises(ValueError, match=message):
+        Trainer(al_ext.AssociatedLearning([block], 3), progress=False).fit((x, y), epochs=1)
+
+
+def test_the_reference_refuses_names_it_does_not_know():
+    block = small_mlp(backend="reference").blocks[0]
+    x, y = batch()
+    t = torch.nn.functional.one_hot(y, 5).float()
+    with pytest.raises(ValueError, match="ae_loss must be one of 'mse', 'cross_entropy', got 'MSE'"):
+        al_ext.reference.local_losses(block, x, t, "A", "MSE")
+    with pytest.raises(ValueError, match="variant must be one of 'A', 'B', got 'a'"):
+        al_ext.reference.local_losses(block, x, t, "a")
+    params, _, _ = al_ext.fused.dense_block_layout(block)
+    with pytest.raises(ValueError, match="x_activation must be one of"):
+        al_ext.reference.dense_block_step(x, t, params, x_activation="gelu")
+
+
+def test_a_fused_optimiser_takes_over_only_what_it_can_keep():
+    block = small_mlp().blocks[0]
+    fb_params, gh_params = [*block.f.parameters(), *block.b.parameters()], [*block.g.parameters(), *block.h.parameters()]
+    gh = torch.optim.Adam(gh_params, lr=2e-3)
+    two_rates = torch.optim.Adam([{"params": list(block.f.parameters()), "lr": 0.5},
+                                  {"params": list(block.b.parameters()), "lr": 1e-3}])
+    with pytest.raises(ValueError, match="fb's parameter groups have different learning rates"):
+        al_ext.fused.fused_block_optimizer(block, two_rates, gh, "A", "mse")
+    with pytest.raises(ValueError, match="fb must be over the block's f and b parameters exactly"):
+        al_ext.fused.fused_block_optimizer(block, torch.optim.Adam(gh_params), gh, "A", "mse")
+    stepped = torch.optim.Adam(fb_params, lr=1e-3)
+    for p in fb_params:
+        p.grad = torch.zeros_like(p)
+    stepped.step()
+    with pytest.raises(ValueError, match="fb has stepped already"):
+        al_ext.fused.fused_block_optimizer(block, stepped, gh, "A", "mse")
+
+
+def test_a_step_count_that_requires_grad_is_taken_as_a_count():
+    block = small_mlp().blocks[0]
+    params, _, _ = al_ext.fused.dense_block_layout(block)
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    step = torch.tensor(0.0, requires_grad=True)
+    x, y = batch()
+    al_ext.fused.dense_block_adam_step_(x, torch.nn.functional.one_hot(y, 5).float(), params, *state, step, 1e-3, 2e-3)
+    assert step.item() == 1.0
+
+
+def test_text_readers_refuse_what_they_would_misread(tmp_path):
+    with pytest.raises(TypeError, match="texts must be a sequence"):
+        text.Vocabulary("the cat sat")  # one string: every character a text
+    vocabulary = text.Vocabulary(["the cat sat"])
+    with pytest.raises(TypeError, match="texts must be a sequence"):
+        vocabulary.encode("the dog", 3)
+    (tmp_path / "bom.csv").write_text('"1","a title","a text"\n', encoding="utf-8-sig")
+    assert text.load_ag_news(tmp_path / "bom.csv")[0] == ["a title. a text"]
+    (tmp_path / "latin1.csv").write_bytes(b'"1","caf\xe9","x"\n')
+    with pytest.raises(ValueError, match="latin1.csv, after row 0: not a UTF-8 CSV file"):
+        text.load_ag_news(tmp_path / "latin1.csv")
+    (tmp_path / "four.csv").write_text('"1","t","d","extra"\n')
+    with pytest.raises(ValueError, match=r"row 1: expected class index 1-4, title, description \(3 fields\); got 4 field\(s\)"):
+        text.load_ag_news(tmp_path / "four.csv")

@@ -227,9 +227,10 @@ inline void check_state_like_params(const char* op, at::TensorList params, at::T
   }
 }
 
+// Zero is a rate: schedules reach it (LinearLR to 0, CosineAnnealingLR's end), as torch's optimisers allow.
 inline void check_learning_rates(const char* op, double lr_fb, double lr_gh) {
-  TORCH_CHECK(std::isfinite(lr_fb) && lr_fb > 0, op, ": lr_fb must be a positive finite number, got ", lr_fb);
-  TORCH_CHECK(std::isfinite(lr_gh) && lr_gh > 0, op, ": lr_gh must be a positive finite number, got ", lr_gh);
+  TORCH_CHECK_VALUE(std::isfinite(lr_fb) && lr_fb >= 0, op, ": lr_fb must be a finite number >= 0, got ", lr_fb);
+  TORCH_CHECK_VALUE(std::isfinite(lr_gh) && lr_gh >= 0, op, ": lr_gh must be a finite number >= 0, got ", lr_gh);
 }
 
 inline void check_sgd_state(const char* op, at::TensorList params, at::TensorList momentum_buffer, double lr_fb,
