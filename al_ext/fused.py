@@ -138,12 +138,17 @@ def bf16_compute_available(device: torch.device | str = "cpu") -> bool:
     return False
 
 
-def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor], compute_dtype: torch.dtype | None
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """s and t in the compute dtype (the parameters' by default), the losses in the parameters'."""
+def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor], compute_dtype: torch.dtype | None,
+                  state: Sequence[Tensor | None] = ()) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """s and t in the compute dtype (the parameters' by default), the losses in the parameters'.
+    Every tensor, ``state`` (optimiser state, step count, compute weights) too, must be on
+    s_prev's device: one on 'meta' would bring a call here instead of to a kernel."""
     torch._check(len(params) == len(DENSE_PARAMETER_NAMES), lambda: "params must hold the 10 tensors W_f ... c_h")
-    for name, p in [("t_prev", t_prev), *zip(DENSE_PARAMETER_NAMES, params)]:
-        torch._check(p.device == s_prev.device, lambda: f"{name} must be on s_prev's device {s_prev.device}, got {p.device}")
+    named = [("t_prev", t_prev), *zip(DENSE_PARAMETER_NAMES, params), *(("optimiser state", x) for x in state)]
+    for name, p in named:
+        if isinstance(p, Tensor):
+            torch._check(p.device == s_prev.device,
+                         lambda: f"{name} must be on s_prev's device {s_prev.device}, got {p.device}")
     n, param_dtype = s_prev.shape[0], params[0].dtype
     act_dtype = param_dtype if compute_dtype is None else compute_dtype
     s = s_prev.new_empty((n, params[0].shape[0]), dtype=act_dtype)
@@ -160,21 +165,22 @@ def _dense_block_step_fake(s_prev, t_prev, params, x_activation, h_activation, v
 def _dense_block_adam_step_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2,
                                 eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
                                 decoupled_weight_decay=False, compute_dtype=None, compute_weights=None):
-    return _outputs_like(s_prev, t_prev, params, compute_dtype)
+    return _outputs_like(s_prev, t_prev, params, compute_dtype, [*exp_avg, *exp_avg_sq, *(compute_weights or [])])
 
 
 @torch.library.register_fake("al_ext::dense_block_adam_step_.step_tensor")
 def _dense_block_adam_step_counted_fake(s_prev, t_prev, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1,
                                         beta2, eps, x_activation, h_activation, variant, ae_loss, weight_decay=0.0,
                                         decoupled_weight_decay=False, compute_dtype=None, compute_weights=None):
-    return _outputs_like(s_prev, t_prev, params, compute_dtype)
+    return _outputs_like(s_prev, t_prev, params, compute_dtype,
+                         [*exp_avg, *exp_avg_sq, step, *(compute_weights or [])])
 
 
 @torch.library.register_fake("al_ext::dense_block_sgd_step_")
 def _dense_block_sgd_step_fake(s_prev, t_prev, params, momentum_buffer, lr_fb, lr_gh, momentum, x_activation,
                                h_activation, variant, ae_loss, weight_decay=0.0, compute_dtype=None,
                                compute_weights=None):
-    return _outputs_like(s_prev, t_prev, params, compute_dtype)
+    return _outputs_like(s_prev, t_prev, params, compute_dtype, [*momentum_buffer, *(compute_weights or [])])
 
 
 # ---- ALMLP blocks ----------------------------------------------------------------------

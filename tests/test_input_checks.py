@@ -305,3 +305,24 @@ def test_text_readers_refuse_what_they_would_misread(tmp_path):
     (tmp_path / "four.csv").write_text('"1","t","d","extra"\n')
     with pytest.raises(ValueError, match=r"row 1: expected class index 1-4, title, description \(3 fields\); got 4 field\(s\)"):
         text.load_ag_news(tmp_path / "four.csv")
+
+
+def test_the_fused_ops_refuse_shared_memory_zero_widths_and_stray_devices():
+    block = small_mlp().blocks[0]
+    params = [p.detach() for p in al_ext.fused.dense_block_layout(block)[0]]
+    x, y = batch()
+    t = torch.nn.functional.one_hot(y, 5).float()
+    state = [torch.zeros_like(p) for p in params]
+    with pytest.raises(ValueError, match=r"exp_avg\[0\] and exp_avg_sq\[0\] share memory"):
+        al_ext.fused.dense_block_adam_step_(x, t, params, state, state, 1, 1e-3, 2e-3)
+    with pytest.raises(ValueError, match=r"momentum_buffer\[0\] and W_f share memory"):
+        al_ext.fused.dense_block_sgd_step_(x, t, params, params, 1e-3, 2e-3)
+    overlapping = [params[0], params[0][:, 0].contiguous(), *params[2:]]
+    overlapping[1] = params[0].view(-1)[: params[1].numel()]  # c_f a view into W_f
+    with pytest.raises(ValueError, match="W_f and c_f share memory"):
+        al_ext.fused.dense_block_step(x, t, overlapping, "elu", "sigmoid", "A", "mse")
+    with pytest.raises(ValueError, match="every width must be at least 1, got d_x = 0"):
+        al_ext.fused.dense_block_step(x[:, :0], t, [params[0][:, :0], *params[1:]], "elu", "sigmoid", "A", "mse")
+    with pytest.raises(RuntimeError, match="optimiser state must be on s_prev's device cpu, got meta"):
+        al_ext.fused.dense_block_adam_step_(x, t, params, state, [torch.zeros_like(p) for p in params],
+                                            torch.tensor(0.0, device="meta"), 1e-3, 2e-3)

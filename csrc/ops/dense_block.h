@@ -3,6 +3,7 @@
 // devices reject bad input with the same words).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
@@ -82,6 +83,15 @@ inline bool wants_bf16_compute(const char* op, at::TensorList params, std::optio
 
 // `bf16_compute`: the parameters are float32, and s_prev and t_prev each float32 or bfloat16
 // (a previous bf16 step's outputs); else all share s_prev's dtype.
+// Two tensors that an op writes in place (or writes one and reads the other) must not share
+// memory: an update through one would change the other mid-step.
+inline void check_own_memory(const char* op, const at::Tensor& a, const std::string& a_name, const at::Tensor& b,
+                             const std::string& b_name) {
+  const auto overlap = at::get_overlap_status(a, b);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op, ": ",
+                    a_name, " and ", b_name, " share memory; each must be a tensor of its own");
+}
+
 inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, const at::Tensor& t_prev,
                                      at::TensorList params, bool bf16_compute = false) {
   TORCH_CHECK(params.size() == kDenseParams, op, ": params must hold the 10 tensors W_f, c_f, W_b1, c_b1, W_b2, "
@@ -119,6 +129,8 @@ inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, c
   TORCH_CHECK(params[kParamWf].dim() == 2 && params[kParamWb1].dim() == 2 && params[kParamWb2].dim() == 2 &&
               params[kParamWg].dim() == 2 && params[kParamWh].dim() == 2, op, ": every weight must be 2-D (out, in)");
   const int64_t H = params[kParamWf].size(0), B = params[kParamWb1].size(0), D = params[kParamWg].size(0);
+  TORCH_CHECK_VALUE(dx > 0 && dy > 0 && H > 0 && B > 0 && D > 0, op, ": every width must be at least 1, got d_x = ",
+                    dx, ", d_y = ", dy, ", H = ", H, ", B = ", B, ", D = ", D);
   check_shape(op, params[kParamWf], "W_f", {H, dx}, "H x d_x, d_x = s_prev's width");
   check_shape(op, params[kParamWf + 1], "c_f", {H}, "H = W_f's rows");
   check_shape(op, params[kParamWb1], "W_b1", {B, H}, "B x H, H = W_f's rows");
@@ -129,6 +141,11 @@ inline void check_dense_block_inputs(const char* op, const at::Tensor& s_prev, c
   check_shape(op, params[kParamWg + 1], "c_g", {D}, "D = W_g's rows");
   check_shape(op, params[kParamWh], "W_h", {dy, D}, "d_y x D: h reconstructs t_prev");
   check_shape(op, params[kParamWh + 1], "c_h", {dy}, "d_y = t_prev's width");
+  for (int i = 0; i < kDenseParams; ++i) {  // an update in place through one would change another
+    for (int j = i + 1; j < kDenseParams; ++j) {
+      check_own_memory(op, params[i], dense_param_name(i), params[j], dense_param_name(j));
+    }
+  }
 }
 
 // What every dense block op checks first, on any device: the configuration strings, then
@@ -224,6 +241,8 @@ inline void check_state_like_params(const char* op, at::TensorList params, at::T
     TORCH_CHECK(state[i].sizes() == params[i].sizes() && state[i].scalar_type() == params[i].scalar_type() &&
                 state[i].device() == params[i].device() && state[i].is_contiguous(), op, ": ", name, "[", i,
                 "] must be a contiguous tensor like params[", i, "] (", dense_param_name(i), ")");
+    // the same tensor passed twice is the likely mistake; the parameters are apart (checked above)
+    check_own_memory(op, state[i], std::string(name) + "[" + std::to_string(i) + "]", params[i], dense_param_name(i));
   }
 }
 
@@ -250,6 +269,10 @@ inline void check_adam_state(const char* op, at::TensorList params, at::TensorLi
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
   check_state_like_params(op, params, exp_avg, "exp_avg");
   check_state_like_params(op, params, exp_avg_sq, "exp_avg_sq");
+  for (int i = 0; i < kDenseParams; ++i) {
+    check_own_memory(op, exp_avg[i], "exp_avg[" + std::to_string(i) + "]", exp_avg_sq[i],
+                     "exp_avg_sq[" + std::to_string(i) + "]");
+  }
 }
 
 // The step_tensor form's counter: the steps taken so far, one float32 (as torch.optim.Adam's
