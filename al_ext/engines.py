@@ -27,7 +27,7 @@ from .nn import AssociatedLearning
 from .optim import OptimizerFactory, OptimizerSpec, SchedulerFactory, optimizer_factory, step_scheduler
 from .pipeline import Batch, BatchCallback, Pipeline
 from .precision import Precision, make_precision
-from .validation import check_positive_float
+from .validation import check_positive_float, first_parameter
 
 
 class Engine:
@@ -311,7 +311,7 @@ def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.op
     if precision.name == "fp16":
         return "the fused dense step has no fp16 kernel (fp16 needs loss scaling; use precision='bf16')"
     if precision.compute_dtype is not None:
-        device = next(model.parameters()).device
+        device = first_parameter(model).device
         if not bf16_compute_available(device):
             lacks = {"cpu": "this CPU has no bfloat16 matrix hardware (AVX512_BF16 or AMX)",
                      "cuda": "this GPU has no bfloat16 tensor cores (compute capability 8.0 or later)"}
@@ -344,11 +344,14 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
     rank's share of a run across processes (al_ext.distributed.DistributedALEngine). On the
     CPU a model with convolutions gets its 4-D weights in channels_last, in place
     (al_ext.memory_format)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    device = first_parameter(model).device
     factory = optimizer_factory(optimizer)
     lr = check_positive_float(lr, "lr")
     ae_lr = 2.0 * lr if ae_lr is None else check_positive_float(ae_lr, "ae_lr")
     if isinstance(precision, str):
-        precision = make_precision(precision, model, next(model.parameters()).device)
+        precision = make_precision(precision, model, device)
     use_fastest_memory_format(model)
     if not isinstance(model, AssociatedLearning):
         if pipeline or distributed is not None:

@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import importlib
+import math
 
 import torch
 from torch import Tensor, nn
 
 from ._extension import _C, has_cuda_kernels  # loading the extension registers the ops
 from .errors import NonFiniteLossError
-from .reference import ACTIVATION_MODULES, DENSE_PARAMETER_NAMES, X_ACTIVATIONS, DenseBlockStep
+from .reference import ACTIVATION_MODULES, AE_LOSSES, DENSE_PARAMETER_NAMES, VARIANTS, X_ACTIVATIONS, DenseBlockStep
+from .validation import check_choice
 
 
 def dense_block_step(
@@ -206,6 +208,8 @@ def _linear_then(seq: nn.Module, what: str, activations: tuple[str, ...]) -> tup
 def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     """(params in DENSE_PARAMETER_NAMES order, x_activation, h_activation) of an ALMLP-style
     block; ValueError, saying what does not fit, for any other block."""
+    if not all(isinstance(getattr(block, part, None), nn.Module) for part in ("f", "g", "b", "h")):
+        raise TypeError(f"block must be an ALBlock (modules f, g, b and h), got {type(block).__name__}")
     f, x_act = _linear_then(block.f, "f", X_ACTIVATIONS)
     g, _ = _linear_then(block.g, "g", ("sigmoid",))
     h, h_act = _linear_then(block.h, "h", ("sigmoid", "identity"))
@@ -254,7 +258,13 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str, ae_loss: str,
                  defaults: dict[str, Any], compute_dtype: torch.dtype | None = None) -> None:
         params, self.x_activation, self.h_activation = dense_block_layout(block)
-        self.variant, self.ae_loss = variant, ae_loss
+        for name, rate in (("lr", lr), ("ae_lr", ae_lr)):  # checked here, not first at the first step
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {rate!r}")
+        self.variant = check_choice(variant, "variant", VARIANTS)
+        self.ae_loss = check_choice(ae_loss, "ae_loss", AE_LOSSES)
+        if compute_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"compute_dtype must be None (the parameters' dtype) or torch.bfloat16, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
         # bf16 compute: the parameters rounded to bf16, which the op rewrites as it updates them,
         # and what identified the parameters' values when they last matched (see _compute_weights).

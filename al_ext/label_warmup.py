@@ -32,7 +32,7 @@ from . import reference
 from .errors import NonFiniteLossError
 from .nn import AssociatedLearning, evaluating
 from .optim import optimizer_factory
-from .validation import check_positive_float, check_positive_int
+from .validation import check_positive_float, check_positive_int, first_parameter
 
 UNIT_STEP = 0.3  # Adam's rate x the label width: NECO's label sides are ready after 170-330 steps
 MAX_STEPS = 5000  # 10 classes take 100-330 steps, 100 classes some 2000
@@ -41,7 +41,7 @@ SEPARATION = 0.75  # label_side_ready's: warmed-up tanh label sides keep 0.8-0.9
 
 
 def _classes(model: AssociatedLearning) -> Tensor:
-    return torch.arange(model.num_classes, device=next(model.parameters()).device)
+    return torch.arange(model.num_classes, device=first_parameter(model).device)
 
 
 def holds_meta_parameters(model: AssociatedLearning) -> bool:

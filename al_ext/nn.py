@@ -15,7 +15,8 @@ from ._extension import has_cuda_kernels
 from .initialisation import Init, he_normal_, initialise  # noqa: F401  (he_normal_: al_ext.nn's own name)
 from .label_side import LabelSide
 from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
-from .validation import check_choice, check_float_tensor, check_labels, check_positive_int, check_tensor
+from .validation import (check_choice, check_float_tensor, check_labels, check_positive_int, check_tensor,
+                         first_parameter)
 
 Backend = Literal["auto", "fused", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "fused", "reference")
@@ -142,7 +143,7 @@ class AssociatedLearning(nn.Module):
         return len(self.blocks)
 
     def _reference_tensor(self) -> Tensor:
-        return next(self.parameters())
+        return first_parameter(self)
 
     def check_input(self, x: Tensor, name: str = "x") -> Tensor:
         return check_batch(x, self._reference_tensor(), self.in_features, name, self.vocab_size, self.in_shape)

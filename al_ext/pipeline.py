@@ -398,6 +398,9 @@ def _check_ownership(model: AssociatedLearning, optimizers: list[Any], scheduler
             raise ValueError(f"optimizers[{j}] must hold exactly {what.format(block=block, part=part)} parameters "
                              "(the model's parameter_groups(), in block order), and holds others")
     for j, (scheduler, opt) in enumerate(zip(schedulers, optimizers)):
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(f"schedulers[{j}] is a ReduceLROnPlateau, which steps on a validation metric; the "
+                             "pipeline steps its schedulers after every batch (step it per epoch yourself)")
         if scheduler is not None and getattr(scheduler, "optimizer", opt) is not opt:
             raise ValueError(f"schedulers[{j}] must step optimizers[{j}], one scheduler per optimiser in the same order")
 

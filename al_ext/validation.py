@@ -32,6 +32,13 @@ def check_finite(tensor: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); expected only finite values")
 
 
+def first_parameter(model: torch.nn.Module) -> Tensor:
+    """A parameter of ``model``, whose device and dtype are the model's."""
+    for p in model.parameters():
+        return p
+    raise ValueError("the model has no parameters: it needs some to learn (and to say where it runs)")
+
+
 def check_output_path(path: Any, name: str) -> Path:
     """A file to be written later: its folder must exist now, so that a run does not fail
     only after it has trained."""

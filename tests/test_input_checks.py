@@ -326,3 +326,21 @@ def test_the_fused_ops_refuse_shared_memory_zero_widths_and_stray_devices():
     with pytest.raises(RuntimeError, match="optimiser state must be on s_prev's device cpu, got meta"):
         al_ext.fused.dense_block_adam_step_(x, t, params, state, [torch.zeros_like(p) for p in params],
                                             torch.tensor(0.0, device="meta"), 1e-3, 2e-3)
+
+
+def test_low_level_pieces_say_what_they_expected():
+    empty = al_ext.AssociatedLearning([al_ext.ALBlock(nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity())], 3)
+    with pytest.raises(ValueError, match="the model has no parameters"):
+        al_ext.make_engine(empty, "adam", 1e-3)
+    with pytest.raises(TypeError, match="block must be an ALBlock"):
+        al_ext.fused.FusedBlockAdam(nn.Linear(2, 2), 1e-3, 1e-3)
+    block = small_mlp().blocks[0]
+    for options, message in (({"lr": float("nan")}, "lr must be a finite number >= 0"),
+                             ({"variant": "a"}, "variant must be one of"),
+                             ({"compute_dtype": "bfloat16"}, "compute_dtype must be None")):
+        with pytest.raises(ValueError, match=message):
+            al_ext.fused.FusedBlockAdam(block, **{"lr": 1e-3, "ae_lr": 2e-3, **options})
+    model = small_mlp(backend="reference")
+    opts = al_ext.make_engine(model, "adam", 1e-3).optimizers
+    with pytest.raises(ValueError, match=r"schedulers\[0\] is a ReduceLROnPlateau"):
+        al_ext.Pipeline(model, opts, schedulers=[torch.optim.lr_scheduler.ReduceLROnPlateau(o) for o in opts])
