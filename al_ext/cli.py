@@ -440,7 +440,8 @@ def _rank_suffix() -> str:
     """" on rank N" in a distributed job, where every rank prints its own errors."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return f" on rank {torch.distributed.get_rank()}"
-    return ""
+    rank = os.environ.get("RANK")  # the launcher's, where the job's group was never made or is gone
+    return f" on rank {rank}" if rank is not None and "WORLD_SIZE" in os.environ else ""
 
 
 if __name__ == "__main__":

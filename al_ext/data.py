@@ -78,8 +78,8 @@ def load_idx_pair(images: str | Path, labels: str | Path) -> Dataset:
     if y.shape[0] != x.shape[0]:
         raise IdxFormatError(f"{labels}: holds {y.shape[0]} labels for the {x.shape[0]} images of {images}")
     if y.dtype.is_floating_point or (y.numel() and int(y.min()) < 0):
-        raise IdxFormatError(f"{labels}: expected class indices (integers from 0), got {y.dtype} values from "
-                             f"{y.min().item()} to {y.max().item()}")
+        values = f" from {y.min().item()} to {y.max().item()}" if y.numel() else ""
+        raise IdxFormatError(f"{labels}: expected class indices (integers from 0), got {y.dtype} values{values}")
     return x.reshape(x.shape[0], -1).float().div_(255.0), y.long()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import importlib
-import math
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from ._extension import _C, has_cuda_kernels  # loading the extension registers the ops
 from .errors import NonFiniteLossError
 from .reference import ACTIVATION_MODULES, AE_LOSSES, DENSE_PARAMETER_NAMES, VARIANTS, X_ACTIVATIONS, DenseBlockStep
-from .validation import check_choice
+from .validation import check_choice, check_rate
 
 
 def dense_block_step(
@@ -258,9 +257,7 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str, ae_loss: str,
                  defaults: dict[str, Any], compute_dtype: torch.dtype | None = None) -> None:
         params, self.x_activation, self.h_activation = dense_block_layout(block)
-        for name, rate in (("lr", lr), ("ae_lr", ae_lr)):  # checked here, not first at the first step
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {rate!r}")
+        check_rate(lr, "lr"), check_rate(ae_lr, "ae_lr")  # here, not first at the first step
         self.variant = check_choice(variant, "variant", VARIANTS)
         self.ae_loss = check_choice(ae_loss, "ae_loss", AE_LOSSES)
         if compute_dtype not in (None, torch.bfloat16):
@@ -486,9 +483,10 @@ def _check_takes_over(block: nn.Module, fb: torch.optim.Optimizer, gh: torch.opt
     for name, opt in (("fb", fb), ("gh", gh)):
         if {id(p) for g in opt.param_groups for p in g["params"]} != {id(p) for p in parts[name]}:
             raise ValueError(f"{name} must be over the block's {name[0]} and {name[1]} parameters exactly")
-        if len({g["lr"] for g in opt.param_groups}) > 1:
-            raise ValueError(f"{name}'s parameter groups have different learning rates; the fused step has one "
-                             "rate for f and b and one for g and h")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        if any(setting != settings[0] for setting in settings[1:]):
+            raise ValueError(f"{name}'s parameter groups differ in their settings (learning rate, weight decay, ...); "
+                             "the fused step has one setting for f and b and one for g and h")
         if opt.state:
             raise ValueError(f"{name} has stepped already; the fused optimiser starts from a fresh state (load a "
                              "state_dict into it instead)")
@@ -507,7 +505,8 @@ def fused_block_optimizer(block: nn.Module, fb: torch.optim.Optimizer, gh: torch
     if shared != {k: v for k, v in gh.defaults.items() if k not in ("lr", "foreach", "fused", "capturable")}:
         raise ValueError("the two optimisers of a block must differ in their learning rate alone")
     _check_takes_over(block, fb, gh)
-    d, lr, ae_lr = fb.defaults, fb.param_groups[0]["lr"], gh.param_groups[0]["lr"]
+    d = {**fb.defaults, **{k: v for k, v in fb.param_groups[0].items() if k != "params"}}  # the groups' own
+    lr, ae_lr = fb.param_groups[0]["lr"], gh.param_groups[0]["lr"]
     if d.get("maximize") or d.get("differentiable"):
         raise ValueError("maximize=True and differentiable=True have no fused form")
     if type(fb) in (torch.optim.Adam, torch.optim.AdamW):

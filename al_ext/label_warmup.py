@@ -143,7 +143,7 @@ def _step(model: AssociatedLearning, optimizers: list[torch.optim.Optimizer], co
         try:
             loss = reference.auto_encoder_loss(block.h(t), t_prev, model.ae_loss_of(index))
         except ValueError as exc:  # h's width
-            raise ValueError(f"block {index + 1}: {exc}") from None
+            raise ValueError(f"block {index + 1}: {exc}") from exc
         if not bool(loss.isfinite()):
             raise NonFiniteLossError("L_ae", loss.item(), block=index + 1, detail="in the label warm-up")
         opt.zero_grad()

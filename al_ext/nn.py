@@ -177,9 +177,11 @@ class AssociatedLearning(nn.Module):
             return f"the fused dense block step on {param.device.type} takes {', '.join(map(str, dtypes))}, not {param.dtype}"
         for i, block in enumerate(self.blocks):
             try:
-                _, _, h_activation = fused.dense_block_layout(block)
+                params, _, h_activation = fused.dense_block_layout(block)
             except ValueError as exc:
                 return f"block {i + 1} is not a dense block: {exc}"
+            if len({p.untyped_storage().data_ptr() for p in params}) < len(params):
+                return f"block {i + 1} ties some of its weights (the fused step updates each in place, alone)"
             if self.ae_loss_of(i) == "cross_entropy" and h_activation != "identity":
                 return (f"block {i + 1}'s h ends in {h_activation}, and the fused step takes the cross-entropy "
                         "auto-encoder loss on h's logits only")
@@ -209,7 +211,7 @@ class AssociatedLearning(nn.Module):
             try:
                 losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i))
             except ValueError as exc:
-                raise ValueError(f"block {i + 1}: {exc}") from None
+                raise ValueError(f"block {i + 1}: {exc}") from exc
             out.append(losses)
             s, t = losses.s, losses.t
         return out

@@ -273,6 +273,11 @@ class Pipeline:
         refused) or PipelineError (a block failed) naming the block and the batch, and
         re-raises what the iterable or on_batch raised, once every stage has stopped.
         """
+        with _the_only_run_of(self.model):  # before anything of a run that goes on now is touched
+            return self._run(batches, on_batch, should_abort, max_unreported)
+
+    def _run(self, batches: Iterable[Batch], on_batch: BatchCallback | None,
+             should_abort: Callable[[], bool] | None, max_unreported: int) -> PipelineRun:
         if self._devices is not None:
             _place_blocks(self.model, self._optimizers, self._devices, self.block_costs)
             self.block_devices = _block_devices(self.model)
@@ -290,7 +295,7 @@ class Pipeline:
         for device in cuda_devices:
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            with _the_only_run_of(self.model), torch.no_grad() if self._fused is not None else torch.enable_grad():
+            with torch.no_grad() if self._fused is not None else torch.enable_grad():
                 out = _C.run_blocks(self._block_steps(), self._prepared(batches), self.pipelined, starts,
                                     self.max_in_flight, self.threads_per_stage, stage_devices,
                                     on_batch=on_batch, should_abort=should_abort, max_unreported=max_unreported,
@@ -388,7 +393,7 @@ def _check_ownership(model: AssociatedLearning, optimizers: list[Any], scheduler
         what = "block {block}'s f, b, g and h"
     elif len(optimizers) == 2 * model.depth:
         expected = [part for pair in pairs for part in pair]
-        what = "block {block}'s " + "{part}"
+        what = "block {block}'s {part}"
     else:
         return  # the count's own error follows
     for j, (opt, params) in enumerate(zip(optimizers, expected)):
@@ -396,7 +401,7 @@ def _check_ownership(model: AssociatedLearning, optimizers: list[Any], scheduler
         if held != {id(p) for p in params}:
             block, part = (j + 1, None) if len(optimizers) == model.depth else (j // 2 + 1, ("f and b", "g and h")[j % 2])
             raise ValueError(f"optimizers[{j}] must hold exactly {what.format(block=block, part=part)} parameters "
-                             "(the model's parameter_groups(), in block order), and holds others")
+                             "(the model's parameter_groups(), in block order), and holds a different set")
     for j, (scheduler, opt) in enumerate(zip(schedulers, optimizers)):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ValueError(f"schedulers[{j}] is a ReduceLROnPlateau, which steps on a validation metric; the "

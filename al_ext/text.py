@@ -6,6 +6,7 @@ import csv
 import re
 from collections import Counter
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Sequence
 
 import torch
@@ -27,17 +28,23 @@ def tokenize(text: str) -> list[str]:
 MIN_VOCABULARY = 3  # padding, unknown and one word
 
 
-def _check_texts(texts: Any, name: str) -> None:
-    """A sequence of strings: one string alone would be read as texts of one character each."""
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"{name} must be a sequence (list) of strings, got {type(texts).__name__}")
+def _checked_texts(texts: Any, name: str) -> list[str]:
+    """Strings from any iterable of them (a list, a numpy array, a pandas Series); one string
+    alone is refused, as it would be read as texts of one character each."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise TypeError(f"{name} must be an iterable (a list) of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(text).__name__}")
+    return texts
 
 
 class Vocabulary:
     """Token ids by frequency in the texts it is built from: 0 is padding, 1 unknown."""
 
     def __init__(self, texts: Sequence[str], max_size: int = 20000, min_count: int = 1) -> None:
-        _check_texts(texts, "texts")
+        texts = _checked_texts(texts, "texts")
         if check_positive_int(max_size, "max_size") < MIN_VOCABULARY:
             raise ValueError(f"max_size must be at least {MIN_VOCABULARY} (padding, unknown and one word), got {max_size}")
         check_positive_int(min_count, "min_count")
@@ -51,7 +58,7 @@ class Vocabulary:
 
     def encode(self, texts: Sequence[str], length: int) -> Tensor:
         """(len(texts), length) int64 ids, cut or padded with PAD at the end."""
-        _check_texts(texts, "texts")
+        texts = _checked_texts(texts, "texts")
         check_positive_int(length, "length")
         out = torch.full((len(texts), length), PAD, dtype=torch.long)
         for row, text in enumerate(texts):

@@ -85,6 +85,13 @@ def check_positive_float(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_rate(value: Any, name: str) -> float:
+    """A learning rate as an optimiser holds it: finite and >= 0 (schedules end at 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
