@@ -358,7 +358,8 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
             what = "pipeline=True" if pipeline else "distributed="
             raise ValueError(f"{what} trains the blocks of an AssociatedLearning model; this model has none")
         optimizers = [factory(model.parameters(), lr)]
-        return BPEngine(model, optimizers, _schedulers(scheduler, optimizers), scheduler_interval, precision, compile)
+        schedulers = _schedulers(scheduler, optimizers, scheduler_interval)
+        return BPEngine(model, optimizers, schedulers, scheduler_interval, precision, compile)
     if distributed is not None and (pipeline or compile):
         raise ValueError(f"distributed= runs each rank's blocks one after another; it does not take "
                          f"{'pipeline=True' if pipeline else 'compile=True'} (the ranks are the pipeline's stages)")
@@ -370,7 +371,7 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
     if model.uses_fused_step():
         fused = _fused_optimizers(model, optimizers, precision, compile)
         if isinstance(fused, list):
-            fused_schedulers = _schedulers(scheduler, fused)
+            fused_schedulers = _schedulers(scheduler, fused, scheduler_interval)
             if any(getattr(s, "cycle_momentum", False) for s in fused_schedulers):
                 fused = ("a schedule that cycles momentum (OneCycleLR or CyclicLR with cycle_momentum=True) changes "
                          "the betas or momentum that the fused step holds for a run")
@@ -381,7 +382,7 @@ def make_engine(model: nn.Module, optimizer: OptimizerSpec, lr: float, ae_lr: fl
                              "optimiser and precision: build the model with backend='reference' (or 'auto', which "
                              "falls back)")
     if schedulers is None:
-        schedulers = _schedulers(scheduler, optimizers)
+        schedulers = _schedulers(scheduler, optimizers, scheduler_interval)
     if distributed is not None:
         from .distributed.engine import DistributedALEngine  # which imports this module
         return DistributedALEngine(model, optimizers, schedulers, scheduler_interval, precision, distributed)
@@ -397,5 +398,24 @@ def _al_optimizers(model: AssociatedLearning, factory: OptimizerFactory, lr: flo
     return [opt for fb, gh in model.parameter_groups() for opt in (factory(fb, lr), factory(gh, ae_lr))]
 
 
-def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.Optimizer]) -> list[Any]:
-    return [] if factory is None else [factory(opt) for opt in optimizers]
+def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.Optimizer], interval: str) -> list[Any]:
+    """``factory(opt)`` for each optimiser, each checked before any training: a scheduler of
+    that optimiser, which a step with no argument moves where ``interval`` is "step"."""
+    if factory is None:
+        return []
+    if not callable(factory):
+        raise TypeError(f"scheduler must be a callable optimizer -> LRScheduler, got {type(factory).__name__}")
+    schedulers = []
+    for opt in optimizers:
+        made = factory(opt)
+        if not (callable(getattr(made, "step", None)) and callable(getattr(made, "state_dict", None))) \
+                or isinstance(made, torch.optim.Optimizer):
+            raise TypeError(f"scheduler(optimizer) must return a learning-rate scheduler (step, state_dict), got "
+                            f"{type(made).__name__}")
+        if getattr(made, "optimizer", opt) is not opt:
+            raise ValueError("scheduler(optimizer) must return a scheduler of the optimizer it is given")
+        if interval == "step" and isinstance(made, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError("ReduceLROnPlateau steps on the validation accuracy, once an epoch: pass "
+                             "scheduler_interval='epoch'")
+        schedulers.append(made)
+    return schedulers

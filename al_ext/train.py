@@ -414,13 +414,21 @@ class Trainer:
         stream = counted()
         last = [time.perf_counter()]
 
+        # A hook that raised: the batches already started (pipelined: up to one per block) finish
+        # and are counted, without hooks, so that the trainer stays one consistent run; then it raises.
+        failed: list[Exception] = []
+
         def on_batch(_: int, losses: Tensor, samples: int | None = None) -> bool:
             # An engine whose rank does not read the batches says how many samples each held.
             counted = sizes.popleft() if sizes else None
             now = time.perf_counter()
-            self._account(counted if samples is None else samples, losses, now - last[0], bar)
+            try:
+                self._account(counted if samples is None else samples, losses, now - last[0], bar, hooks=not failed)
+            except Exception as exc:  # noqa: BLE001 - raised once the run has stopped
+                failed.append(exc)
             last[0] = now
-            return self.should_stop or (checkpoint_every is not None and self.position % checkpoint_every == 0)
+            return bool(failed) or self.should_stop or (checkpoint_every is not None
+                                                        and self.position % checkpoint_every == 0)
 
         try:
             while True:
@@ -434,6 +442,8 @@ class Trainer:
                     raise exc.in_epoch(self.epoch + 1, before + (exc.batch or 0)) from None
                 finally:
                     self._in_run = False
+                if failed:
+                    raise failed[0]
                 self.should_stop = self.engine.agree(self.should_stop)  # distributed: every rank alike
                 self._totals["train_time_s"] += time.perf_counter() - start
                 if exhausted[0] or ended or self.position == before:
@@ -448,22 +458,22 @@ class Trainer:
             raise ValueError("train holds no samples")
         return not self.should_stop or (total is not None and self.position >= total)
 
-    def _account(self, size: int, losses: Tensor, seconds: float, bar: Any) -> None:
-        """A batch is done: the epoch's sums, the step hooks, the progress bar."""
+    def _account(self, size: int, losses: Tensor, seconds: float, bar: Any, hooks: bool = True) -> None:
+        """A batch is done: the epoch's sums, the step hooks (unless not ``hooks``), the progress bar."""
         losses = losses.double()
         t = self._totals
         t["losses"] = losses * size if t["losses"] is None else t["losses"] + losses * size
         t["samples"] += size
         self.position += 1
         self.global_step += 1
-        hooks = self._hooks("on_step")
+        step_hooks = self._hooks("on_step") if hooks else []
         show = not bar.disable
-        if hooks or show:
+        if step_hooks or show:
             record: dict[str, Any] = {"epoch": self.epoch + 1, "batch": self.position - 1, "step": self.global_step,
                                       "samples": size, "lr": self.engine.lr,
                                       "samples_per_s": size / seconds if seconds > 0 else 0.0}
             record.update(self.engine.loss_record(losses))
-            for hook in hooks:
+            for hook in step_hooks:
                 hook(self, record)
             if show:
                 bar.set_postfix_str(_progress_text(record), refresh=False)
@@ -604,6 +614,7 @@ class Trainer:
         except Exception as exc:
             raise ValueError(f"{path} is not a readable al_ext checkpoint ({exc})") from exc
         self._check_run_state(ckpt, path)
+        self.engine.check_state_matches(ckpt["engine"])  # before anything is loaded: a refused load changes nothing
         self.engine.load_model_state(ckpt["model"])
         self.engine.load_state_dict(ckpt["engine"])
         self._load_run_state(ckpt, path)

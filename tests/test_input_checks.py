@@ -394,3 +394,53 @@ def test_distributed_errors_name_the_launchers_rank(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert cli._rank_suffix() == " on rank 3"
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_hook_that_raises_leaves_one_consistent_run(pipeline):
+    # pipelined, the batches already started finish and count before the error is raised: every block
+    # has trained on the batches counted, so the run goes on (or saves) as if nothing had happened
+    x, y = batch(n=96)
+
+    class RaiseAtStep3:
+        def on_step(self, trainer, record):
+            if record["step"] == 3:
+                raise KeyError("a callback's bug")
+
+    def run(callbacks):
+        return Trainer(small_mlp(), batch_size=8, progress=False, label_warmup=False, pipeline=pipeline,
+                       callbacks=callbacks)
+
+    whole = run([])
+    whole.fit((x, y), epochs=1)
+    broken = run([RaiseAtStep3()])
+    with pytest.raises(KeyError, match="a callback's bug"):
+        broken.fit((x, y), epochs=1)
+    steps = {int(s["step"]) for opt in broken.optimizers for s in opt.state.values()}
+    assert steps == {broken.global_step} and broken.position >= 3
+    broken.callbacks = []
+    broken.fit((x, y), epochs=1)
+    for a, b in zip(whole.model.parameters(), broken.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_refused_load_changes_nothing(tmp_path):
+    trainer = Trainer(small_mlp(), progress=False, label_warmup=False)
+    trainer.fit(batch(), epochs=1)
+    trainer.save(tmp_path / "fused.pt")
+    other = Trainer(small_mlp(backend="reference"), progress=False)  # 4 optimisers where the checkpoint has 2
+    before = [p.detach().clone() for p in other.model.parameters()]
+    with pytest.raises(ValueError, match="the state holds 2 optimisers"):
+        other.load(tmp_path / "fused.pt")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.model.parameters()))
+
+
+@pytest.mark.parametrize("scheduler,interval,error,message", [
+    (lambda opt: None, "step", TypeError, "scheduler.optimizer. must return a learning-rate scheduler"),
+    (lambda opt: opt, "step", TypeError, "must return a learning-rate scheduler"),
+    (lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt), "step", ValueError, "scheduler_interval='epoch'"),
+])
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_what_a_scheduler_factory_returns_is_checked_before_training(scheduler, interval, error, message, pipeline):
+    with pytest.raises(error, match=message):
+        Trainer(small_mlp(), progress=False, pipeline=pipeline, scheduler=scheduler, scheduler_interval=interval)
