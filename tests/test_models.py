@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import al_ext
-from al_ext import Pipeline, Trainer, bp_baseline
+from al_ext import Trainer, bp_baseline
 from al_ext.models import ALCNN, VGG_AL, ResNet_AL
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import al_ext
-from al_ext import Pipeline, PipelineError, Trainer
+from al_ext import Pipeline, Trainer
 from al_ext._extension import _C
 
 from conftest import CUDA_REASON, HAS_CUDA, small_mlp
