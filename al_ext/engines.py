@@ -24,7 +24,8 @@ from .errors import NonFiniteLossError
 from .fused import FusedBlockAdam, FusedBlockOptimizer, FusedBlockSGD, bf16_compute_available, fused_block_optimizer
 from .memory_format import match_state_layouts, use_fastest_memory_format
 from .nn import AssociatedLearning
-from .optim import OptimizerFactory, OptimizerSpec, SchedulerFactory, optimizer_factory, step_scheduler
+from .optim import (OptimizerFactory, OptimizerSpec, SchedulerFactory, check_scheduler, optimizer_factory,
+                    step_scheduler)
 from .pipeline import Batch, BatchCallback, Pipeline
 from .precision import Precision, make_precision
 from .validation import check_positive_float, first_parameter
@@ -412,10 +413,6 @@ def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.O
                 or isinstance(made, torch.optim.Optimizer):
             raise TypeError(f"scheduler(optimizer) must return a learning-rate scheduler (step, state_dict), got "
                             f"{type(made).__name__}")
-        if getattr(made, "optimizer", opt) is not opt:
-            raise ValueError("scheduler(optimizer) must return a scheduler of the optimizer it is given")
-        if interval == "step" and isinstance(made, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError("ReduceLROnPlateau steps on the validation accuracy, once an epoch: pass "
-                             "scheduler_interval='epoch'")
+        check_scheduler(made, opt, "scheduler(optimizer)", "the optimizer it is given", per_step=interval == "step")
         schedulers.append(made)
     return schedulers

@@ -377,7 +377,7 @@ class BPNetwork(nn.Module):
         self.in_features, self.vocab_size, self.in_shape = in_features, vocab_size, in_shape
 
     def forward(self, x: Tensor) -> Tensor:
-        s = check_batch(x, next(self.parameters()), self.in_features, vocab_size=self.vocab_size, in_shape=self.in_shape)
+        s = check_batch(x, first_parameter(self), self.in_features, vocab_size=self.vocab_size, in_shape=self.in_shape)
         for f in self.encoders:
             s = f(s)
         t = self.bridge(s)

@@ -83,3 +83,18 @@ def step_scheduler(scheduler: Any, metric: float | None) -> None:
             scheduler.step(metric)
     else:
         scheduler.step()
+
+
+def holds_exactly(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> bool:
+    """Whether ``opt``'s parameter groups hold exactly ``params`` (in any order)."""
+    return {id(p) for group in opt.param_groups for p in group["params"]} == {id(p) for p in params}
+
+
+def check_scheduler(scheduler: Any, opt: torch.optim.Optimizer, name: str, opt_name: str, per_step: bool) -> None:
+    """A scheduler must step the optimiser it is paired with; stepped after every batch
+    (``per_step``), it must not need a metric (ReduceLROnPlateau does)."""
+    if getattr(scheduler, "optimizer", opt) is not opt:
+        raise ValueError(f"{name} must step {opt_name}")
+    if per_step and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(f"{name} is a ReduceLROnPlateau, which steps on a validation metric once an epoch, not after "
+                         "every batch (scheduler_interval='epoch' in the Trainer and make_engine)")

@@ -30,6 +30,7 @@ from ._extension import _C, has_cuda_kernels
 from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
+from .optim import check_scheduler, holds_exactly
 from .precision import FP16Precision, Precision
 from .validation import check_batch_pair, check_positive_int
 
@@ -397,17 +398,14 @@ def _check_ownership(model: AssociatedLearning, optimizers: list[Any], scheduler
     else:
         return  # the count's own error follows
     for j, (opt, params) in enumerate(zip(optimizers, expected)):
-        held = {id(p) for group in opt.param_groups for p in group["params"]}
-        if held != {id(p) for p in params}:
+        if not holds_exactly(opt, params):
             block, part = (j + 1, None) if len(optimizers) == model.depth else (j // 2 + 1, ("f and b", "g and h")[j % 2])
             raise ValueError(f"optimizers[{j}] must hold exactly {what.format(block=block, part=part)} parameters "
                              "(the model's parameter_groups(), in block order), and holds a different set")
     for j, (scheduler, opt) in enumerate(zip(schedulers, optimizers)):
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ValueError(f"schedulers[{j}] is a ReduceLROnPlateau, which steps on a validation metric; the "
-                             "pipeline steps its schedulers after every batch (step it per epoch yourself)")
-        if scheduler is not None and getattr(scheduler, "optimizer", opt) is not opt:
-            raise ValueError(f"schedulers[{j}] must step optimizers[{j}], one scheduler per optimiser in the same order")
+        if scheduler is not None:  # the pipeline steps its schedulers after every batch
+            check_scheduler(scheduler, opt, f"schedulers[{j}]",
+                            f"optimizers[{j}] (one scheduler per optimiser, in the same order)", per_step=True)
 
 
 def losses_backward(model: AssociatedLearning, optimizers: Sequence[torch.optim.Optimizer], i: int, s: Tensor,

@@ -36,6 +36,7 @@ from .validation import (
     check_float_tensor,
     check_labels,
     check_output_path,
+    first_parameter,
     check_positive_float,
     check_positive_int,
     check_tensor,
@@ -237,7 +238,7 @@ class Trainer:
         y = check_labels(y, self.num_classes, f"{name} labels", length=x.shape[0] if x.dim() else None)
         if x.dim() < 2:
             raise ValueError(f"{name} inputs must have samples along dim 0 and features after, got shape {tuple(x.shape)}")
-        x = x.to(dtype=next(self.model.parameters()).dtype)  # checked as the model gets it: 1e39 is inf in float32
+        x = x.to(dtype=first_parameter(self.model).dtype)  # checked as the model gets it: 1e39 is inf in float32
         check_finite(x, f"{name} inputs")
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
