@@ -77,8 +77,8 @@ class Trainer:
     ``precision``: "fp32", "bf16" (bf16 compute over float32 master weights, optimiser state
     and losses: the fused dense step's bf16 GEMMs where the hardware has them, else autocast
     on the general path) or "fp16" (CUDA only, with loss scaling); al_ext.precision says
-    more. ``compile=True`` runs the general path's block steps (or the BP network) through
-    torch.compile.
+    more. ``compile=True`` runs the general path's forward pass and local losses (one graph for
+    every block), or the BP network, through torch.compile.
 
     On the CPU the engine puts a model's convolution weights in channels_last, in place (the
     same values and parameters: al_ext.memory_format), which oneDNN runs faster.

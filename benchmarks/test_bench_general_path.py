@@ -4,7 +4,7 @@ would write by hand, in one run, in float32 and in bf16.
     python -m pytest benchmarks/test_bench_general_path.py --benchmark-only -s
 
 For each model of the zoo (at the sizes below, on random data of its input shape) and each
-precision, four implementations take turns (benchmarks/interleave.py), from the same
+precision, five implementations take turns (benchmarks/interleave.py), from the same
 weights, each timed over a stream of STREAM batches:
 - handwritten: per block f and g on detached inputs, both losses in float32, one backward of
   their sum, per block an Adam(fused=True) over (f, b) and one over (g, h), zero_grad() with
@@ -14,13 +14,16 @@ weights, each timed over a stream of STREAM batches:
 - engine:      al_ext's engine for the model, as the Trainer picks it (ALEngine: the
   reference's local losses, torch's fused Adam from the name "adam", the precision policy),
   batch after batch;
+- engine-compiled: the same with Trainer(compile=True): every block's forward pass and
+  losses in one torch.compile graph, the compiled loop's counterpart;
 - pipelined:   the same with Trainer(pipeline=True): the blocks train at once in the C++
   scheduler, whose workers share the blocks (al_ext.Pipeline). It fills and drains once per
   stream, as it does once per epoch in training, so a stream this short understates it.
 The summary gives each one's median time per batch and samples/s, and the compiled loop's,
 the engine's and the pipeline's speed over the hand-written loop (median of per-round
-ratios; target: at least 1.0, aim 1.1), and the pipeline's over the faster of the two loops
-in each round (the strongest a user would write).
+ratios; target: at least 1.0, aim 1.1), the compiled engine's over the compiled loop, and
+the pipeline's over the faster of the two loops in each round (the strongest a user would
+write).
 """
 from __future__ import annotations
 
@@ -89,9 +92,11 @@ def handwritten(model: al_ext.AssociatedLearning, batches: Batches, bf16: bool, 
     return lambda: [step(x, y) for x, y in batches]
 
 
-def engine_run(model: al_ext.AssociatedLearning, batches: Batches, bf16: bool, pipeline: bool):
+def engine_run(model: al_ext.AssociatedLearning, batches: Batches, bf16: bool, pipeline: bool = False,
+               compile: bool = False):
     precision = make_precision("bf16" if bf16 else "fp32", model, torch.device("cpu"))
-    engine = make_engine(model, optimizer_factory("adam"), 1e-4, 2e-4, precision=precision, pipeline=pipeline)
+    engine = make_engine(model, optimizer_factory("adam"), 1e-4, 2e-4, precision=precision, pipeline=pipeline,
+                         compile=compile)
     return lambda: engine.run(batches, on_batch=lambda index, losses: False)
 
 
@@ -100,13 +105,14 @@ def results():
     table: dict[tuple[str, str], dict[str, float]] = {}
     yield table
     print("\n| model | precision | handwritten ms/batch | compiled x handwritten | engine x handwritten | "
-          "pipelined ms/batch | pipelined samples/s | pipelined x handwritten (best times) | "
-          "pipelined x the faster loop |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "engine-compiled x compiled | pipelined ms/batch | pipelined samples/s | "
+          "pipelined x handwritten (best times) | pipelined x the faster loop |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (name, precision), r in table.items():
         print(f"| {name} | {precision} | {r['handwritten_ms']:.1f} | {r['compiled_ratio']:.2f} | "
-              f"{r['engine_ratio']:.2f} | {r['pipelined_ms']:.1f} | {r['samples_per_s']:,.0f} | "
-              f"{r['pipelined_ratio']:.2f} ({r['pipelined_best']:.2f}) | {r['pipelined_vs_fastest']:.2f} |")
+              f"{r['engine_ratio']:.2f} | {r['engine_compiled_vs_compiled']:.2f} | {r['pipelined_ms']:.1f} | "
+              f"{r['samples_per_s']:,.0f} | {r['pipelined_ratio']:.2f} ({r['pipelined_best']:.2f}) | "
+              f"{r['pipelined_vs_fastest']:.2f} |")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -114,14 +120,15 @@ def results():
 def test_general_path_against_the_handwritten_loop(benchmark, results, name, precision):
     build, inputs = MODELS[name]
     torch.manual_seed(0)
-    models = [build() for _ in range(4)]
+    models = [build() for _ in range(5)]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
     batches = [(inputs(), torch.randint(0, models[0].num_classes, (BATCH,))) for _ in range(STREAM)]
     bf16 = precision == "bf16"
     runs = {"handwritten": handwritten(models[0], batches, bf16),
             "compiled": handwritten(models[3], batches, bf16, compiled=True),
-            "engine": engine_run(models[1], batches, bf16, pipeline=False),
+            "engine": engine_run(models[1], batches, bf16),
+            "engine-compiled": engine_run(models[4], batches, bf16, compile=True),
             "pipelined": engine_run(models[2], batches, bf16, pipeline=True)}
     benchmark.group = f"{name}, {precision}, batch {BATCH}, {STREAM} batches"
     times = interleaved(benchmark, runs, ROUNDS)
@@ -130,6 +137,7 @@ def test_general_path_against_the_handwritten_loop(benchmark, results, name, pre
         "handwritten_ms": per_batch["handwritten"] * 1e3,
         "pipelined_ms": per_batch["pipelined"] * 1e3, "samples_per_s": BATCH / per_batch["pipelined"],
         **{f"{k}_ratio": median_ratio(times["handwritten"], times[k]) for k in ("compiled", "engine", "pipelined")},
+        "engine_compiled_vs_compiled": median_ratio(times["compiled"], times["engine-compiled"]),
         "pipelined_best": best_ratio(times["handwritten"], times["pipelined"]),
         "pipelined_vs_fastest": median_ratio([min(h, c) for h, c in zip(times["handwritten"], times["compiled"])],
                                              times["pipelined"]),
