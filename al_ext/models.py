@@ -22,7 +22,7 @@ from .label_side import LabelSide
 from .nn import ALBlock, AssociatedLearning, Backend, evaluating
 from .reference import AE_LOSSES, AELoss, Variant, activation_module
 from .residual_units import RESIDUAL_UNITS, BasicBlock, NecoResidualUnit, conv3x3  # noqa: F401
-from .validation import check_choice, check_positive_int
+from .validation import check_choice, check_positive_int, check_sequence, check_widths
 
 BRIDGE_INPUTS: tuple[str, ...] = ("flatten", "avgpool")
 MAX_POOL = "M"  # in a VGG stage, a 2x2 max-pool
@@ -116,7 +116,7 @@ class _VisionAL(AssociatedLearning):
 
 
 def _check_image_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
-    in_shape = tuple(in_shape)
+    in_shape = tuple(check_sequence(in_shape, "in_shape", "three positive integers (channels, height, width)"))
     if len(in_shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in in_shape):
         raise ValueError(f"in_shape must be (channels, height, width), three positive integers, got {in_shape}")
     return in_shape  # type: ignore[return-value]
@@ -135,12 +135,19 @@ class ALCNN(_VisionAL):
                  backend: Backend = "auto", first_ae_loss: AELoss | None = None, activation: str | None = None,
                  bridge_input: str | None = None, label_side: LabelSide | None = None, init: Init | None = None,
                  preset: str | None = None) -> None:
+        strides_given = strides is not None
         o = presets.resolve("ALCNN", preset, channels=channels, strides=strides, label_dim=label_dim,
                             bridge_factor=bridge_factor, first_ae_loss=first_ae_loss, activation=activation,
                             bridge_input=bridge_input, label_side=label_side, init=init)
-        channels, strides = o["channels"], o["strides"]
+        channels = check_sequence(o["channels"], "channels", "(c1, c2) pairs, one per block")
+        strides = check_sequence(o["strides"], "strides", "integers, one per block")
         if len(channels) != len(strides) or not channels:
-            raise ValueError(f"channels and strides must give one entry per block, got {len(channels)} and {len(strides)}")
+            hint = "" if strides_given else " (the preset's strides: pass strides= too, one per block)"
+            raise ValueError(f"channels and strides must give one entry per block, got {len(channels)} and "
+                             f"{len(strides)}{hint}")
+        for i, pair in enumerate(channels):
+            if len(check_sequence(pair, f"channels[{i}]", "two channel counts (first conv's, second conv's)")) != 2:
+                raise ValueError(f"channels[{i}] must be a pair (first conv's channels, second conv's), got {pair!r}")
         in_shape = _check_image_shape(in_shape)
         act = activation_module(o["activation"])
         encoders: list[nn.Module] = []
@@ -170,7 +177,9 @@ class VGG_AL(_VisionAL):
         o = presets.resolve("VGG_AL", preset, stages=stages, head=head, batch_norm=batch_norm, activation=activation,
                             bridge_input=bridge_input, label_dim=label_dim, bridge_factor=bridge_factor,
                             first_ae_loss=first_ae_loss, label_side=label_side, init=init)
-        stages, head = o["stages"], list(o["head"])
+        stages = [check_sequence(stage, f"stages[{i}]", f"convolution widths and {MAX_POOL!r}s (max-pools)")
+                  for i, stage in enumerate(check_sequence(o["stages"], "stages", "stages"))]
+        head = check_widths(o["head"], "head", "dense layer widths", allow_empty=True)
         if not stages or not all(any(w != MAX_POOL for w in stage) for stage in stages):
             raise ValueError("stages must list at least one stage, each with at least one convolution width")
         for i, stage in enumerate(stages):
@@ -198,7 +207,7 @@ class VGG_AL(_VisionAL):
             width = math.prod(_feature_shape(encoders, in_shape)[-1])  # the last stage's map, flattened
             layers = [nn.Flatten()]
             for i, w in enumerate(head):
-                layers += [nn.Linear(width, check_positive_int(w, f"head[{i}]")), act()]
+                layers += [nn.Linear(width, w), act()]
                 width = w
             encoders.append(nn.Sequential(*layers))
         super().__init__(encoders, in_shape, num_classes, o, variant, backend)
@@ -226,11 +235,7 @@ class ResNet_AL(_VisionAL):
         unit = RESIDUAL_UNITS[check_choice(o["residual_unit"], "residual_unit", tuple(RESIDUAL_UNITS))]
         activation = o["activation"]
         act = activation_module(activation)
-        widths = list(o["widths"])
-        if not widths:
-            raise ValueError("widths must give each stage's width, got none")
-        for i, width in enumerate(widths):
-            check_positive_int(width, f"widths[{i}]")
+        widths = check_widths(o["widths"], "widths", "stage widths")
         in_shape = _check_image_shape(in_shape)
         units = (depth - 2) // 6
         stem: list[nn.Module] = [conv3x3(in_shape[0], widths[0]), nn.BatchNorm2d(widths[0]), act()]

@@ -15,7 +15,7 @@ from ._extension import has_cuda_kernels
 from .initialisation import Init, he_normal_, initialise  # noqa: F401  (he_normal_: al_ext.nn's own name)
 from .label_side import LabelSide
 from .reference import AE_LOSSES, VARIANTS, AELoss, BlockLosses, Variant
-from .validation import (check_choice, check_float_tensor, check_labels, check_positive_int, check_tensor,
+from .validation import (check_choice, check_float_tensor, check_labels, check_positive_int, check_tensor, check_widths,
                          first_parameter)
 
 Backend = Literal["auto", "fused", "reference"]
@@ -340,11 +340,7 @@ class ALMLP(AssociatedLearning):
         bridge_factor = check_positive_int(o["bridge_factor"], "bridge_factor")
         side: LabelSide = o["label_side"]
         first_loss = check_choice(o["first_ae_loss"], "first_ae_loss", AE_LOSSES)
-        hidden = list(o["hidden"])
-        if not hidden:
-            raise ValueError("hidden must list at least one width (one per block), got none")
-        for i, width in enumerate(hidden):
-            check_positive_int(width, f"hidden[{i}]")
+        hidden = check_widths(o["hidden"], "hidden", "widths, one per block")
         blocks = []
         x_dim, y_dim = in_features, num_classes
         for i, width in enumerate(hidden):

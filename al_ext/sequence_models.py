@@ -29,7 +29,7 @@ from .sequence_layers import (
     TokenEmbedding,
     check_heads,
 )
-from .validation import check_choice, check_positive_int
+from .validation import check_choice, check_positive_int, check_widths
 
 LSTM_BRIDGE_INPUTS: tuple[str, ...] = ("mean", "final_state")
 ENCODER_LAYERS: tuple[str, ...] = ("torch", "iclr22")
@@ -90,11 +90,7 @@ class LSTM_AL(_SequenceAL):
                             bridge_factor=bridge_factor, first_ae_loss=first_ae_loss, embedding_block=embedding_block,
                             bidirectional=bidirectional, pass_state=pass_state, bridge_input=bridge_input,
                             mask_padding=mask_padding, label_side=label_side, init=init)
-        hidden = list(o["hidden"])
-        if not hidden:
-            raise ValueError("hidden must list at least one LSTM width (one per block), got none")
-        for i, width in enumerate(hidden):
-            check_positive_int(width, f"hidden[{i}]")
+        hidden = check_widths(o["hidden"], "hidden", "LSTM widths, one per block")
         if o["pass_state"] and len(set(hidden)) > 1:
             raise ValueError(f"pass_state hands each LSTM's final (h, c) to the next, so every width must be the "
                              f"same; got hidden={tuple(hidden)}")

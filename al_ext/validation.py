@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,6 +78,23 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_sequence(value: Any, name: str, what: str) -> list[Any]:
+    """A list or tuple (any sequence but a string) of ``what``, as a list."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of {what}, got {value!r}")
+    return list(value)
+
+
+def check_widths(value: Any, name: str, what: str = "widths", allow_empty: bool = False) -> list[int]:
+    """A list or tuple of positive integers (layer widths), non-empty unless ``allow_empty``."""
+    widths = check_sequence(value, name, f"{what} (positive integers)")
+    if not widths and not allow_empty:
+        raise ValueError(f"{name} must list at least one width ({what}), got none")
+    for i, width in enumerate(widths):
+        check_positive_int(width, f"{name}[{i}]")
+    return widths
 
 
 def check_positive_float(value: Any, name: str) -> float:
