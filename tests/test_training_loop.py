@@ -464,6 +464,29 @@ def test_compile_runs_the_block_steps_through_torch_compile():
         Trainer(small_mlp(backend="fused"), compile=True, progress=False)
 
 
+
+def test_compile_traces_every_block_as_one_graph(monkeypatch):
+    """As a user compiling their own step would: one graph for every block, whatever their
+    inputs' ranks (per-block graphs shared one function and hit dynamo's recompile limit)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting_backend, **kw))
+    torch.manual_seed(0)
+    model = al_ext.models.ALCNN((1, 8, 8), 3, channels=[(2, 2)] * 9, strides=[1] * 9, label_dim=8, bridge_factor=1)
+    eager = al_ext.models.ALCNN((1, 8, 8), 3, channels=[(2, 2)] * 9, strides=[1] * 9, label_dim=8, bridge_factor=1)
+    eager.load_state_dict(model.state_dict())
+    x, y = torch.rand(4, 64), torch.tensor([0, 1, 2, 0])
+    engines = [make_engine(m, optimizer_factory("adam"), 1e-3, compile=c) for m, c in ((eager, False), (model, True))]
+    for _ in range(2):
+        losses = [e.step(x, y) for e in engines]
+        torch.testing.assert_close(losses[1], losses[0])
+    assert len(graphs) == 1
+
 # ---- a collapsed label side ----------------------------------------------------------------
 
 def test_a_label_side_stuck_at_its_trivial_solution_is_reported():
