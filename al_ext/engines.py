@@ -28,7 +28,7 @@ from .optim import (OptimizerFactory, OptimizerSpec, SchedulerFactory, check_sch
                     step_scheduler)
 from .pipeline import Batch, BatchCallback, Pipeline
 from .precision import Precision, make_precision
-from .validation import check_positive_float, first_parameter
+from .validation import check_batch_pair, check_labels, check_positive_float, classes_of, first_parameter
 
 
 class Engine:
@@ -68,7 +68,7 @@ class Engine:
         """Trains on each batch in turn, calling ``on_batch(index, losses)`` after each; a true
         result stops the run. Returns True where the engine knows the stream ran out (an
         engine whose rank does not read the batches), None where the caller counts."""
-        for index, (x, y) in enumerate(batches):
+        for index, (x, y) in enumerate(_pairs(batches)):
             try:
                 losses = self.step(x, y)
             except NonFiniteLossError as exc:
@@ -83,8 +83,10 @@ class Engine:
         last; BP: one count) and the samples seen; None for no batches."""
         correct: Tensor | None = None
         samples = 0
-        for x, y in batches:
-            scores = self.model.shortcut_scores(x) if self.is_al else [self.model(x)]
+        for x, y in _pairs(batches):
+            scores = [class_scores(s, self.model, len(x)) for s in
+                      (self.model.shortcut_scores(x) if self.is_al else [self.model(x)])]
+            y = check_labels(y, scores[0].shape[1], "labels", len(x), read_values=False)
             hits = torch.stack([(s.argmax(dim=1) == y).sum() for s in scores])
             correct = hits if correct is None else correct + hits
             samples += x.shape[0]
@@ -113,7 +115,7 @@ class Engine:
 
     def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
         """Yields each batch's losses as it completes; leaving the loop stops training."""
-        for x, y in batches:
+        for x, y in _pairs(batches):
             yield self.step(x, y)
 
     def end_epoch(self, metric: float | None = None) -> None:
@@ -171,6 +173,23 @@ def optimizer_kind(opt: torch.optim.Optimizer) -> str:
     return type(opt).__name__
 
 
+def _pairs(batches: Iterable[Batch]) -> Iterator[Batch]:
+    for batch in batches:
+        check_batch_pair(batch, "each batch")
+        yield batch
+
+
+def class_scores(scores: Any, model: nn.Module, samples: int) -> Tensor:
+    """A classifier's output, checked: (samples, num_classes) scores. Cross-entropy would
+    fail deep inside on too few classes, and train silently on too many."""
+    num_classes = classes_of(model)
+    if not isinstance(scores, Tensor) or scores.shape != (samples, num_classes):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"the model must return class scores of shape (samples, num_classes) = ({samples}, "
+                         f"{num_classes}), got {got}")
+    return scores
+
+
 class BPEngine(Engine):
     """End to end: softmax cross-entropy of ``model(x)``, one optimiser over every parameter;
     ``compile=True``: the forward pass (and so its backward) through torch.compile."""
@@ -178,13 +197,15 @@ class BPEngine(Engine):
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
                  scheduler_interval: str = "step", precision: Precision | None = None, compile: bool = False) -> None:
         super().__init__(model, optimizers, schedulers, scheduler_interval, precision)
+        self.num_classes = classes_of(model)
         self._forward = torch.compile(model) if compile else model
 
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         (opt,) = self.optimizers
         opt.zero_grad()
+        y = check_labels(y, self.num_classes, "y", len(x), read_values=y.device.type == "cpu")
         with self.precision.autocast():
-            logits = self._forward(x)
+            logits = class_scores(self._forward(x.detach()), self.model, len(x))  # x: data, not a graph to extend
         loss = F.cross_entropy(logits.float(), y)  # the loss in float32 at least, whatever the precision
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError("loss", loss.item())

@@ -195,13 +195,31 @@ _torch_sgd = importlib.import_module("torch.optim.sgd")
 _ACTIVATION_NAMES = {module: name for name, module in ACTIVATION_MODULES.items()}
 
 
+def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Whether ``module`` computes exactly what the fused kernel computes for a ``kind``: that
+    very class (a subclass may override forward), no hooks, and the kernel's constants."""
+    if type(module) is not kind or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if isinstance(module, nn.ELU):
+        return module.alpha == 1.0
+    if isinstance(module, nn.Flatten):  # a no-op on (N, features), which is all the kernel takes
+        return (module.start_dim, module.end_dim) == (1, -1)
+    return True
+
+
 def _linear_then(seq: nn.Module, what: str, activations: tuple[str, ...]) -> tuple[nn.Linear, str]:
-    layers = [m for m in seq.children() if not isinstance(m, nn.Flatten)] if isinstance(seq, nn.Sequential) else []
-    if not layers or not isinstance(layers[0], nn.Linear) or layers[0].bias is None or len(layers) > 2:
+    children = list(seq.children()) if isinstance(seq, nn.Sequential) and _plain(seq, nn.Sequential) else []
+    flattens = [m for m in children if isinstance(m, nn.Flatten)]
+    layers = [m for m in children if not isinstance(m, nn.Flatten)]
+    if (not layers or not _plain(layers[0], nn.Linear) or layers[0].bias is None or len(layers) > 2
+            or not all(_plain(m, nn.Flatten) for m in flattens)):
         raise ValueError(f"{what} must be Sequential(Linear with bias[, activation]) for the fused dense block")
     act = "identity" if len(layers) == 1 else _ACTIVATION_NAMES.get(type(layers[1]), type(layers[1]).__name__)
     if act not in activations:
         raise ValueError(f"{what}'s activation must be one of {', '.join(activations)} for the fused dense block, got {act}")
+    if len(layers) == 2 and not _plain(layers[1], type(layers[1])):
+        raise ValueError(f"{what}'s {type(layers[1]).__name__} must be plain for the fused dense block (no hooks"
+                         f"{', alpha=1' if isinstance(layers[1], nn.ELU) else ''}), got {layers[1]}")
     return layers[0], act
 
 
@@ -213,10 +231,9 @@ def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     f, x_act = _linear_then(block.f, "f", X_ACTIVATIONS)
     g, _ = _linear_then(block.g, "g", ("sigmoid",))
     h, h_act = _linear_then(block.h, "h", ("sigmoid", "identity"))
-    b = list(block.b.children()) if isinstance(block.b, nn.Sequential) else []
-    if not (len(b) == 4 and isinstance(b[0], nn.Linear) and isinstance(b[1], nn.Sigmoid)
-            and isinstance(b[2], nn.Linear) and isinstance(b[3], nn.Sigmoid) and b[0].bias is not None
-            and b[2].bias is not None):
+    b = list(block.b.children()) if _plain(block.b, nn.Sequential) else []
+    if not (len(b) == 4 and all(_plain(m, kind) for m, kind in zip(b, (nn.Linear, nn.Sigmoid) * 2))
+            and b[0].bias is not None and b[2].bias is not None):
         raise ValueError("b must be Sequential(Linear, Sigmoid, Linear, Sigmoid) for the fused dense block")
     params = [f.weight, f.bias, b[0].weight, b[0].bias, b[2].weight, b[2].bias, g.weight, g.bias, h.weight, h.bias]
     return params, x_act, h_act

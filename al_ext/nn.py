@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal, Sequence
 
 import torch
@@ -97,6 +97,26 @@ class ALBlock(nn.Module):
         return self.f(s_prev), self.g(t_prev)
 
 
+def _check_parameter_groups(blocks: list[ALBlock]) -> None:
+    """Each block's (f, b) and (g, h) train with an optimiser of their own: each needs some
+    parameters, and a parameter in two of these groups would be stepped twice per batch (and
+    by two threads at once when pipelined)."""
+    owners: dict[int, str] = {}
+    for i, block in enumerate(blocks):
+        for group, parts in (("f and b", (block.f, block.b)), ("g and h", (block.g, block.h))):
+            name = f"blocks[{i}]'s {group}"
+            params = {id(p): p for part in parts for p in part.parameters()}
+            if not params:
+                raise ValueError(f"{name} have no parameters: each block trains (f, b) and (g, h) with an optimiser "
+                                 "of their own, so each needs some")
+            for p in params.values():
+                other = owners.setdefault(id(p), name)
+                if other != name:
+                    raise ValueError(f"{name} share a parameter (of shape {tuple(p.shape)}) with {other}: each block's "
+                                     "(f, b) and (g, h) train with an optimiser of their own, so a shared parameter "
+                                     "would be stepped twice per batch; give each its own module")
+
+
 class AssociatedLearning(nn.Module):
     """A network of ALBlocks trained by local losses only.
 
@@ -119,6 +139,8 @@ class AssociatedLearning(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
+        if isinstance(blocks, ALBlock) or not isinstance(blocks, Iterable):
+            raise TypeError(f"blocks must be a list of ALBlocks, got {type(blocks).__name__}")
         blocks = list(blocks)
         if not blocks:
             raise ValueError("blocks must hold at least one ALBlock, got none")
@@ -127,6 +149,7 @@ class AssociatedLearning(nn.Module):
                 raise TypeError(f"blocks[{i}] must be an ALBlock, got {type(block).__name__}")
         if check_positive_int(num_classes, "num_classes") < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        _check_parameter_groups(blocks)
         self.blocks = nn.ModuleList(blocks)
         self.num_classes = num_classes
         self.variant: Variant = check_choice(variant, "variant", VARIANTS)  # type: ignore[assignment]
@@ -146,7 +169,15 @@ class AssociatedLearning(nn.Module):
         return first_parameter(self)
 
     def check_input(self, x: Tensor, name: str = "x") -> Tensor:
-        return check_batch(x, self._reference_tensor(), self.in_features, name, self.vocab_size, self.in_shape)
+        """The checked batch (see check_batch); (N, features) where the first encoder opens with
+        nn.Flatten, as that layer makes it: the fused step, which takes the block's Linear
+        alone, reads it so too."""
+        s = check_batch(x, self._reference_tensor(), self.in_features, name, self.vocab_size, self.in_shape)
+        first = self.blocks[0].f
+        if (isinstance(first, nn.Sequential) and len(first) and type(first[0]) is nn.Flatten
+                and (first[0].start_dim, first[0].end_dim) == (1, -1)):  # then f flattens it again as a no-op
+            s = s.flatten(1)
+        return s
 
     def label_targets(self, y: Tensor, samples: int | None = None) -> Tensor:
         """t_0 = one-hot(y), in the model's dtype and on its device, of ``samples`` labels
@@ -210,8 +241,11 @@ class AssociatedLearning(nn.Module):
         for i, block in enumerate(self.blocks):
             try:
                 losses = reference.local_losses(block, s, t, self.variant, self.ae_loss_of(i))
-            except ValueError as exc:
-                raise ValueError(f"block {i + 1}: {exc}") from exc
+            except (ValueError, TypeError) as exc:  # what a block's own parts got wrong: say which block
+                raise (ValueError if isinstance(exc, ValueError) else TypeError)(f"block {i + 1}: {exc}") from exc
+            except RuntimeError as exc:  # torch's own (a width mismatch, say), whose type and text stay
+                exc.add_note(f"(raised in block {i + 1} of the model)")
+                raise
             out.append(losses)
             s, t = losses.s, losses.t
         return out
@@ -352,11 +386,6 @@ class ALMLP(AssociatedLearning):
         super().__init__(blocks, num_classes, variant=variant, first_ae_loss=first_loss, backend=backend)
         self.in_features = in_features
         initialise(self, o["init"])
-
-    def check_input(self, x: Tensor, name: str = "x") -> Tensor:
-        """The checked batch as (N, in_features), as the first block's nn.Flatten makes it:
-        the fused step, which takes the block's Linear alone, reads it so too."""
-        return super().check_input(x, name).flatten(1)
 
 
 class BPNetwork(nn.Module):

@@ -16,7 +16,7 @@ Variant B: L_as also updates g (its target t_i is not detached).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,14 +93,22 @@ def local_losses(
     """
     check_choice(variant, "variant", VARIANTS)
     s_prev, t_prev = s_prev.detach(), t_prev.detach()
-    s = block.f(s_prev)
-    t = block.g(t_prev)
+    s = _output_of(block.f, s_prev, "the encoder f")
+    t = _output_of(block.g, t_prev, "the label encoder g")
     target = t.detach() if variant == "A" else t
-    bridged = block.b(s)
+    bridged = _output_of(block.b, s, "the bridge b")
     _check_same_shape(bridged, t, "the bridge b's output", "the label encoder g's")
     loss_as = mse(_at_least_float32(bridged), _at_least_float32(target))
-    loss_ae = auto_encoder_loss(block.h(t), t_prev, ae_loss, mse)
+    loss_ae = auto_encoder_loss(_output_of(block.h, t, "the decoder h"), t_prev, ae_loss, mse)
     return BlockLosses(s, t, loss_as, loss_ae)
+
+
+def _output_of(part: Callable[[Tensor], Any], x: Tensor, name: str) -> Tensor:
+    out = part(x)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must return one tensor, got {type(out).__name__} (a module that returns more, as "
+                        "nn.LSTM does, needs a wrapper that picks the tensor to pass on)")
+    return out
 
 
 def _check_same_shape(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:

@@ -36,6 +36,7 @@ from .validation import (
     check_float_tensor,
     check_labels,
     check_output_path,
+    classes_of,
     first_parameter,
     check_positive_float,
     check_positive_int,
@@ -184,9 +185,7 @@ class Trainer:
         try:
             self.model = model.to(self.device)
             self.is_al = isinstance(model, AssociatedLearning)
-            self.num_classes: int = getattr(model, "num_classes", 0)
-            if self.num_classes < 2:
-                raise ValueError("model must have a num_classes attribute of at least 2 (the number of classes)")
+            self.num_classes = classes_of(model)
             self._fit_epochs = 1  # the run's length, for the "neco" schedule; set by fit
             pipeline_options = (dict(max_in_flight=max_in_flight, threads_per_stage=threads_per_stage,
                                      stages=pipeline_stages, shared=pipeline_shared, cuda_graphs=cuda_graphs)
@@ -563,6 +562,8 @@ class Trainer:
         if self._in_run and isinstance(self.engine, PipelinedALEngine):
             raise RuntimeError("save() was called while the pipeline is running, when its blocks stand at different "
                                "batches: use fit(checkpoint=..., checkpoint_every=N), which drains it first")
+        if not sharded and self.engine.is_writer:
+            check_output_path(path, "path")
         if sharded:
             if not hasattr(self.engine, "save_sharded"):
                 raise ValueError("sharded=True writes the shards of a distributed run; this trainer runs in one "

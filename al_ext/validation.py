@@ -48,6 +48,8 @@ def check_output_path(path: Any, name: str) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"{name}: the folder {str(path.parent)!r} (of {str(path)!r}) does not exist")
+    if path.is_dir():
+        raise ValueError(f"{name} must name a file, got the folder {str(path)!r}")
     return path
 
 
@@ -72,6 +74,15 @@ def check_labels(labels: Any, num_classes: int, name: str = "y", length: int | N
         if low < 0 or high >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}), got values from {low} to {high}")
     return y.long()
+
+
+def classes_of(model: Any) -> int:
+    """A classifier's ``num_classes``, which the labels are checked against."""
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"model must have a num_classes attribute of at least 2 (the number of classes), "
+                         f"got {num_classes!r}")
+    return num_classes
 
 
 def check_positive_int(value: Any, name: str) -> int:

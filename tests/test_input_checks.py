@@ -339,9 +339,12 @@ def test_the_fused_ops_refuse_shared_memory_zero_widths_and_stray_devices():
 
 
 def test_low_level_pieces_say_what_they_expected():
-    empty = al_ext.AssociatedLearning([al_ext.ALBlock(nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity())], 3)
+    with pytest.raises(ValueError, match=r"blocks\[0\]'s f and b have no parameters"):
+        al_ext.AssociatedLearning([al_ext.ALBlock(nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity())], 3)
+    bare = nn.Sequential()
+    bare.num_classes = 3
     with pytest.raises(ValueError, match="the model has no parameters"):
-        al_ext.make_engine(empty, "adam", 1e-3)
+        al_ext.make_engine(bare, "adam", 1e-3)
     with pytest.raises(TypeError, match="block must be an ALBlock"):
         al_ext.fused.FusedBlockAdam(nn.Linear(2, 2), 1e-3, 1e-3)
     block = small_mlp().blocks[0]
@@ -455,3 +458,110 @@ def test_a_refused_load_changes_nothing(tmp_path):
 def test_what_a_scheduler_factory_returns_is_checked_before_training(scheduler, interval, error, message, pipeline):
     with pytest.raises(error, match=message):
         Trainer(small_mlp(), progress=False, pipeline=pipeline, scheduler=scheduler, scheduler_interval=interval)
+
+
+# ---- hand-built models, and the engines' own API (a fourth review) ------------------------
+
+def _lin(i: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, o), nn.Sigmoid())
+
+
+def _dense_block(f: nn.Module, x_width: int, y_in: int = 3, label: int = 4) -> al_ext.ALBlock:
+    bridge = nn.Sequential(nn.Linear(x_width, 8), nn.Sigmoid(), nn.Linear(8, label), nn.Sigmoid())
+    return al_ext.ALBlock(f, _lin(y_in, label), bridge, _lin(label, y_in))
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _hooked(module: nn.Module) -> nn.Module:
+    module.register_forward_hook(lambda m, inputs, out: out * 2)
+    return module
+
+
+@pytest.mark.parametrize("f", [
+    lambda: nn.Sequential(nn.Linear(8, 6), nn.ELU(alpha=0.2)),
+    lambda: nn.Sequential(_ScaledLinear(8, 6), nn.ELU()),
+    lambda: nn.Sequential(nn.Flatten(0), nn.Linear(8, 6), nn.ELU()),
+    lambda: _hooked(nn.Sequential(nn.Linear(8, 6), nn.ReLU())),
+    lambda: nn.Sequential(nn.Linear(8, 6), _hooked(nn.ReLU())),
+], ids=["elu-alpha", "linear-subclass", "flatten-batch", "hooked-sequential", "hooked-activation"])
+def test_a_block_the_fused_kernel_would_compute_differently_trains_through_autograd(f):
+    model = al_ext.AssociatedLearning([_dense_block(f(), 6)], 3)
+    assert model.fused_block_problem() is not None and not model.uses_fused_step()
+    plain = al_ext.AssociatedLearning([_dense_block(nn.Sequential(nn.Linear(8, 6), nn.ELU()), 6)], 3)
+    assert plain.fused_block_problem() is None
+
+
+def test_a_hand_built_dense_model_that_flattens_its_input_trains_fused():
+    model = al_ext.AssociatedLearning([_dense_block(nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ELU()), 6)], 3)
+    x, y = torch.rand(16, 2, 4), torch.randint(0, 3, (16,))
+    trainer = Trainer(model, batch_size=8, progress=False, label_warmup=False)
+    assert type(trainer.engine).__name__ == "FusedALEngine"
+    trainer.fit((x, y), epochs=1)
+
+
+def test_a_module_shared_by_two_blocks_is_refused():
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+    blocks = [_dense_block(nn.Sequential(nn.Linear(8, 6), nn.ReLU()), 6),
+              _dense_block(shared, 6, 4), _dense_block(shared, 6, 4)]
+    with pytest.raises(ValueError, match=r"blocks\[2\]'s f and b share a parameter .* with blocks\[1\]'s f and b"):
+        al_ext.AssociatedLearning(blocks, 3)
+    with pytest.raises(TypeError, match="blocks must be a list of ALBlocks, got ALBlock"):
+        al_ext.AssociatedLearning(blocks[0], 3)
+
+
+def test_a_block_part_that_returns_a_tuple_is_named():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _dense_block(nn.Sequential(nn.Linear(8, 6), nn.ReLU()), 6).b
+
+        def forward(self, s):
+            return self.inner(s), s
+
+    block = _dense_block(nn.Sequential(nn.Linear(8, 6), nn.ReLU()), 6)
+    block.b = Pair()
+    model = al_ext.AssociatedLearning([block], 3, backend="reference")
+    with pytest.raises(TypeError, match="block 1: the bridge b must return one tensor, got tuple"):
+        model.local_losses(torch.rand(4, 8), torch.tensor([0, 1, 2, 0]))
+
+
+def test_checkpoint_paths_that_are_folders_are_refused_before_training(tmp_path):
+    trainer = Trainer(small_mlp(), progress=False)
+    for name in ("checkpoint", "save_best"):
+        with pytest.raises(ValueError, match=f"{name} must name a file, got the folder"):
+            trainer.fit(batch(), val=batch(), epochs=1, **{name: tmp_path})
+    assert trainer.history == []
+    with pytest.raises(ValueError, match="path must name a file"):
+        trainer.save(tmp_path)
+    with pytest.raises(TypeError, match="path must be a path"):
+        trainer.save(5)
+
+
+def test_the_engines_check_what_a_loop_of_your_own_hands_them():
+    x, y = batch()
+    al_engine = al_ext.make_engine(small_mlp(backend="reference"), "adam", 1e-3)
+    with pytest.raises(TypeError, match="each batch must be an .inputs, labels. pair, got tuple"):
+        next(al_engine.train([(x, y, y)]))
+    with pytest.raises(ValueError, match="labels must be 1-D"):
+        al_engine.correct_counts([(x, y[:, None])])
+    bp = al_ext.bp_baseline(small_mlp())
+    bp_engine = al_ext.make_engine(bp, "adam", 1e-3)
+    with pytest.raises(TypeError, match="y must hold integer class labels"):
+        bp_engine.step(x, y.float())
+    with pytest.raises(ValueError, match=r"y must lie in \[0, 5\)"):
+        bp_engine.step(x, y + 5)
+    graph = x.exp().requires_grad_()  # inputs that still carry a graph train as data
+    for _ in range(2):
+        bp_engine.step(graph, y)
+    assert graph.grad is None
+
+
+def test_a_bp_classifier_with_the_wrong_number_of_scores_is_refused():
+    narrow = nn.Sequential(nn.Linear(20, 3))
+    narrow.num_classes = 5
+    with pytest.raises(ValueError, match=r"class scores of shape \(samples, num_classes\) = \(12, 5\), got \(12, 3\)"):
+        Trainer(narrow, progress=False).fit(batch(), epochs=1)
