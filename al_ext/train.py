@@ -244,9 +244,13 @@ class Trainer:
     def _prepared(self, data: Data, name: str) -> Data:
         if isinstance(data, DataLoader):
             return data
+        expected = f"{name} must be an (inputs, labels) pair of tensors or a DataLoader"
+        if isinstance(data, (tuple, list)) and data and all(isinstance(b, (tuple, list)) for b in data):
+            raise TypeError(f"{expected}, got a {type(data).__name__} of {len(data)} pairs (batches? a DataLoader "
+                            "yields batches)")
         if isinstance(data, (tuple, list)) and len(data) == 2:
             return self._check_pair(data[0], data[1], name)
-        raise TypeError(f"{name} must be an (inputs, labels) pair of tensors or a DataLoader, got {type(data).__name__}")
+        raise TypeError(f"{expected}, got {type(data).__name__}")
 
     def _batches(self, data: Data, name: str, batch_size: int, shuffle: bool) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches, made one at a time as they are asked for."""
@@ -493,7 +497,7 @@ class Trainer:
         return record
 
     def _validate(self, val: Data, record: dict[str, Any]) -> None:
-        metrics = self.evaluate(val)
+        metrics = self._evaluate(val, "val")
         record["val_accuracy"] = metrics["accuracy"]
         if self.is_al:
             record["val_shortcut_accuracy"] = metrics["shortcut_accuracy"]
@@ -527,12 +531,15 @@ class Trainer:
     def evaluate(self, data: Data) -> dict[str, Any]:
         """Accuracy on ``data``; for AL also the accuracy of every shortcut depth 1..L
         (``shortcut_accuracy[-1]`` is the full path, equal to ``accuracy``)."""
-        data = self._prepared(data, "data")
+        return self._evaluate(data, "data")
+
+    def _evaluate(self, data: Data, name: str) -> dict[str, Any]:
+        data = self._prepared(data, name)
         with evaluating(self.model):
-            correct, samples = self.engine.correct_counts(self._batches(data, "data", self.eval_batch_size,
+            correct, samples = self.engine.correct_counts(self._batches(data, name, self.eval_batch_size,
                                                                         shuffle=False))
         if correct is None:
-            raise ValueError("data holds no samples")
+            raise ValueError(f"{name} holds no samples")
         accuracy = (correct.double() / samples).tolist()
         result: dict[str, Any] = {"accuracy": accuracy[-1], "samples": samples}
         if self.is_al:

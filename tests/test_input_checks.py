@@ -560,6 +560,18 @@ def test_the_engines_check_what_a_loop_of_your_own_hands_them():
     assert graph.grad is None
 
 
+def test_a_list_of_batches_is_not_read_as_one_pair():
+    x, y = batch()
+    with pytest.raises(TypeError, match=r"train must be an \(inputs, labels\) pair .* got a list of 2 pairs"):
+        Trainer(small_mlp(), progress=False).fit([(x, y), (x, y)], epochs=1)
+
+
+def test_an_empty_validation_set_is_named():
+    x, y = batch()
+    with pytest.raises(ValueError, match="val holds no samples"):
+        Trainer(small_mlp(), progress=False).fit((x, y), val=(x[:0], y[:0]), epochs=1)
+
+
 def test_a_bp_classifier_with_the_wrong_number_of_scores_is_refused():
     narrow = nn.Sequential(nn.Linear(20, 3))
     narrow.num_classes = 5
