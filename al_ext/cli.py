@@ -111,6 +111,9 @@ def build_model(args: argparse.Namespace, image_shape: tuple[int, int, int] | No
         raise ValueError(f"--model {args.model} needs {'a text' if vocab_size is None else 'an image'} dataset; "
                          f"--dataset is {args.dataset!r}")
     hidden = widths["hidden"]
+    if args.hidden is not None and args.model not in ("mlp", "lstm", "transformer"):
+        raise ValueError(f"--hidden sets the widths of --model mlp and lstm (and the block count of transformer); "
+                         f"--model {args.model} takes its preset's widths (al_ext.models in Python sets them all)")
     if args.model == "lstm":
         return LSTM_AL(vocab_size, hidden=hidden, **common)
     if args.model == "transformer":
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with loss scaling. AL and the BP baseline use the same")
     train.add_argument("--val", type=_size, default=0.1, help="validation part: fraction (0.1) or count (1000)")
     train.add_argument("--test", type=_size, default=0.2, help="test part: fraction (0.2) or count (2000)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the batch order")
+    train.add_argument("--seed", type=_int_from(0), default=0, help="seed of the split, the initial weights and the batch order")
     train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     train.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"],
                        help="auto: each block's whole step as one fused op where it fits (dense blocks on the CPU), "
@@ -342,7 +345,10 @@ def _train_one(name: str, model: torch.nn.Module, splits: data.DatasetSplits, ar
             result["test_shortcut_accuracy"] = final["shortcut_accuracy"]
     if trainer.best is not None:
         result["best_val"] = trainer.best
-        if splits.test is not None:
+        if splits.test is not None and not trainer.best_weights_known:
+            _say(f"{name}: the best epoch came before --resume and its weights were not saved (--save-best): "
+                 "no test accuracy at the best validation epoch")
+        elif splits.test is not None:
             trainer.restore_best()
             result["test_accuracy_at_best_val"] = trainer.evaluate(splits.test)["accuracy"]
     return trainer, result
@@ -370,6 +376,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         for flag, path in (("--save", args.save), ("--json", args.json)):
             if path is not None:
                 check_output_path(path, flag)
+        if args.log_dir is not None and args.log_dir.exists() and not args.log_dir.is_dir():
+            raise ValueError(f"--log-dir must name a folder (made if missing), got the file {str(args.log_dir)!r}")
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:

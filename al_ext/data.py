@@ -77,6 +77,8 @@ def load_idx_pair(images: str | Path, labels: str | Path) -> Dataset:
         raise IdxFormatError(f"{labels}: expected 1-D labels, got shape {tuple(y.shape)}")
     if y.shape[0] != x.shape[0]:
         raise IdxFormatError(f"{labels}: holds {y.shape[0]} labels for the {x.shape[0]} images of {images}")
+    if x.shape[0] == 0 or x[0].numel() == 0:
+        raise IdxFormatError(f"{images}: holds no images (shape {tuple(x.shape)})")
     if y.dtype.is_floating_point or (y.numel() and int(y.min()) < 0):
         values = f" from {y.min().item()} to {y.max().item()}" if y.numel() else ""
         raise IdxFormatError(f"{labels}: expected class indices (integers from 0), got {y.dtype} values{values}")

@@ -431,10 +431,6 @@ def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.O
     schedulers = []
     for opt in optimizers:
         made = factory(opt)
-        if not (callable(getattr(made, "step", None)) and callable(getattr(made, "state_dict", None))) \
-                or isinstance(made, torch.optim.Optimizer):
-            raise TypeError(f"scheduler(optimizer) must return a learning-rate scheduler (step, state_dict), got "
-                            f"{type(made).__name__}")
-        check_scheduler(made, opt, "scheduler(optimizer)", "the optimizer it is given", per_step=interval == "step")
+        check_scheduler(made, opt, "what scheduler(optimizer) returned", "the optimizer it is given", per_step=interval == "step")
         schedulers.append(made)
     return schedulers

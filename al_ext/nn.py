@@ -183,7 +183,7 @@ class AssociatedLearning(nn.Module):
         """t_0 = one-hot(y), in the model's dtype and on its device, of ``samples`` labels
         where given. Their range is checked where they are on the CPU (on a GPU that would
         wait for it; the Trainer checks them before they get there)."""
-        y = check_labels(y, self.num_classes, "y", samples, read_values=y.device.type == "cpu")
+        y = check_labels(y, self.num_classes, "y", samples, read_values=check_tensor(y, "y").device.type == "cpu")
         param = self._reference_tensor()
         return reference.one_hot_targets(y.to(param.device), self.num_classes, param.dtype)
 

@@ -93,6 +93,9 @@ def holds_exactly(opt: torch.optim.Optimizer, params: Iterable[torch.Tensor]) ->
 def check_scheduler(scheduler: Any, opt: torch.optim.Optimizer, name: str, opt_name: str, per_step: bool) -> None:
     """A scheduler must step the optimiser it is paired with; stepped after every batch
     (``per_step``), it must not need a metric (ReduceLROnPlateau does)."""
+    if not (callable(getattr(scheduler, "step", None)) and callable(getattr(scheduler, "state_dict", None))) \
+            or isinstance(scheduler, torch.optim.Optimizer):
+        raise TypeError(f"{name} must be a learning-rate scheduler (step, state_dict), got {type(scheduler).__name__}")
     if getattr(scheduler, "optimizer", opt) is not opt:
         raise ValueError(f"{name} must step {opt_name}")
     if per_step and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

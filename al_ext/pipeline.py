@@ -15,9 +15,11 @@ host does not wait for the device, and blocks may sit on several GPUs (``devices
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -31,7 +33,7 @@ from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer
 from .nn import AssociatedLearning
 from .optim import check_scheduler, holds_exactly
-from .precision import FP16Precision, Precision
+from .precision import FP16Precision, Precision, make_precision
 from .validation import check_batch_pair, check_positive_int
 
 Batch = tuple[Tensor, Tensor]
@@ -59,6 +61,23 @@ def _the_only_run_of(model: AssociatedLearning) -> Iterator[None]:
     finally:
         with _TRAINING_LOCK:
             _TRAINING.discard(id(model))
+
+
+# At interpreter exit, runs still going on (a train() stream left open, a run on a daemon
+# thread) are stopped before the interpreter stops their threads: a thread stopped inside
+# the scheduler's C++ aborted the process.
+_EXITING = threading.Event()
+_OPEN_STREAMS: set[Callable[[], None]] = set()  # each stops and drains one train() stream
+
+
+@atexit.register
+def _stop_runs_at_exit(timeout_s: float = 30.0) -> None:
+    _EXITING.set()  # every run polls it, and stops at once
+    for close in list(_OPEN_STREAMS):
+        close()
+    deadline = time.monotonic() + timeout_s
+    while _TRAINING and time.monotonic() < deadline:  # runs on other threads, stopping
+        time.sleep(0.01)
 
 
 class PipelineError(RuntimeError):
@@ -144,11 +163,11 @@ class Pipeline:
                  max_in_flight: int = 2, threads_per_stage: int | None = None, pipelined: bool = True,
                  stages: int | None = None, devices: Sequence[str | torch.device] | None = None,
                  cuda_graphs: bool = False, schedulers: Sequence[Scheduler] | None = None,
-                 precision: Precision | None = None, shared: bool | None = None) -> None:
+                 precision: Precision | str | None = None, shared: bool | None = None) -> None:
         if not isinstance(model, AssociatedLearning):
             raise TypeError(f"model must be an AssociatedLearning, got {type(model).__name__}")
         self.model = model
-        self.max_in_flight = check_positive_int(max_in_flight, "max_in_flight")
+        self.max_in_flight = _count(max_in_flight, "max_in_flight")
         for name, flag in (("pipelined", pipelined), ("cuda_graphs", cuda_graphs)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -178,17 +197,18 @@ class Pipeline:
         cores = torch.get_num_threads()
         default_stages = model.depth if self.on_cuda else min(model.depth, cores)
         # More stages than blocks would leave some empty: the blocks bound them.
-        self.stages = min(model.depth, default_stages if stages is None else check_positive_int(stages, "stages"))
+        self.stages = min(model.depth, default_stages if stages is None else _count(stages, "stages"))
         default_threads = max(1, cores // self.stages) if pipelined else cores
         self.threads_per_stage = (default_threads if threads_per_stage is None
-                                  else check_positive_int(threads_per_stage, "threads_per_stage"))
+                                  else _count(threads_per_stage, "threads_per_stage"))
         if shared is not None and not isinstance(shared, bool):
             raise TypeError(f"shared must be True, False or None (the device's default), got {shared!r}")
         if shared and self.on_cuda:
             raise ValueError("shared=True shares the blocks among CPU threads; on CUDA each stage is a stream "
                              "that keeps its group of blocks (use shared=False or None)")
         self.shared = (not self.on_cuda) if shared is None else shared
-        self.precision = precision or Precision()
+        self.precision = (make_precision(precision, model, self.block_devices[0]) if isinstance(precision, str)
+                          else precision or Precision())
         if isinstance(self.precision, FP16Precision):
             raise ValueError("the pipeline trains in fp32 or bf16: fp16's loss scale is one state for every block, "
                              "which blocks training on different batches at once cannot share")
@@ -274,6 +294,12 @@ class Pipeline:
         refused) or PipelineError (a block failed) naming the block and the batch, and
         re-raises what the iterable or on_batch raised, once every stage has stopped.
         """
+        if on_batch is not None and not callable(on_batch):
+            raise TypeError(f"on_batch must be a callable (index, losses) -> bool, got {type(on_batch).__name__}")
+        if should_abort is not None and not callable(should_abort):
+            raise TypeError(f"should_abort must be a callable () -> bool, got {type(should_abort).__name__}")
+        if isinstance(max_unreported, bool) or not isinstance(max_unreported, int) or not 0 <= max_unreported < 2**31:
+            raise ValueError(f"max_unreported must be an integer >= 0, got {max_unreported!r}")
         with _the_only_run_of(self.model):  # before anything of a run that goes on now is touched
             return self._run(batches, on_batch, should_abort, max_unreported)
 
@@ -295,11 +321,14 @@ class Pipeline:
         cuda_devices = sorted({d for d in stage_devices if torch.device(d).type == "cuda"})
         for device in cuda_devices:
             torch.cuda.reset_peak_memory_stats(device)
+        def abort_now() -> bool:
+            return _EXITING.is_set() or bool(should_abort is not None and should_abort())
+
         try:
             with torch.no_grad() if self._fused is not None else torch.enable_grad():
                 out = _C.run_blocks(self._block_steps(), self._prepared(batches), self.pipelined, starts,
                                     self.max_in_flight, self.threads_per_stage, stage_devices,
-                                    on_batch=on_batch, should_abort=should_abort, max_unreported=max_unreported,
+                                    on_batch=on_batch, should_abort=abort_now, max_unreported=max_unreported,
                                     shared_workers=shared_workers)
         finally:
             for opt in self._fused or []:
@@ -358,8 +387,18 @@ class Pipeline:
             except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
                 results.put(exc)
 
+        def finish() -> None:
+            stop.set()
+            while worker.is_alive():  # drained, so that no put waits for a reader that has left
+                try:
+                    results.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            worker.join()
+
         worker = threading.Thread(target=target, name="al_ext-pipeline", daemon=True)
         worker.start()
+        _OPEN_STREAMS.add(finish)
         try:
             while True:
                 item = results.get()
@@ -372,13 +411,15 @@ class Pipeline:
             abort.set()
             raise
         finally:
-            stop.set()
-            while worker.is_alive():  # drained, so that no put waits for a reader that has left
-                try:
-                    results.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            worker.join()
+            finish()
+            _OPEN_STREAMS.discard(finish)
+
+
+def _count(value: Any, name: str) -> int:
+    """A positive integer the C++ scheduler takes (a C int)."""
+    if check_positive_int(value, name) >= 2**31:
+        raise ValueError(f"{name} must be below 2**31, got {value}")
+    return value
 
 
 def _check_ownership(model: AssociatedLearning, optimizers: list[Any], schedulers: list[Any]) -> None:

@@ -171,6 +171,9 @@ class Trainer:
             if not any(hasattr(callback, hook) for hook in HOOKS):
                 raise TypeError(f"callbacks[{i}] must have at least one of {', '.join(HOOKS)} (al_ext.callbacks."
                                 f"Callback), got {type(callback).__name__}")
+            for hook in HOOKS:
+                if hasattr(callback, hook) and not callable(getattr(callback, hook)):
+                    raise TypeError(f"callbacks[{i}].{hook} must be callable, got {type(getattr(callback, hook)).__name__}")
         self.schedule = schedule
         self.device = _resolve_device(device)
         made_group = False
@@ -216,6 +219,7 @@ class Trainer:
         self._best_path: Path | None = None  # where this fit writes the best weights
         self._best_file: Path | None = None  # where the best weights so far were written
         self._in_run = False  # inside engine.run (a pipelined one cannot be saved then)
+        self._blocks_out_of_step = False  # a pipelined run was stopped at once; cleared by a load
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -325,6 +329,8 @@ class Trainer:
         checkpoint). ``on_epoch(record)`` is called after each epoch, as are the callbacks.
         """
         check_positive_int(epochs, "epochs")
+        if on_epoch is not None and not callable(on_epoch):
+            raise TypeError(f"on_epoch must be a callable record -> None, got {type(on_epoch).__name__}")
         if checkpoint_every is not None:
             check_positive_int(checkpoint_every, "checkpoint_every")
             if checkpoint is None:
@@ -420,7 +426,7 @@ class Trainer:
 
         # A hook that raised: the batches already started (pipelined: up to one per block) finish
         # and are counted, without hooks, so that the trainer stays one consistent run; then it raises.
-        failed: list[Exception] = []
+        failed: list[BaseException] = []
 
         def on_batch(_: int, losses: Tensor, samples: int | None = None) -> bool:
             # An engine whose rank does not read the batches says how many samples each held.
@@ -428,7 +434,7 @@ class Trainer:
             now = time.perf_counter()
             try:
                 self._account(counted if samples is None else samples, losses, now - last[0], bar, hooks=not failed)
-            except Exception as exc:  # noqa: BLE001 - raised once the run has stopped
+            except BaseException as exc:  # noqa: BLE001 - raised once the run has stopped (Ctrl-C in a hook too)
                 failed.append(exc)
             last[0] = now
             return bool(failed) or self.should_stop or (checkpoint_every is not None
@@ -442,8 +448,13 @@ class Trainer:
                 self._in_run = True
                 try:
                     ended = self.engine.run(stream, on_batch)
-                except NonFiniteLossError as exc:
-                    raise exc.in_epoch(self.epoch + 1, before + (exc.batch or 0)) from None
+                except BaseException as exc:
+                    # Pipelined, a run stopped at once (Ctrl-C, a failing block) leaves the blocks
+                    # at different batches, a state no save could resume exactly.
+                    self._blocks_out_of_step = isinstance(self.engine, PipelinedALEngine)
+                    if isinstance(exc, NonFiniteLossError):
+                        raise exc.in_epoch(self.epoch + 1, before + (exc.batch or 0)) from None
+                    raise
                 finally:
                     self._in_run = False
                 if failed:
@@ -518,12 +529,19 @@ class Trainer:
         for hook in self._hooks("on_validation"):
             hook(self, {"epoch": self.epoch + 1, **metrics})
 
+    @property
+    def best_weights_known(self) -> bool:
+        """Whether ``restore_best`` can load the best epoch's weights: kept in memory by this
+        trainer's fit, or in the file of ``fit(save_best=...)``. A run resumed from a
+        checkpoint knows which epoch was best but keeps its weights only in that file."""
+        return self._best_state is not None or self._best_file is not None
+
     def restore_best(self) -> None:
         """Load the parameters of the best epoch on the validation data (from memory, or after
         ``load`` from the file that ``fit(save_best=...)`` wrote)."""
         if self._best_state is None and self._best_file is not None:
             self._best_state = torch.load(self._best_file, map_location=self.device, weights_only=True)
-        if self._best_state is None:
+        if not self.best_weights_known:
             raise RuntimeError("no best epoch is known: pass val= to fit() to select one (and save_best= to keep "
                                "its weights across a resume)")
         self.engine.load_model_state(self._best_state)
@@ -566,6 +584,10 @@ class Trainer:
         process would (and loads), or, with ``sharded=True``, every stage writes its own blocks
         into the directory ``path`` through torch.distributed.checkpoint, which a job of any
         number of ranks and stages loads."""
+        if self._blocks_out_of_step:
+            raise RuntimeError("the pipelined run was stopped at once (Ctrl-C, or a block that failed), with its "
+                               "blocks at different batches: no checkpoint could resume it exactly; load() the last "
+                               "checkpoint (fit(checkpoint=...) writes them) to continue")
         if self._in_run and isinstance(self.engine, PipelinedALEngine):
             raise RuntimeError("save() was called while the pipeline is running, when its blocks stand at different "
                                "batches: use fit(checkpoint=..., checkpoint_every=N), which drains it first")
@@ -643,6 +665,7 @@ class Trainer:
     def _load_run_state(self, ckpt: dict[str, Any], path: str | Path) -> None:
         """After _check_run_state passed and the model's and the engine's state loaded."""
         self.epoch, self.position, self.global_step = ckpt["epoch"], ckpt["position"], ckpt["global_step"]
+        self._blocks_out_of_step = False
         self._epoch_batch_size = ckpt.get("batch_size")  # absent from checkpoints of before it was kept
         self._warmup_pending = False
         self.label_warmup_result = ckpt.get("label_warmup")  # absent from checkpoints of before the warm-up

@@ -170,6 +170,9 @@ def test_train_on_idx_files(tmp_path):
         (["--json", "/no/such/folder/run.json"], "--json: the folder '/no/such/folder'"),
         (["--save-best", "/no/such/folder/best.pt"], "save_best: the folder '/no/such/folder'"),
         (["--val", "0", "--save-best", "best.pt"], "save_best needs val="),
+        (["--seed", "-1"], "argument --seed: expected an integer of at least 0"),
+        (["--model", "cnn"], "--hidden sets the widths of --model mlp and lstm"),
+        (["--log-dir", __file__], "--log-dir must name a folder (made if missing), got the file"),
     ],
 )
 def test_bad_arguments_are_reported_without_a_traceback(args, message):
@@ -184,6 +187,25 @@ def test_corrupt_idx_file_is_reported(tmp_path):
     result = run("train", "--dataset", f"idx:{tmp_path / 'img'},{tmp_path / 'lab'}", "--epochs", "1")
     assert result.returncode == 2
     assert "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_empty_idx_file_is_reported(tmp_path):
+    (tmp_path / "img").write_bytes(b"\0\0\x08\x03" + b"\0\0\0\x00" + b"\0\0\0\x05" * 2)
+    (tmp_path / "lab").write_bytes(b"\0\0\x08\x01\0\0\0\x00")
+    result = run("train", "--dataset", f"idx:{tmp_path / 'img'},{tmp_path / 'lab'}", "--epochs", "1")
+    assert result.returncode == 2
+    assert "holds no images" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_resumed_run_whose_best_epoch_came_before_says_so(tmp_path):
+    base = ["train", "--dataset", "digits", "--batch-size", "64", "--hidden", "8", "--label-dim", "8",
+            "--no-progress", "--no-label-warmup"]
+    first = run(*base, "--epochs", "1", "--save", str(tmp_path / "run.pt"))
+    assert first.returncode == 0, first.stderr
+    resumed = run(*base, "--epochs", "1", "--resume", str(tmp_path / "run.pt"), "--json", str(tmp_path / "run.json"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "its weights were not saved (--save-best)" in resumed.stdout
+    assert "best_val" in json.loads((tmp_path / "run.json").read_text())["results"]["AL"]
 
 
 @pytest.mark.parametrize("model,lr", [("resnet20", 1e-3), ("resnet32", 1e-3), ("vgg", 1e-4), ("cnn", 1e-4)])

@@ -1,6 +1,9 @@
 """Inputs a user gets wrong, or gets right in a way the happy path did not try: each is
 refused with a message naming what was expected, or works as a PyTorch user would expect,
 on every training path (not only through the Trainer)."""
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -410,8 +413,9 @@ def test_distributed_errors_name_the_launchers_rank(monkeypatch):
     assert cli._rank_suffix() == " on rank 3"
 
 
+@pytest.mark.parametrize("error", [KeyError, KeyboardInterrupt])
 @pytest.mark.parametrize("pipeline", [False, True])
-def test_a_hook_that_raises_leaves_one_consistent_run(pipeline):
+def test_a_hook_that_raises_leaves_one_consistent_run(pipeline, error):
     # pipelined, the batches already started finish and count before the error is raised: every block
     # has trained on the batches counted, so the run goes on (or saves) as if nothing had happened
     x, y = batch(n=96)
@@ -419,7 +423,7 @@ def test_a_hook_that_raises_leaves_one_consistent_run(pipeline):
     class RaiseAtStep3:
         def on_step(self, trainer, record):
             if record["step"] == 3:
-                raise KeyError("a callback's bug")
+                raise error("a callback's bug")
 
     def run(callbacks):
         return Trainer(small_mlp(), batch_size=8, progress=False, label_warmup=False, pipeline=pipeline,
@@ -428,7 +432,7 @@ def test_a_hook_that_raises_leaves_one_consistent_run(pipeline):
     whole = run([])
     whole.fit((x, y), epochs=1)
     broken = run([RaiseAtStep3()])
-    with pytest.raises(KeyError, match="a callback's bug"):
+    with pytest.raises(error, match="a callback's bug"):
         broken.fit((x, y), epochs=1)
     steps = {int(s["step"]) for opt in broken.optimizers for s in opt.state.values()}
     assert steps == {broken.global_step} and broken.position >= 3
@@ -436,6 +440,28 @@ def test_a_hook_that_raises_leaves_one_consistent_run(pipeline):
     broken.fit((x, y), epochs=1)
     for a, b in zip(whole.model.parameters(), broken.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_pipelined_run_stopped_at_once_cannot_be_saved_until_a_load(tmp_path):
+    x, y = batch(n=96)
+    trainer = Trainer(small_mlp(backend="reference"), batch_size=8, progress=False, label_warmup=False,
+                      pipeline=True)
+    trainer.save(tmp_path / "start.pt")
+    calls = [0]
+
+    def fail_on_the_fifth_batch(module, inputs):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise RuntimeError("a block's bug")
+
+    handle = trainer.model.blocks[1].f.register_forward_pre_hook(fail_on_the_fifth_batch)
+    with pytest.raises(al_ext.PipelineError, match="a block's bug"):
+        trainer.fit((x, y), epochs=1)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="stopped at once .* with its blocks at different batches"):
+        trainer.save(tmp_path / "broken.pt")
+    trainer.load(tmp_path / "start.pt")
+    trainer.save(tmp_path / "again.pt")
 
 
 def test_a_refused_load_changes_nothing(tmp_path):
@@ -450,8 +476,8 @@ def test_a_refused_load_changes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("scheduler,interval,error,message", [
-    (lambda opt: None, "step", TypeError, "scheduler.optimizer. must return a learning-rate scheduler"),
-    (lambda opt: opt, "step", TypeError, "must return a learning-rate scheduler"),
+    (lambda opt: None, "step", TypeError, "what scheduler.optimizer. returned must be a learning-rate scheduler"),
+    (lambda opt: opt, "step", TypeError, "must be a learning-rate scheduler"),
     (lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt), "step", ValueError, "scheduler_interval='epoch'"),
 ])
 @pytest.mark.parametrize("pipeline", [False, True])
@@ -577,3 +603,56 @@ def test_a_bp_classifier_with_the_wrong_number_of_scores_is_refused():
     narrow.num_classes = 5
     with pytest.raises(ValueError, match=r"class scores of shape \(samples, num_classes\) = \(12, 5\), got \(12, 3\)"):
         Trainer(narrow, progress=False).fit(batch(), epochs=1)
+
+
+@pytest.mark.parametrize("leave", ["an open train() stream", "a run on a daemon thread"])
+def test_a_run_still_going_at_exit_lets_the_process_exit_cleanly(leave, tmp_path):
+    script = tmp_path / "leave.py"
+    script.write_text(f"""
+import threading, time, torch, al_ext
+torch.manual_seed(0)
+model = al_ext.ALMLP(20, 3, hidden=(16, 16, 16), label_dim=8, backend="reference")
+pipeline = al_ext.Pipeline(model, al_ext.make_engine(model, "adam", 1e-3).optimizers)
+data = [(torch.rand(8, 20), torch.randint(0, 3, (8,))) for _ in range(5000)]
+if {leave == "an open train() stream"}:
+    stream = pipeline.train(data)
+    next(stream)
+else:
+    threading.Thread(target=lambda: pipeline.run(data), daemon=True).start()
+    time.sleep(0.3)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_pipelines_own_arguments_name_themselves():
+    model = small_mlp(backend="reference")
+    optimizers = al_ext.make_engine(model, "adam", 1e-3).optimizers
+    for options, message in (({"max_in_flight": 2**31 + 5}, "max_in_flight must be below 2"),
+                             ({"threads_per_stage": 2**31}, "threads_per_stage must be below 2"),
+                             ({"schedulers": [1, 2, 3, 4]}, r"schedulers\[0\] must be a learning-rate scheduler")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            al_ext.Pipeline(model, optimizers, **options)
+    pipeline = al_ext.Pipeline(model, optimizers, precision="bf16")  # by name, as make_engine takes it
+    assert pipeline.precision.name == "bf16"
+    x, y = batch()
+    for options, message in (({"on_batch": 5}, "on_batch must be a callable"),
+                             ({"max_unreported": 1.5}, "max_unreported must be an integer >= 0")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            pipeline.run([(x, y)], **options)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor, got list"):
+        pipeline.run([(x, y.tolist())])
+
+
+def test_hooks_that_cannot_be_called_are_refused_before_training():
+    trainer = Trainer(small_mlp(), progress=False)
+    with pytest.raises(TypeError, match="on_epoch must be a callable"):
+        trainer.fit(batch(), epochs=1, on_epoch=5)
+    assert trainer.history == []
+
+    class NotAHook:
+        on_step = 5
+
+    with pytest.raises(TypeError, match=r"callbacks\[0\].on_step must be callable"):
+        Trainer(small_mlp(), progress=False, callbacks=[NotAHook()])
