@@ -28,7 +28,8 @@ from .optim import (OptimizerFactory, OptimizerSpec, SchedulerFactory, check_sch
                     step_scheduler)
 from .pipeline import Batch, BatchCallback, Pipeline
 from .precision import Precision, make_precision
-from .validation import check_batch_pair, check_labels, check_positive_float, classes_of, first_parameter
+from .validation import (check_batch_pair, check_labels, check_positive_float, check_tensor, classes_of,
+                         first_parameter)
 
 
 class Engine:
@@ -180,13 +181,15 @@ def _pairs(batches: Iterable[Batch]) -> Iterator[Batch]:
 
 
 def class_scores(scores: Any, model: nn.Module, samples: int) -> Tensor:
-    """A classifier's output, checked: (samples, num_classes) scores. Cross-entropy would
-    fail deep inside on too few classes, and train silently on too many."""
-    num_classes = classes_of(model)
-    if not isinstance(scores, Tensor) or scores.shape != (samples, num_classes):
+    """A classifier's output, checked: (samples, num_classes) scores, where the model says
+    its num_classes. Cross-entropy would fail deep inside on too few classes, and train
+    silently on too many."""
+    num_classes = classes_of(model, required=False)
+    if (not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != samples
+            or num_classes not in (None, scores.shape[1])):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"the model must return class scores of shape (samples, num_classes) = ({samples}, "
-                         f"{num_classes}), got {got}")
+                         f"{num_classes if num_classes is not None else 'classes'}), got {got}")
     return scores
 
 
@@ -197,13 +200,12 @@ class BPEngine(Engine):
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
                  scheduler_interval: str = "step", precision: Precision | None = None, compile: bool = False) -> None:
         super().__init__(model, optimizers, schedulers, scheduler_interval, precision)
-        self.num_classes = classes_of(model)
         self._forward = torch.compile(model) if compile else model
 
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         (opt,) = self.optimizers
         opt.zero_grad()
-        y = check_labels(y, self.num_classes, "y", len(x), read_values=y.device.type == "cpu")
+        y = check_labels(y, classes_of(self.model, required=False), "y", len(x), read_values=check_tensor(y, "y").device.type == "cpu")
         with self.precision.autocast():
             logits = class_scores(self._forward(x.detach()), self.model, len(x))  # x: data, not a graph to extend
         loss = F.cross_entropy(logits.float(), y)  # the loss in float32 at least, whatever the precision

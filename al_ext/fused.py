@@ -195,10 +195,11 @@ _torch_sgd = importlib.import_module("torch.optim.sgd")
 _ACTIVATION_NAMES = {module: name for name, module in ACTIVATION_MODULES.items()}
 
 
-def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+def is_plain(module: nn.Module, kind: type[nn.Module]) -> bool:
     """Whether ``module`` computes exactly what the fused kernel computes for a ``kind``: that
     very class (a subclass may override forward), no hooks, and the kernel's constants."""
-    if type(module) is not kind or module._forward_hooks or module._forward_pre_hooks:
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    if type(module) is not kind or any(hooks):
         return False
     if isinstance(module, nn.ELU):
         return module.alpha == 1.0
@@ -208,16 +209,16 @@ def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
 
 
 def _linear_then(seq: nn.Module, what: str, activations: tuple[str, ...]) -> tuple[nn.Linear, str]:
-    children = list(seq.children()) if isinstance(seq, nn.Sequential) and _plain(seq, nn.Sequential) else []
+    children = list(seq.children()) if isinstance(seq, nn.Sequential) and is_plain(seq, nn.Sequential) else []
     flattens = [m for m in children if isinstance(m, nn.Flatten)]
     layers = [m for m in children if not isinstance(m, nn.Flatten)]
-    if (not layers or not _plain(layers[0], nn.Linear) or layers[0].bias is None or len(layers) > 2
-            or not all(_plain(m, nn.Flatten) for m in flattens)):
+    if (not layers or not is_plain(layers[0], nn.Linear) or layers[0].bias is None or len(layers) > 2
+            or not all(is_plain(m, nn.Flatten) for m in flattens)):
         raise ValueError(f"{what} must be Sequential(Linear with bias[, activation]) for the fused dense block")
     act = "identity" if len(layers) == 1 else _ACTIVATION_NAMES.get(type(layers[1]), type(layers[1]).__name__)
     if act not in activations:
         raise ValueError(f"{what}'s activation must be one of {', '.join(activations)} for the fused dense block, got {act}")
-    if len(layers) == 2 and not _plain(layers[1], type(layers[1])):
+    if len(layers) == 2 and not is_plain(layers[1], type(layers[1])):
         raise ValueError(f"{what}'s {type(layers[1]).__name__} must be plain for the fused dense block (no hooks"
                          f"{', alpha=1' if isinstance(layers[1], nn.ELU) else ''}), got {layers[1]}")
     return layers[0], act
@@ -231,8 +232,8 @@ def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
     f, x_act = _linear_then(block.f, "f", X_ACTIVATIONS)
     g, _ = _linear_then(block.g, "g", ("sigmoid",))
     h, h_act = _linear_then(block.h, "h", ("sigmoid", "identity"))
-    b = list(block.b.children()) if _plain(block.b, nn.Sequential) else []
-    if not (len(b) == 4 and all(_plain(m, kind) for m, kind in zip(b, (nn.Linear, nn.Sigmoid) * 2))
+    b = list(block.b.children()) if is_plain(block.b, nn.Sequential) else []
+    if not (len(b) == 4 and all(is_plain(m, kind) for m, kind in zip(b, (nn.Linear, nn.Sigmoid) * 2))
             and b[0].bias is not None and b[2].bias is not None):
         raise ValueError("b must be Sequential(Linear, Sigmoid, Linear, Sigmoid) for the fused dense block")
     params = [f.weight, f.bias, b[0].weight, b[0].bias, b[2].weight, b[2].bias, g.weight, g.bias, h.weight, h.bias]

@@ -109,7 +109,7 @@ def _check_parameter_groups(blocks: list[ALBlock]) -> None:
             if not params:
                 raise ValueError(f"{name} have no parameters: each block trains (f, b) and (g, h) with an optimiser "
                                  "of their own, so each needs some")
-            for p in params.values():
+            for p in (p for p in params.values() if p.requires_grad):  # frozen ones no optimiser steps
                 other = owners.setdefault(id(p), name)
                 if other != name:
                     raise ValueError(f"{name} share a parameter (of shape {tuple(p.shape)}) with {other}: each block's "
@@ -174,9 +174,8 @@ class AssociatedLearning(nn.Module):
         alone, reads it so too."""
         s = check_batch(x, self._reference_tensor(), self.in_features, name, self.vocab_size, self.in_shape)
         first = self.blocks[0].f
-        if (isinstance(first, nn.Sequential) and len(first) and type(first[0]) is nn.Flatten
-                and (first[0].start_dim, first[0].end_dim) == (1, -1)):  # then f flattens it again as a no-op
-            s = s.flatten(1)
+        if isinstance(first, nn.Sequential) and len(first) and fused.is_plain(first[0], nn.Flatten):
+            s = s.flatten(1)  # and f's Flatten leaves it as it is
         return s
 
     def label_targets(self, y: Tensor, samples: int | None = None) -> Tensor:
@@ -244,7 +243,8 @@ class AssociatedLearning(nn.Module):
             except (ValueError, TypeError) as exc:  # what a block's own parts got wrong: say which block
                 raise (ValueError if isinstance(exc, ValueError) else TypeError)(f"block {i + 1}: {exc}") from exc
             except RuntimeError as exc:  # torch's own (a width mismatch, say), whose type and text stay
-                exc.add_note(f"(raised in block {i + 1} of the model)")
+                if hasattr(exc, "add_note"):  # Python 3.11 on
+                    exc.add_note(f"(raised in block {i + 1} of the model)")
                 raise
             out.append(losses)
             s, t = losses.s, losses.t

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -67,15 +68,17 @@ def _the_only_run_of(model: AssociatedLearning) -> Iterator[None]:
 # thread) are stopped before the interpreter stops their threads: a thread stopped inside
 # the scheduler's C++ aborted the process.
 _EXITING = threading.Event()
-_OPEN_STREAMS: set[Callable[[], None]] = set()  # each stops and drains one train() stream
+_OPEN_STREAMS: set[Callable[[float], None]] = set()  # each stops and drains one train() stream, by a deadline
 
 
 @atexit.register
 def _stop_runs_at_exit(timeout_s: float = 30.0) -> None:
+    """Bounded: a run stuck in its batch iterable (which the scheduler cannot interrupt) is
+    left to the interpreter after ``timeout_s``."""
     _EXITING.set()  # every run polls it, and stops at once
-    for close in list(_OPEN_STREAMS):
-        close()
     deadline = time.monotonic() + timeout_s
+    for close in list(_OPEN_STREAMS):
+        close(deadline)
     while _TRAINING and time.monotonic() < deadline:  # runs on other threads, stopping
         time.sleep(0.01)
 
@@ -299,7 +302,7 @@ class Pipeline:
         if should_abort is not None and not callable(should_abort):
             raise TypeError(f"should_abort must be a callable () -> bool, got {type(should_abort).__name__}")
         if isinstance(max_unreported, bool) or not isinstance(max_unreported, int) or not 0 <= max_unreported < 2**31:
-            raise ValueError(f"max_unreported must be an integer >= 0, got {max_unreported!r}")
+            raise ValueError(f"max_unreported must be an integer from 0 to 2**31 - 1, got {max_unreported!r}")
         with _the_only_run_of(self.model):  # before anything of a run that goes on now is touched
             return self._run(batches, on_batch, should_abort, max_unreported)
 
@@ -387,14 +390,13 @@ class Pipeline:
             except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
                 results.put(exc)
 
-        def finish() -> None:
+        def finish(deadline: float = math.inf) -> None:
             stop.set()
-            while worker.is_alive():  # drained, so that no put waits for a reader that has left
-                try:
+            while worker.is_alive() and time.monotonic() < deadline:  # drained, so that no put waits for a
+                try:                                                   # reader that has left
                     results.get(timeout=0.05)
                 except queue.Empty:
                     pass
-            worker.join()
 
         worker = threading.Thread(target=target, name="al_ext-pipeline", daemon=True)
         worker.start()

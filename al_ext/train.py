@@ -23,7 +23,7 @@ from .distributed.config import DistributedConfig, init_process_group
 from .collapse import collapse_warning
 from .label_warmup import label_side_ready, warm_up_label_side, warm_up_problem
 from .engines import Engine, PipelinedALEngine, make_engine
-from .pipeline import Pipeline
+from .pipeline import Pipeline, PipelineError
 from .errors import NonFiniteLossError
 from .nn import AssociatedLearning, check_token_batch, evaluating
 from .precision import make_precision
@@ -449,9 +449,11 @@ class Trainer:
                 try:
                     ended = self.engine.run(stream, on_batch)
                 except BaseException as exc:
-                    # Pipelined, a run stopped at once (Ctrl-C, a failing block) leaves the blocks
-                    # at different batches, a state no save could resume exactly.
-                    self._blocks_out_of_step = isinstance(self.engine, PipelinedALEngine)
+                    # Pipelined, a run stopped at once (Ctrl-C in the scheduler, a failing block) leaves
+                    # the blocks at different batches, a state no save could resume exactly; one whose
+                    # batches stopped coming (the loader failed) finished the batches it had started.
+                    self._blocks_out_of_step = isinstance(self.engine, PipelinedALEngine) and isinstance(
+                        exc, (KeyboardInterrupt, PipelineError, NonFiniteLossError))
                     if isinstance(exc, NonFiniteLossError):
                         raise exc.in_epoch(self.epoch + 1, before + (exc.batch or 0)) from None
                     raise

@@ -58,10 +58,11 @@ def check_device(tensor: Tensor, name: str, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device} (the model's device), got {tensor.device}")
 
 
-def check_labels(labels: Any, num_classes: int, name: str = "y", length: int | None = None,
+def check_labels(labels: Any, num_classes: int | None, name: str = "y", length: int | None = None,
                  read_values: bool = True) -> Tensor:
-    """Integer class labels, one per sample, each in [0, num_classes). ``read_values=False``
-    leaves out the range, whose check reads the values (a wait, for labels on a GPU)."""
+    """Integer class labels, one per sample, each in [0, num_classes) (from 0 where
+    ``num_classes`` is None: unknown). ``read_values=False`` leaves out the range, whose
+    check reads the values (a wait, for labels on a GPU)."""
     y = check_tensor(labels, name)
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
@@ -71,14 +72,18 @@ def check_labels(labels: Any, num_classes: int, name: str = "y", length: int | N
         raise ValueError(f"{name} must have one label per sample ({length}), got {y.shape[0]}")
     if read_values and y.numel() > 0:
         low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"{name} must lie in [0, {num_classes}), got values from {low} to {high}")
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            raise ValueError(f"{name} must lie in [0, {num_classes if num_classes is not None else 'classes'}), got "
+                             f"values from {low} to {high}")
     return y.long()
 
 
-def classes_of(model: Any) -> int:
-    """A classifier's ``num_classes``, which the labels are checked against."""
+def classes_of(model: Any, required: bool = True) -> int | None:
+    """A classifier's ``num_classes``, which the labels are checked against; None where a
+    classifier that is not ``required`` to say has no such attribute."""
     num_classes = getattr(model, "num_classes", None)
+    if num_classes is None and not required:
+        return None
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"model must have a num_classes attribute of at least 2 (the number of classes), "
                          f"got {num_classes!r}")
