@@ -695,3 +695,20 @@ def test_hooks_that_cannot_be_called_are_refused_before_training():
 
     with pytest.raises(TypeError, match=r"callbacks\[0\].on_step must be callable"):
         Trainer(small_mlp(), progress=False, callbacks=[NotAHook()])
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_ctrl_c_inside_a_block_step_stops_the_run_as_ctrl_c(pipelined):
+    model = small_mlp(backend="reference")
+    pipeline = al_ext.Pipeline(model, al_ext.make_engine(model, "adam", 1e-3).optimizers, pipelined=pipelined)
+    calls = [0]
+
+    def interrupt_on_the_fifth_batch(module, inputs):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+
+    model.blocks[1].f.register_forward_pre_hook(interrupt_on_the_fifth_batch)
+    x, y = batch()
+    with pytest.raises(KeyboardInterrupt):  # not a PipelineError naming a block that failed
+        pipeline.run([(x, y)] * 12)

@@ -37,6 +37,7 @@ NextLearningRates python_learning_rates(std::optional<py::function> fn) {
     try {
       return (*shared)().cast<std::pair<double, double>>();
     } catch (py::error_already_set& e) {
+      if (e.matches(PyExc_KeyboardInterrupt)) throw Interrupted();  // Ctrl-C, not a failure
       throw std::runtime_error(std::string("the learning-rate schedule failed: ") + e.what());
     }
   };
@@ -55,6 +56,7 @@ PyBlockStep python_block_step(py::function fn, bool reuses_outputs) {
       return StepResult{out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>(), out[2].cast<at::Tensor>(),
                         out[3].cast<at::Tensor>(), reuses_outputs};
     } catch (py::error_already_set& e) {
+      if (e.matches(PyExc_KeyboardInterrupt)) throw Interrupted();  // Ctrl-C, not a failure of the block
       throw std::runtime_error(e.what());  // the message, taken while the GIL is held
     }
   }};

@@ -238,6 +238,10 @@ class Run {
       return;
     } catch (const BlockError& e) {
       error.emplace(e);
+    } catch (const Interrupted&) {  // a step saw Ctrl-C (Python's KeyboardInterrupt): stop at once, as asked
+      interrupted_ = true;
+      stop();
+      return;
     } catch (const c10::Error& e) {
       error.emplace(current_block_, current_batch_, device.explain_failure(e.what_without_backtrace()));
     } catch (const std::exception& e) {
