@@ -47,6 +47,7 @@ class Engine:
         self.schedulers = schedulers
         self.scheduler_interval = scheduler_interval
         self.precision = precision or Precision()
+        self.num_classes = classes_of(model, required=False)  # what labels and scores are checked against
 
     @property
     def is_al(self) -> bool:
@@ -85,7 +86,7 @@ class Engine:
         correct: Tensor | None = None
         samples = 0
         for x, y in _pairs(batches):
-            scores = [class_scores(s, self.model, len(x)) for s in
+            scores = [class_scores(s, self.num_classes, len(x)) for s in
                       (self.model.shortcut_scores(x) if self.is_al else [self.model(x)])]
             y = check_labels(y, scores[0].shape[1], "labels", len(x), read_values=False)
             hits = torch.stack([(s.argmax(dim=1) == y).sum() for s in scores])
@@ -180,11 +181,10 @@ def _pairs(batches: Iterable[Batch]) -> Iterator[Batch]:
         yield batch
 
 
-def class_scores(scores: Any, model: nn.Module, samples: int) -> Tensor:
-    """A classifier's output, checked: (samples, num_classes) scores, where the model says
-    its num_classes. Cross-entropy would fail deep inside on too few classes, and train
-    silently on too many."""
-    num_classes = classes_of(model, required=False)
+def class_scores(scores: Any, num_classes: int | None, samples: int) -> Tensor:
+    """A classifier's output, checked: (samples, num_classes) scores (any number of classes
+    where ``num_classes`` is None). Cross-entropy would fail deep inside on too few classes,
+    and train silently on too many."""
     if (not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != samples
             or num_classes not in (None, scores.shape[1])):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
@@ -205,9 +205,9 @@ class BPEngine(Engine):
     def _step(self, x: Tensor, y: Tensor) -> Tensor:
         (opt,) = self.optimizers
         opt.zero_grad()
-        y = check_labels(y, classes_of(self.model, required=False), "y", len(x), read_values=check_tensor(y, "y").device.type == "cpu")
+        y = check_labels(y, self.num_classes, "y", len(x), read_values=check_tensor(y, "y").device.type == "cpu")
         with self.precision.autocast():
-            logits = class_scores(self._forward(x.detach()), self.model, len(x))  # x: data, not a graph to extend
+            logits = class_scores(self._forward(x.detach()), self.num_classes, len(x))  # x: data, not a graph to extend
         loss = F.cross_entropy(logits.float(), y)  # the loss in float32 at least, whatever the precision
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError("loss", loss.item())
@@ -433,6 +433,7 @@ def _schedulers(factory: SchedulerFactory | None, optimizers: list[torch.optim.O
     schedulers = []
     for opt in optimizers:
         made = factory(opt)
-        check_scheduler(made, opt, "what scheduler(optimizer) returned", "the optimizer it is given", per_step=interval == "step")
+        check_scheduler(made, opt, "what scheduler(optimizer) returned", "the optimizer it is given",
+                        per_step=interval == "step")
         schedulers.append(made)
     return schedulers

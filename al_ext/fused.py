@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ._extension import _C, has_cuda_kernels  # loading the extension registers the ops
 from .errors import NonFiniteLossError
-from .reference import ACTIVATION_MODULES, AE_LOSSES, DENSE_PARAMETER_NAMES, VARIANTS, X_ACTIVATIONS, DenseBlockStep
+from .reference import (ACTIVATION_MODULES, AE_LOSSES, DENSE_PARAMETER_NAMES, VARIANTS, X_ACTIVATIONS, DenseBlockStep,
+                        parameter_groups)
 from .optim import holds_exactly
 from .validation import check_choice, check_rate
 
@@ -498,9 +499,8 @@ class FusedBlockSGD(FusedBlockOptimizer):
 def _check_takes_over(block: nn.Module, fb: torch.optim.Optimizer, gh: torch.optim.Optimizer) -> None:
     """What the fused optimiser keeps of ``fb`` and ``gh``: one learning rate each, and no
     state; so they must be over the block's (f, b) and (g, h), one rate each, not yet stepped."""
-    parts = {"fb": [*block.f.parameters(), *block.b.parameters()], "gh": [*block.g.parameters(), *block.h.parameters()]}
-    for name, opt in (("fb", fb), ("gh", gh)):
-        if not holds_exactly(opt, parts[name]):
+    for name, opt, params in zip(("fb", "gh"), (fb, gh), parameter_groups(block)):
+        if not holds_exactly(opt, params):
             raise ValueError(f"{name} must be over the block's {name[0]} and {name[1]} parameters exactly")
         settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         if any(setting != settings[0] for setting in settings[1:]):

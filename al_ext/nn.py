@@ -103,9 +103,9 @@ def _check_parameter_groups(blocks: list[ALBlock]) -> None:
     by two threads at once when pipelined)."""
     owners: dict[int, str] = {}
     for i, block in enumerate(blocks):
-        for group, parts in (("f and b", (block.f, block.b)), ("g and h", (block.g, block.h))):
+        for group, shares in zip(("f and b", "g and h"), reference.parameter_groups(block)):
             name = f"blocks[{i}]'s {group}"
-            params = {id(p): p for part in parts for p in part.parameters()}
+            params = {id(p): p for p in shares}
             if not params:
                 raise ValueError(f"{name} have no parameters: each block trains (f, b) and (g, h) with an optimiser "
                                  "of their own, so each needs some")
@@ -257,13 +257,7 @@ class AssociatedLearning(nn.Module):
 
     def parameter_groups(self) -> list[tuple[list[nn.Parameter], list[nn.Parameter]]]:
         """Per block: (parameters of f and b, parameters of g and h), the two optimisers' shares."""
-        return [
-            (
-                [*block.f.parameters(), *block.b.parameters()],
-                [*block.g.parameters(), *block.h.parameters()],
-            )
-            for block in self.blocks
-        ]
+        return [reference.parameter_groups(block) for block in self.blocks]
 
     def decode(self, t_hat: Tensor, depth: int) -> Tensor:
         """Class scores from a code of block ``depth``'s label side: h_1(...h_depth(t_hat))."""

@@ -324,6 +324,7 @@ class Pipeline:
         cuda_devices = sorted({d for d in stage_devices if torch.device(d).type == "cuda"})
         for device in cuda_devices:
             torch.cuda.reset_peak_memory_stats(device)
+
         def abort_now() -> bool:
             return _EXITING.is_set() or bool(should_abort is not None and should_abort())
 

@@ -42,6 +42,12 @@ class BlockModules(Protocol):
     def named_parameters(self, prefix: str = "", recurse: bool = True): ...
 
 
+def parameter_groups(block: BlockModules) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters of f and b, parameters of g and h): L_as trains the first, L_ae the
+    second, each with an optimiser of its own."""
+    return [*block.f.parameters(), *block.b.parameters()], [*block.g.parameters(), *block.h.parameters()]
+
+
 @dataclass
 class BlockLosses:
     """A block's outputs and local losses, still attached to its parameters' graph."""

@@ -168,12 +168,13 @@ class Trainer:
             raise TypeError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}")
         self.callbacks = list(callbacks or ())
         for i, callback in enumerate(self.callbacks):
-            if not any(hasattr(callback, hook) for hook in HOOKS):
+            hooks = {hook: getattr(callback, hook) for hook in HOOKS if hasattr(callback, hook)}
+            if not hooks:
                 raise TypeError(f"callbacks[{i}] must have at least one of {', '.join(HOOKS)} (al_ext.callbacks."
                                 f"Callback), got {type(callback).__name__}")
-            for hook in HOOKS:
-                if hasattr(callback, hook) and not callable(getattr(callback, hook)):
-                    raise TypeError(f"callbacks[{i}].{hook} must be callable, got {type(getattr(callback, hook)).__name__}")
+            for hook, fn in hooks.items():
+                if not callable(fn):
+                    raise TypeError(f"callbacks[{i}].{hook} must be callable, got {type(fn).__name__}")
         self.schedule = schedule
         self.device = _resolve_device(device)
         made_group = False
