@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import reference
 from .errors import NonFiniteLossError
 from .fused import FusedBlockAdam, FusedBlockOptimizer, FusedBlockSGD, bf16_compute_available, fused_block_optimizer
+from .large_buffers import reusing_large_buffers
 from .memory_format import match_state_layouts, use_fastest_memory_format
 from .nn import AssociatedLearning
 from .optim import (OptimizerFactory, OptimizerSpec, SchedulerFactory, check_scheduler, optimizer_factory,
@@ -66,6 +67,7 @@ class Engine:
                 scheduler.step()
         return losses
 
+    @reusing_large_buffers()  # the same large tensors, batch after batch (al_ext.large_buffers)
     def run(self, batches: Iterable[Batch], on_batch: BatchCallback) -> bool | None:
         """Trains on each batch in turn, calling ``on_batch(index, losses)`` after each; a true
         result stops the run. Returns True where the engine knows the stream ran out (an
@@ -117,8 +119,9 @@ class Engine:
 
     def train(self, batches: Iterable[Batch]) -> Iterator[Tensor]:
         """Yields each batch's losses as it completes; leaving the loop stops training."""
-        for x, y in _pairs(batches):
-            yield self.step(x, y)
+        with reusing_large_buffers():
+            for x, y in _pairs(batches):
+                yield self.step(x, y)
 
     def end_epoch(self, metric: float | None = None) -> None:
         """Steps the per-epoch schedulers (ReduceLROnPlateau on ``metric``, the validation accuracy)."""

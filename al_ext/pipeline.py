@@ -32,6 +32,7 @@ from . import reference
 from ._extension import _C, has_cuda_kernels
 from .errors import NonFiniteLossError
 from .fused import FusedBlockOptimizer
+from .large_buffers import reusing_large_buffers
 from .nn import AssociatedLearning
 from .optim import check_scheduler, holds_exactly
 from .precision import FP16Precision, Precision, make_precision
@@ -303,7 +304,8 @@ class Pipeline:
             raise TypeError(f"should_abort must be a callable () -> bool, got {type(should_abort).__name__}")
         if isinstance(max_unreported, bool) or not isinstance(max_unreported, int) or not 0 <= max_unreported < 2**31:
             raise ValueError(f"max_unreported must be an integer from 0 to 2**31 - 1, got {max_unreported!r}")
-        with _the_only_run_of(self.model):  # before anything of a run that goes on now is touched
+        # The claim on the model comes before anything of a run that goes on now is touched.
+        with _the_only_run_of(self.model), reusing_large_buffers():
             return self._run(batches, on_batch, should_abort, max_unreported)
 
     def _run(self, batches: Iterable[Batch], on_batch: BatchCallback | None,

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..engines import Engine
 from ..errors import DistributedError, NonFiniteLossError
 from ..fused import FusedBlockOptimizer
+from ..large_buffers import reusing_large_buffers
 from ..nn import AssociatedLearning
 from ..pipeline import Batch, BatchCallback
 from .._extension import _C
@@ -237,6 +238,7 @@ class DistributedALEngine(Engine):
         self.run([(x, y)], lambda _, losses, *rest: out.append(losses))
         return out[0]
 
+    @reusing_large_buffers()
     def run(self, batches: Iterable[Batch], on_batch: BatchCallback) -> bool:
         """Trains on the batches (read by the first stage alone); ``on_batch(index, losses,
         samples)`` is called on every rank, in order, with every block's losses; the first

@@ -9,6 +9,7 @@
 #include "../cuda/delay.cuh"
 #include "../cuda/glue.h"
 #endif
+#include "../cpu/large_buffer_cache.h"
 #include "../cpu/onednn_gemm.h"
 #include "../scheduler/executor.h"
 #include "../scheduler/balance.h"
@@ -188,6 +189,25 @@ PYBIND11_MODULE(_C, m) {
   }, "How this extension was built: the torch version it was compiled against, whether it has CUDA kernels, "
      "the library of the fused CPU step's float32 GEMMs ('onednn', or 'aten' where torch lacks oneDNN), and whether "
      "the CPU multiplies bfloat16 in hardware, which the fused step's compute_dtype=torch.bfloat16 needs.");
+
+  m.def("enable_large_buffer_cache", &al_ext::enable_large_buffer_cache,
+        "One more user of the large-buffer cache (installed as torch's CPU allocator on first use): freed CPU "
+        "buffers of at least large_buffer_min_bytes are kept for the next request of the same size.");
+  m.def("disable_large_buffer_cache", &al_ext::disable_large_buffer_cache,
+        "One user fewer; the last one gives every kept buffer back to the system.");
+  m.def("set_large_buffer_cache_limit", &al_ext::set_large_buffer_cache_limit, py::arg("max_kept_bytes"),
+        "The most bytes the cache keeps at once (0: none).");
+  m.def("large_buffer_cache_stats", [] {
+    const al_ext::LargeBufferCacheStats s = al_ext::large_buffer_cache_stats();
+    py::dict stats;
+    stats["users"] = s.users;
+    stats["kept_bytes"] = s.kept_bytes;
+    stats["lent_bytes"] = s.lent_bytes;
+    stats["reused"] = s.reused;
+    stats["max_kept_bytes"] = s.max_kept_bytes;
+    return stats;
+  });
+  m.attr("large_buffer_min_bytes") = al_ext::kLargeBufferMinBytes;
 
   py::class_<PyBlockStep>(m, "BlockStep", "One block's training step, runnable by the executor.");
   m.def("python_block_step", &python_block_step, py::arg("step"), py::arg("reuses_outputs") = false,
