@@ -3,9 +3,10 @@ dense_block_adam_step_ and dense_block_sgd_step_, their fake kernels, and FusedB
 and FusedBlockSGD, the optimisers that train one ALMLP block with one op call per step."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
 import importlib
+import math
+import numbers
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,44 @@ from .errors import NonFiniteLossError
 from .reference import (ACTIVATION_MODULES, AE_LOSSES, DENSE_PARAMETER_NAMES, VARIANTS, X_ACTIVATIONS, DenseBlockStep,
                         parameter_groups)
 from .optim import holds_exactly
-from .validation import check_choice, check_rate
+from .validation import check_choice, check_rate, check_tensor
+
+
+def _number(value: Any, name: str, expected: str, within: Callable[[float], bool]) -> float:
+    """A real number for one of the ops' float arguments; ValueError naming it where it is not
+    one (a bool, a string, a tensor) or not ``within`` its range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not within(float(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def _fraction(value: Any, name: str) -> float:
+    return _number(value, name, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _weight_decay(value: Any) -> float:
+    return _number(value, "weight_decay", "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+def _adam_settings(betas: Any, eps: Any, weight_decay: Any, decoupled_weight_decay: Any
+                   ) -> tuple[float, float, float, float, bool]:
+    """(beta1, beta2, eps, weight_decay, decoupled_weight_decay), checked as torch.optim.Adam's."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if not isinstance(decoupled_weight_decay, bool):
+        raise TypeError(f"decoupled_weight_decay must be True or False, got {decoupled_weight_decay!r}")
+    eps = _number(eps, "eps", "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+    return (_fraction(betas[0], "betas[0]"), _fraction(betas[1], "betas[1]"), eps, _weight_decay(weight_decay),
+            decoupled_weight_decay)
+
+
+def _step_inputs(s_prev: Any, t_prev: Any, params: Any, lrs: tuple[Any, Any]) -> tuple[float, float]:
+    """Checks what every form of the op takes first; returns the two learning rates."""
+    check_tensor(s_prev, "s_prev"), check_tensor(t_prev, "t_prev")
+    if not isinstance(params, Sequence) or not all(isinstance(p, Tensor) for p in params):
+        raise TypeError(f"params must be a sequence of tensors ({', '.join(DENSE_PARAMETER_NAMES)}), got "
+                        f"{type(params).__name__}")
+    return check_rate(lrs[0], "lr_fb"), check_rate(lrs[1], "lr_gh")
 
 
 def dense_block_step(
@@ -38,6 +76,7 @@ def dense_block_step(
     out of their GEMM unrounded, where autocast rounds them to bfloat16). The update forms
     take it too, and keep the parameters and the optimiser's state float32 (master weights).
     """
+    _step_inputs(s_prev, t_prev, params, (0.0, 0.0))
     s, t, loss_as, loss_ae, grads = torch.ops.al_ext.dense_block_step.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], x_activation, h_activation, variant, ae_loss,
         compute_dtype,
@@ -84,16 +123,23 @@ def dense_block_adam_step_(
     rewrites them from the updated parameters (saving a pass over the weights per step). They
     must equal the rounded parameters when the op is called (the SGD form takes them too).
     """
+    lr_fb, lr_gh = _step_inputs(s_prev, t_prev, params, (lr_fb, lr_gh))
+    beta1, beta2, eps, weight_decay, decoupled_weight_decay = _adam_settings(betas, eps, weight_decay,
+                                                                           decoupled_weight_decay)
     if isinstance(step, Tensor):
         op, step_arg = torch.ops.al_ext.dense_block_adam_step_.step_tensor, step.detach()  # advanced in place
     else:
-        op, step_arg = torch.ops.al_ext.dense_block_adam_step_.default, float(step)
-    return op(
+        op = torch.ops.al_ext.dense_block_adam_step_.default
+        step_arg = _number(step, "step", "the step number after this update (an integer >= 1)",
+                           lambda v: v >= 1 and v == math.floor(v))
+    written = [*params, *exp_avg, *exp_avg_sq, *(compute_weights or []), *([step] if isinstance(step, Tensor) else [])]
+    out = op(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [m.detach() for m in exp_avg],
-        [v.detach() for v in exp_avg_sq], step_arg, float(lr_fb), float(lr_gh), float(betas[0]),
-        float(betas[1]), float(eps), x_activation, h_activation, variant, ae_loss, float(weight_decay),
-        bool(decoupled_weight_decay), compute_dtype, _detached(compute_weights),
+        [v.detach() for v in exp_avg_sq], step_arg, lr_fb, lr_gh, beta1, beta2, eps, x_activation, h_activation,
+        variant, ae_loss, weight_decay, decoupled_weight_decay, compute_dtype, _detached(compute_weights),
     )
+    _mark_written(written)
+    return out
 
 
 def dense_block_sgd_step_(
@@ -116,15 +162,25 @@ def dense_block_sgd_step_(
     dampening; zero buffers make the first step use the plain gradient, as torch does) and
     its L2 ``weight_decay``; ``compute_dtype`` as for ``dense_block_step``, ``compute_weights``
     as for ``dense_block_adam_step_``."""
-    return torch.ops.al_ext.dense_block_sgd_step_.default(
+    lr_fb, lr_gh = _step_inputs(s_prev, t_prev, params, (lr_fb, lr_gh))
+    out = torch.ops.al_ext.dense_block_sgd_step_.default(
         s_prev.detach(), t_prev.detach(), [p.detach() for p in params], [b.detach() for b in momentum_buffer],
-        float(lr_fb), float(lr_gh), float(momentum), x_activation, h_activation, variant, ae_loss,
-        float(weight_decay), compute_dtype, _detached(compute_weights),
+        lr_fb, lr_gh, _fraction(momentum, "momentum"), x_activation, h_activation, variant, ae_loss,
+        _weight_decay(weight_decay), compute_dtype, _detached(compute_weights),
     )
+    _mark_written([*params, *momentum_buffer, *(compute_weights or [])])
+    return out
 
 
 def _detached(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:
     return None if tensors is None else [t.detach() for t in tensors]
+
+
+def _mark_written(tensors: list[Tensor]) -> None:
+    """Counts the op's in-place writes in the tensors' versions, as torch's in-place ops do, so
+    that autograd refuses a backward through a value the update overwrote (the op itself is
+    registered for the CPU and CUDA only, where nothing counts them)."""
+    torch.autograd.graph.increment_version(tensors)
 
 
 def bf16_compute_available(device: torch.device | str = "cpu") -> bool:
@@ -238,6 +294,10 @@ def dense_block_layout(block: nn.Module) -> tuple[list[nn.Parameter], str, str]:
             and b[0].bias is not None and b[2].bias is not None):
         raise ValueError("b must be Sequential(Linear, Sigmoid, Linear, Sigmoid) for the fused dense block")
     params = [f.weight, f.bias, b[0].weight, b[0].bias, b[2].weight, b[2].bias, g.weight, g.bias, h.weight, h.bias]
+    frozen = [name for name, p in zip(DENSE_PARAMETER_NAMES, params) if not p.requires_grad]
+    if frozen:  # torch's optimisers leave a parameter without a gradient alone; the fused step updates all ten
+        raise ValueError(f"{', '.join(frozen)} {'is' if len(frozen) == 1 else 'are'} frozen (requires_grad=False), "
+                         "and the fused dense block updates every parameter of the block")
     return params, x_act, h_act
 
 
@@ -261,8 +321,9 @@ NextLearningRates = Callable[[], tuple[float, float]]
 def _value_identities(params: list[Tensor]) -> list[tuple[int, int]]:
     """What changes when a parameter's values may have changed outside the fused op: its
     version (in-place writes) and its memory (a move to another device or dtype). Not seen:
-    ``.data`` assigned twice between steps with the allocator handing back the first address
-    (assign through ``copy_`` instead, which counts as a write)."""
+    writes through ``p.data`` (``p.data.copy_(w)``, or ``.data`` assigned a tensor at the
+    address it had), which torch keeps out of the version; write with ``p.detach().copy_(w)``
+    or ``p.copy_(w)`` under ``torch.no_grad()`` instead, which count."""
     return [(p._version, p.data_ptr()) for p in params]
 
 
@@ -272,7 +333,10 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
     groups, (f, b) with ``lr`` and (g, h) with ``ae_lr``; the per-parameter state is that of
     the torch optimiser it matches, so state_dict, checkpoints and schedulers work as usual.
     ``compute_dtype=torch.bfloat16``: the step's GEMMs in bfloat16 over float32 parameters and
-    state (see ``dense_block_step``); s and t come out in bfloat16."""
+    state (see ``dense_block_step``); s and t come out in bfloat16. It keeps the parameters
+    rounded to bfloat16 between steps, and rounds them anew after any write it can see
+    (``_value_identities``): edit the parameters through ``p.detach()`` or under
+    ``torch.no_grad()``, not through ``p.data``."""
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str, ae_loss: str,
                  defaults: dict[str, Any], compute_dtype: torch.dtype | None = None) -> None:
@@ -348,8 +412,21 @@ class FusedBlockOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _torch_kernel(self, grads: Sequence[Tensor], grad_scale: float) -> tuple[list[Tensor], dict[str, Any]]:
-        """The gradients and the implementation arguments for torch's optimiser function."""
-        if self._params()[0].device.type == "cpu":
+        """The gradients and the implementation arguments for torch's optimiser function, which
+        takes them unchecked (its fused CPU kernel reads past a gradient too small)."""
+        params = self._params()
+        if isinstance(grads, Tensor) or not isinstance(grads, Sequence) or len(grads) != len(params):
+            raise ValueError(f"grads must hold one gradient per parameter ({', '.join(DENSE_PARAMETER_NAMES)}), got "
+                             f"{len(grads) if isinstance(grads, Sequence) else type(grads).__name__}")
+        for name, grad, p in zip(DENSE_PARAMETER_NAMES, grads, params):
+            if not (isinstance(grad, Tensor) and grad.shape == p.shape and grad.dtype == p.dtype
+                    and grad.device == p.device):
+                got = (f"{tuple(grad.shape)} {grad.dtype} on {grad.device}" if isinstance(grad, Tensor)
+                       else type(grad).__name__)
+                raise ValueError(f"the gradient of {name} must be shaped like it, {tuple(p.shape)} {p.dtype} on "
+                                 f"{p.device}, got {got}")
+        _number(grad_scale, "grad_scale", "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+        if params[0].device.type == "cpu":
             scale = None if grad_scale == 1.0 else torch.tensor(grad_scale)
             return list(grads), {"fused": True, "grad_scale": scale,
                                  "found_inf": None if scale is None else torch.zeros(())}
@@ -379,8 +456,10 @@ class FusedBlockAdam(FusedBlockOptimizer):
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, compute_dtype: torch.dtype | None = None) -> None:
+        beta1, beta2, eps, weight_decay, decoupled_weight_decay = _adam_settings(betas, eps, weight_decay,
+                                                                               decoupled_weight_decay)
         super().__init__(block, lr, ae_lr, variant, ae_loss,
-                         {"betas": betas, "eps": eps, "weight_decay": weight_decay,
+                         {"betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay,
                           "decoupled_weight_decay": decoupled_weight_decay}, compute_dtype)
         self._step_count: Tensor | None = None  # the device's step count during a scheduler run on CUDA
 
@@ -454,7 +533,8 @@ class FusedBlockSGD(FusedBlockOptimizer):
 
     def __init__(self, block: nn.Module, lr: float, ae_lr: float, variant: str = "A", ae_loss: str = "mse",
                  momentum: float = 0.9, weight_decay: float = 0.0, compute_dtype: torch.dtype | None = None) -> None:
-        super().__init__(block, lr, ae_lr, variant, ae_loss, {"momentum": momentum, "weight_decay": weight_decay},
+        super().__init__(block, lr, ae_lr, variant, ae_loss,
+                         {"momentum": _fraction(momentum, "momentum"), "weight_decay": _weight_decay(weight_decay)},
                          compute_dtype)
 
     def _state_lists(self) -> tuple[list[Tensor], list[Tensor]]:

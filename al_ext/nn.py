@@ -209,7 +209,7 @@ class AssociatedLearning(nn.Module):
             try:
                 params, _, h_activation = fused.dense_block_layout(block)
             except ValueError as exc:
-                return f"block {i + 1} is not a dense block: {exc}"
+                return f"block {i + 1} does not fit the fused dense block: {exc}"
             if len({p.untyped_storage().data_ptr() for p in params}) < len(params):
                 return f"block {i + 1} ties some of its weights (the fused step updates each in place, alone)"
             if self.ae_loss_of(i) == "cross_entropy" and h_activation != "identity":

@@ -28,8 +28,8 @@ def _join(features: Tensor, mask: Tensor) -> Tensor:
 
 def append_final_state(state: Tensor, h: Tensor, c: Tensor) -> Tensor:
     """The state with (h, c), each (directions, N, H), as two rows after the positions."""
-    n = state.shape[0]
-    rows = torch.stack([h.transpose(0, 1).reshape(n, -1), c.transpose(0, 1).reshape(n, -1)], dim=1)
+    n, width = state.shape[0], h.shape[0] * h.shape[2]  # the width spelled out: N may be 0
+    rows = torch.stack([h.transpose(0, 1).reshape(n, width), c.transpose(0, 1).reshape(n, width)], dim=1)
     return torch.cat([state, _join(rows, rows.new_zeros(n, STATE_ROWS, 1))], dim=1)
 
 
@@ -37,7 +37,8 @@ def take_final_state(state: Tensor, directions: int) -> tuple[Tensor, tuple[Tens
     """(the state without its two state rows, (h, c) each (directions, N, H))."""
     n = state.shape[0]
     rows = state[:, -STATE_ROWS:, :-1]
-    h, c = (rows[:, i].reshape(n, directions, -1).transpose(0, 1).contiguous() for i in range(STATE_ROWS))
+    width = rows.shape[-1] // directions  # spelled out: N may be 0
+    h, c = (rows[:, i].reshape(n, directions, width).transpose(0, 1).contiguous() for i in range(STATE_ROWS))
     return state[:, :-STATE_ROWS], (h, c)
 
 
@@ -87,7 +88,7 @@ class SequenceLSTM(nn.Module):
             state, start = take_final_state(state, self.directions)
             start = start if self.use_input_state else None
         x, mask = split(state)
-        if self.skip_padding and (self.directions == 2 or self.output_state):
+        if self.skip_padding and (self.directions == 2 or self.output_state) and x.shape[0] > 0:  # none to pack
             out, (h, c) = self._packed(x, mask, start)
         else:  # a forward pass alone never carries padding (at the end) into a real position
             out, (h, c) = self.lstm(x, start)
@@ -128,7 +129,7 @@ class FinalStatePool(nn.Module):
 
     def forward(self, state: Tensor) -> Tensor:
         h = state[:, -STATE_ROWS, :-1]
-        return h.reshape(h.shape[0], self.directions, -1).sum(dim=1)
+        return h.reshape(h.shape[0], self.directions, h.shape[1] // self.directions).sum(dim=1)  # N may be 0
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:

@@ -279,7 +279,7 @@ def test_sgd_form_equals_torch_sgd_with_momentum_on_reference_gradients(device, 
 def test_bad_sgd_arguments():
     s_prev, t_prev, params = make_block(8, 10, 12, 24, 6, 4)
     buffers = zeros_like_block()
-    with pytest.raises(RuntimeError, match=r"momentum must lie in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
         fused.dense_block_sgd_step_(s_prev, t_prev, params, buffers, 0.05, 0.2, 1.5)
     with pytest.raises(RuntimeError, match="momentum_buffer must hold one tensor per parameter"):
         fused.dense_block_sgd_step_(s_prev, t_prev, params, buffers[:4], 0.05, 0.2)
@@ -385,7 +385,7 @@ def test_refused_adam_step_changes_nothing():
     assert not torch.isfinite(loss_as) and torch.isfinite(loss_ae) and not torch.isfinite(sgd_loss_as)
     assert all(torch.equal(a, b) for a, b in zip(params, before))
     assert all(s.abs().sum() == 0 for s in state[0] + state[1])
-    with pytest.raises(RuntimeError, match="step must be the step number"):
+    with pytest.raises(ValueError, match="step must be the step number"):
         fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 0, 1e-3, 2e-3)
     with pytest.raises(ValueError, match="lr_gh must be a finite number >= 0, got -0.002"):
         fused.dense_block_adam_step_(s_prev, t_prev, params, *state, 1, 1e-3, -2e-3)

@@ -329,7 +329,7 @@ def test_the_fused_ops_refuse_shared_memory_zero_widths_and_stray_devices():
     state = [torch.zeros_like(p) for p in params]
     with pytest.raises(ValueError, match=r"exp_avg\[0\] and exp_avg_sq\[0\] share memory"):
         al_ext.fused.dense_block_adam_step_(x, t, params, state, state, 1, 1e-3, 2e-3)
-    with pytest.raises(ValueError, match=r"momentum_buffer\[0\] and W_f share memory"):
+    with pytest.raises(ValueError, match=r"W_f and momentum_buffer\[0\] share memory"):
         al_ext.fused.dense_block_sgd_step_(x, t, params, params, 1e-3, 2e-3)
     overlapping = [params[0], params[0].view(-1)[: params[1].numel()], *params[2:]]  # c_f a view into W_f
     with pytest.raises(ValueError, match="W_f and c_f share memory"):
@@ -712,3 +712,120 @@ def test_ctrl_c_inside_a_block_step_stops_the_run_as_ctrl_c(pipelined):
     x, y = batch()
     with pytest.raises(KeyboardInterrupt):  # not a PipelineError naming a block that failed
         pipeline.run([(x, y)] * 12)
+
+
+def _dense_step_args():
+    block = small_mlp().blocks[0]
+    params = [p.detach().clone() for p in al_ext.fused.dense_block_layout(block)[0]]
+    x, y = batch()
+    return block, params, x, torch.nn.functional.one_hot(y, 5).float()
+
+
+def test_the_fused_update_refuses_state_that_is_another_tensors():
+    """Only a tensor and its own state were compared: one exp_avg for two parameters of a
+    shape, or a state that is another parameter, took two updates mid-step."""
+    _, params, x, t = _dense_step_args()  # c_f and c_b1 are (24,), c_b2 and c_g (12,)
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    with pytest.raises(ValueError, match=r"exp_avg\[1\] and exp_avg\[3\] share memory"):
+        al_ext.fused.dense_block_adam_step_(x, t, params, [*m[:3], m[1], *m[4:]], v, 1, 1e-3, 2e-3)
+    with pytest.raises(ValueError, match=r"c_f and exp_avg_sq\[3\] share memory"):
+        al_ext.fused.dense_block_adam_step_(x, t, params, m, [*v[:3], params[1], *v[4:]], 1, 1e-3, 2e-3)
+    with pytest.raises(ValueError, match=r"momentum_buffer\[5\] and momentum_buffer\[7\] share memory"):
+        al_ext.fused.dense_block_sgd_step_(x, t, params, [*m[:7], m[5], *m[8:]], 1e-3, 2e-3)
+    if al_ext.fused.bf16_compute_available():
+        weights = [p.to(torch.bfloat16) for p in params]
+        with pytest.raises(ValueError, match=r"compute_weights\[5\] and compute_weights\[7\] share memory"):
+            al_ext.fused.dense_block_sgd_step_(x, t, params, m, 1e-3, 2e-3, compute_dtype=torch.bfloat16,
+                                               compute_weights=[*weights[:7], weights[5], *weights[8:]])
+
+
+def test_the_fused_wrappers_name_bad_settings():
+    _, params, x, t = _dense_step_args()
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    adam = al_ext.fused.dense_block_adam_step_
+    for kwargs, error, message in (
+            ({"decoupled_weight_decay": "False"}, TypeError, "decoupled_weight_decay must be True or False"),
+            ({"lr_fb": True}, ValueError, "lr_fb must be a finite number >= 0"),
+            ({"lr_gh": "0.1"}, ValueError, "lr_gh must be a finite number >= 0"),
+            ({"step": "2"}, ValueError, "step must be the step number after this update"),
+            ({"step": 1.5}, ValueError, "step must be the step number after this update"),
+            ({"betas": (0.9,)}, ValueError, r"betas must be a pair \(beta1, beta2\)"),
+            ({"betas": 0.9}, ValueError, r"betas must be a pair \(beta1, beta2\)"),
+            ({"betas": (0.9, 1.0)}, ValueError, r"betas\[1\] must be a number in \[0, 1\)"),
+            ({"eps": 0.0}, ValueError, "eps must be a finite number > 0"),
+            ({"weight_decay": True}, ValueError, "weight_decay must be a finite number >= 0"),
+            ({"s_prev": [[1.0]]}, TypeError, "s_prev must be a torch.Tensor")):
+        args = {"s_prev": x, "t_prev": t, "params": params, "exp_avg": state[0], "exp_avg_sq": state[1], "step": 1,
+                "lr_fb": 1e-3, "lr_gh": 2e-3, **kwargs}
+        with pytest.raises(error, match=message):
+            adam(**args)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+        al_ext.fused.dense_block_sgd_step_(x, t, params, state[0], 1e-3, 2e-3, momentum=1.0)
+
+
+def test_the_fused_ops_count_their_writes_for_autograd():
+    """torch refuses a backward through a value an in-place op overwrote; the fused update
+    writes in place too, and the version counts it."""
+    _, params, x, t = _dense_step_args()
+    weights = [nn.Parameter(p) for p in params]
+    y = (weights[0] * weights[0]).sum()
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    al_ext.fused.dense_block_adam_step_(x, t, weights, *state, 1, 1e-1, 1e-1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_the_fused_optimisers_check_their_settings_so_auto_falls_back():
+    block = small_mlp().blocks[0]
+    for options, message in (({"eps": 0.0}, "eps must be a finite number > 0"),
+                             ({"betas": (0.9, 1.0)}, r"betas\[1\] must be a number in \[0, 1\)"),
+                             ({"decoupled_weight_decay": "no"}, "decoupled_weight_decay must be True or False")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            al_ext.fused.FusedBlockAdam(block, 1e-3, 2e-3, **options)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+        al_ext.fused.FusedBlockSGD(block, 1e-3, 2e-3, momentum=1.0)
+    model = small_mlp()
+    engine = al_ext.make_engine(model, lambda params, lr: torch.optim.Adam(params, lr, eps=0.0), 1e-3)
+    assert type(engine).__name__ == "ALEngine"
+    x, y = batch()
+    engine.step(x, y)
+
+
+def test_apply_gradients_takes_one_gradient_of_each_parameters_shape():
+    """torch's fused CPU kernel, which apply_gradients calls, reads past a gradient too small."""
+    block = small_mlp().blocks[0]
+    params = al_ext.fused.dense_block_layout(block)[0]
+    for optimiser in (al_ext.fused.FusedBlockAdam(block, 1e-3, 2e-3), al_ext.fused.FusedBlockSGD(block, 1e-3, 2e-3)):
+        with pytest.raises(ValueError, match=r"the gradient of W_f must be shaped like it"):
+            optimiser.apply_gradients([torch.zeros(1)] * 10)
+        with pytest.raises(ValueError, match="grads must hold one gradient per parameter"):
+            optimiser.apply_gradients([torch.zeros_like(p) for p in params[:9]])
+        for scale in (0.0, float("nan"), -2.0):
+            with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
+                optimiser.apply_gradients([torch.zeros_like(p) for p in params], grad_scale=scale)
+        before = [p.detach().clone() for p in params]
+        optimiser.apply_gradients([torch.zeros_like(p) for p in params], grad_scale=2.0)
+        assert all(torch.isfinite(p).all() for p in params) and len(before) == 10
+
+
+def test_frozen_parameters_keep_the_fused_step_off_their_block():
+    model = small_mlp()
+    frozen = model.blocks[0].f[1].weight
+    frozen.requires_grad_(False)
+    assert "W_f is frozen" in model.fused_block_problem() and not model.uses_fused_step()
+    before = frozen.detach().clone()
+    x, y = batch()
+    engine = al_ext.make_engine(model, "adam", 1e-2)
+    engine.step(x, y)
+    assert torch.equal(frozen, before)
+    with pytest.raises(ValueError, match=r"W_f is frozen \(requires_grad=False\)"):
+        al_ext.fused.FusedBlockAdam(model.blocks[0], 1e-3, 2e-3)
+
+
+def test_a_fused_block_step_needs_its_step_counts():
+    block = small_mlp().blocks[0]
+    params = [p.detach() for p in al_ext.fused.dense_block_layout(block)[0]]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    with pytest.raises(ValueError, match="steps must hold the parameters' step counts"):
+        al_ext._extension._C.fused_adam_block_step(params, *state, [], 1e-3, 1e-3, 0.9, 0.999, 1e-8, "elu",
+                                                    "sigmoid", "A", "mse")

@@ -1,5 +1,6 @@
 """LSTM_AL and Transformer_AL: padding never changes a result, they learn a generated text
 task, and they work with every inference path, the BP baseline and the pipeline."""
+import itertools
 import unittest.mock
 
 import pytest
@@ -213,3 +214,19 @@ def test_attend_runs_bf16_attention_in_float32_on_the_cpu():
     torch.testing.assert_close(out, expected.bfloat16(), atol=0, rtol=0)
     torch.testing.assert_close(sequence_layers.attend(q, k, v, keep, 0.0),
                                torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+
+
+@pytest.mark.parametrize("preset", [None, "iclr22"])
+def test_every_lstm_layout_takes_a_batch_of_no_rows(preset):
+    """A data-parallel replica's share of a last batch smaller than the replicas is empty, and
+    its blocks still hand on a (0, ...) state of the right shape."""
+    for mask, bidirectional, pass_state, bridge in itertools.product((True, False), (False, True), (False, True),
+                                                                     ("final_state", "mean")):
+        model = LSTM_AL(10, 2, preset=preset, hidden=(4, 4), embed_dim=4, label_dim=4, mask_padding=mask,
+                        bidirectional=bidirectional, pass_state=pass_state, bridge_input=bridge)
+        s, t = torch.randint(1, 10, (3, 5)), torch.zeros(3, 2)
+        with torch.no_grad():
+            for block in model.blocks:
+                empty = block.f(s[:0])
+                s, t = block.f(s), block.g(t)
+                assert empty.shape == (0, *s.shape[1:]) and block.b(empty).shape[0] == 0

@@ -445,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_adam_step
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
   check_cpu(op, s_prev, params[0], cfg);
   check_compute_weights(op, params, cfg, compute_weights);
-  check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
+  check_adam_state(op, params, exp_avg, exp_avg_sq, compute_weights, step, lr_fb, lr_gh, beta1, beta2, eps);
   check_weight_decay(op, weight_decay);
   const SinkArgs sink{params, nullptr, exp_avg, exp_avg_sq,
                       adam_update(step, lr_fb, beta1, beta2, eps, weight_decay, decoupled_weight_decay),
@@ -480,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
   check_cpu(op, s_prev, params[0], cfg);
   check_compute_weights(op, params, cfg, compute_weights);
-  check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
+  check_sgd_state(op, params, momentum_buffer, compute_weights, lr_fb, lr_gh, momentum);
   check_weight_decay(op, weight_decay);
   const SinkArgs sink{params, nullptr, momentum_buffer, {}, sgd_update(lr_fb, momentum, weight_decay),
                       sgd_update(lr_gh, momentum, weight_decay), compute_weights.value_or(at::TensorList())};

@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
   if (step_count.defined()) check_step_count(op, step_count, s_prev.device());
   check_cuda(op, s_prev);
   check_compute_weights(op, params, cfg, compute_weights);
-  check_adam_state(op, params, exp_avg, exp_avg_sq, step, lr_fb, lr_gh, beta1, beta2, eps);
+  check_adam_state(op, params, exp_avg, exp_avg_sq, compute_weights, step, lr_fb, lr_gh, beta1, beta2, eps);
   check_weight_decay(op, weight_decay);
   cuda::MultiTensorUpdateParams update;
   update.kind = cuda::UpdateKind::kAdam;
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_sgd_step_
       check_dense_block_call(op, s_prev, t_prev, params, x_activation, h_activation, variant, ae_loss, compute_dtype);
   check_cuda(op, s_prev);
   check_compute_weights(op, params, cfg, compute_weights);
-  check_sgd_state(op, params, momentum_buffer, lr_fb, lr_gh, momentum);
+  check_sgd_state(op, params, momentum_buffer, compute_weights, lr_fb, lr_gh, momentum);
   check_weight_decay(op, weight_decay);
   cuda::MultiTensorUpdateParams update;
   update.kind = cuda::UpdateKind::kSgd;

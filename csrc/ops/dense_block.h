@@ -9,9 +9,14 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 
@@ -241,9 +246,47 @@ inline void check_state_like_params(const char* op, at::TensorList params, at::T
     TORCH_CHECK(state[i].sizes() == params[i].sizes() && state[i].scalar_type() == params[i].scalar_type() &&
                 state[i].device() == params[i].device() && state[i].is_contiguous(), op, ": ", name, "[", i,
                 "] must be a contiguous tensor like params[", i, "] (", dense_param_name(i), ")");
-    // the same tensor passed twice is the likely mistake; the parameters are apart (checked above)
-    check_own_memory(op, state[i], std::string(name) + "[" + std::to_string(i) + "]", params[i], dense_param_name(i));
   }
+}
+
+// Every tensor an update writes (the parameters, the optimiser's state, the kept bf16
+// weights) must be apart from every other: two names for one buffer (one exp_avg for two
+// parameters of a shape, a state that is a parameter) would take two updates mid-step.
+// Only tensors on one storage can overlap, so the check sorts by storage and compares
+// neighbours: a few dozen tensors per step.
+inline void check_written_apart(const char* op, std::initializer_list<std::pair<at::TensorList, const char*>> lists) {
+  struct Written {
+    const void* storage;
+    size_t order;  // in the lists as given: an error names the first pair that overlaps in that order
+    const at::Tensor* tensor;
+    std::string name;
+  };
+  std::vector<Written> written;
+  for (const auto& [tensors, list] : lists) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].defined() && tensors[i].has_storage() && tensors[i].numel() > 0) {
+        written.push_back({tensors[i].storage().unsafeGetStorageImpl(), written.size(), &tensors[i],
+                           std::string(list) == "params" ? dense_param_name(static_cast<int>(i))
+                                                         : std::string(list) + "[" + std::to_string(i) + "]"});
+      }
+    }
+  }
+  std::sort(written.begin(), written.end(), [](const Written& a, const Written& b) {
+    return std::tie(a.storage, a.order) < std::tie(b.storage, b.order);
+  });
+  const Written* clash[2] = {nullptr, nullptr};
+  for (size_t first = 0; first < written.size(); ++first) {
+    for (size_t other = first + 1; other < written.size() && written[other].storage == written[first].storage; ++other) {
+      const auto overlap = at::get_overlap_status(*written[first].tensor, *written[other].tensor);
+      const bool overlaps = overlap == at::MemOverlapStatus::Full || overlap == at::MemOverlapStatus::Partial;
+      if (overlaps && (!clash[0] || std::tie(written[first].order, written[other].order) <
+                                        std::tie(clash[0]->order, clash[1]->order))) {
+        clash[0] = &written[first];
+        clash[1] = &written[other];
+      }
+    }
+  }
+  if (clash[0]) check_own_memory(op, *clash[0]->tensor, clash[0]->name, *clash[1]->tensor, clash[1]->name);
 }
 
 // Zero is a rate: schedules reach it (LinearLR to 0, CosineAnnealingLR's end), as torch's optimisers allow.
@@ -252,16 +295,19 @@ inline void check_learning_rates(const char* op, double lr_fb, double lr_gh) {
   TORCH_CHECK_VALUE(std::isfinite(lr_gh) && lr_gh >= 0, op, ": lr_gh must be a finite number >= 0, got ", lr_gh);
 }
 
-inline void check_sgd_state(const char* op, at::TensorList params, at::TensorList momentum_buffer, double lr_fb,
-                            double lr_gh, double momentum) {
+inline void check_sgd_state(const char* op, at::TensorList params, at::TensorList momentum_buffer,
+                            const std::optional<at::TensorList>& compute_weights, double lr_fb, double lr_gh,
+                            double momentum) {
   check_learning_rates(op, lr_fb, lr_gh);
   TORCH_CHECK(momentum >= 0 && momentum < 1, op, ": momentum must lie in [0, 1), got ", momentum);
   check_state_like_params(op, params, momentum_buffer, "momentum_buffer");
+  check_written_apart(op, {{params, "params"}, {momentum_buffer, "momentum_buffer"},
+                           {compute_weights.value_or(at::TensorList()), "compute_weights"}});
 }
 
 inline void check_adam_state(const char* op, at::TensorList params, at::TensorList exp_avg,
-                             at::TensorList exp_avg_sq, double step, double lr_fb, double lr_gh, double beta1,
-                             double beta2, double eps) {
+                             at::TensorList exp_avg_sq, const std::optional<at::TensorList>& compute_weights,
+                             double step, double lr_fb, double lr_gh, double beta1, double beta2, double eps) {
   TORCH_CHECK(step >= 1 && std::floor(step) == step, op, ": step must be the step number after this update (1, 2, ...), got ", step);
   check_learning_rates(op, lr_fb, lr_gh);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1, op, ": beta1 must lie in [0, 1), got ", beta1);
@@ -269,10 +315,8 @@ inline void check_adam_state(const char* op, at::TensorList params, at::TensorLi
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
   check_state_like_params(op, params, exp_avg, "exp_avg");
   check_state_like_params(op, params, exp_avg_sq, "exp_avg_sq");
-  for (int i = 0; i < kDenseParams; ++i) {
-    check_own_memory(op, exp_avg[i], "exp_avg[" + std::to_string(i) + "]", exp_avg_sq[i],
-                     "exp_avg_sq[" + std::to_string(i) + "]");
-  }
+  check_written_apart(op, {{params, "params"}, {exp_avg, "exp_avg"}, {exp_avg_sq, "exp_avg_sq"},
+                           {compute_weights.value_or(at::TensorList()), "compute_weights"}});
 }
 
 // The step_tensor form's counter: the steps taken so far, one float32 (as torch.optim.Adam's

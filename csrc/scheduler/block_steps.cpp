@@ -49,6 +49,8 @@ BlockStep fused_adam_block_step(DenseBlockSpec spec_arg, std::vector<at::Tensor>
   static const auto counted_op = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("al_ext::dense_block_adam_step_", "step_tensor")
                                      .typed<CountedSignature>();
+  TORCH_CHECK_VALUE(step_count.defined() || !steps.empty(), "fused_adam_block_step: steps must hold the parameters' "
+                    "step counts (one-element tensors), or step_count the device's; got neither");
   auto spec = std::make_shared<DenseBlockSpec>(std::move(spec_arg));
   if (step_count.defined()) {
     return [=](const at::Tensor& s_prev, const at::Tensor& t_prev) {
