@@ -48,9 +48,15 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _writes(trainer: Any) -> bool:
+    """Whether this process writes logs: in a distributed run, where every rank sees the same
+    records, the one that writes checkpoints; otherwise the only one."""
+    return getattr(getattr(trainer, "engine", None), "is_writer", True)
+
+
 class _FileLogger(Callback):
     """Writes the records of every ``every`` steps to log_dir's "steps" file, and every
-    epoch's to its "epochs" file."""
+    epoch's to its "epochs" file (in a distributed run, on the rank that writes checkpoints)."""
 
     def __init__(self, log_dir: str | Path, every: int = 1) -> None:
         self.dir = Path(log_dir)
@@ -61,11 +67,12 @@ class _FileLogger(Callback):
         raise NotImplementedError
 
     def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
-        if record["step"] % self.every == 0:
+        if record["step"] % self.every == 0 and _writes(trainer):
             self._write("steps", record)
 
     def on_epoch(self, trainer: Any, record: dict[str, Any]) -> None:
-        self._write("epochs", record)
+        if _writes(trainer):
+            self._write("epochs", record)
 
 
 class JSONLinesLogger(_FileLogger):
@@ -125,7 +132,8 @@ class CSVLogger(_FileLogger):
 
 class TensorBoardLogger(Callback):
     """Scalars for TensorBoard through ``torch.utils.tensorboard`` (``pip install
-    al-ext[tensorboard]``): train/* every ``every`` steps, epoch/* every epoch."""
+    al-ext[tensorboard]``): train/* every ``every`` steps, epoch/* every epoch (in a
+    distributed run, on the rank that writes checkpoints)."""
 
     def __init__(self, log_dir: str | Path, every: int = 10) -> None:
         try:
@@ -136,13 +144,13 @@ class TensorBoardLogger(Callback):
         self.every = check_positive_int(every, "every")
 
     def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
-        if record["step"] % self.every == 0:
+        if record["step"] % self.every == 0 and _writes(trainer):
             for key, value in _flat(record).items():
                 if key not in ("epoch", "batch", "step") and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
 
     def on_epoch(self, trainer: Any, record: dict[str, Any]) -> None:
-        for key, value in _flat(record).items():
+        for key, value in _flat(record).items() if _writes(trainer) else ():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
 

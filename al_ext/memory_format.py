@@ -22,12 +22,13 @@ def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
 
 
 def use_fastest_memory_format(model: nn.Module) -> None:
-    """Put ``model``'s 4-D parameters (and their gradients) and buffers in channels_last where
-    that is faster. Only 4-D tensors: a Conv3d's 5-D weight has no channels_last."""
+    """Put ``model``'s Conv2d weights (and their gradients) in channels_last where that is
+    faster. The convolutions' weights only: another module's 4-D parameter or buffer may be
+    read as flat memory (a ``view(-1)``), which channels_last strides would refuse."""
     parameter = next(model.parameters(), None)
     if parameter is None or not prefers_channels_last(model, parameter.device):
         return
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in (m.weight for m in model.modules() if isinstance(m, nn.Conv2d)):
         if tensor.dim() == 4:
             # .to, not .contiguous: a weight of one input channel or a 1x1 kernel is already
             # "contiguous" in both layouts, and only .to gives it channels_last strides, which

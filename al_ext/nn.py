@@ -64,7 +64,7 @@ def check_token_batch(x: Tensor, device: torch.device, vocab_size: int, name: st
     low, high = int(x.min()), int(x.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(f"{name} token ids must lie in [0, {vocab_size}), got values from {low} to {high}")
-    return x
+    return x if x.dtype in (torch.int64, torch.int32) else x.long()  # the index dtypes nn.Embedding takes
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .label_side import LabelSide
+from .validation import check_positive_int
 
 PresetOptions = dict[str, Any]
 
@@ -174,6 +175,9 @@ def resolve(family: str, preset: str | None, **given: Any) -> PresetOptions:
     unknown = set(given) - set(options)
     if unknown:  # a family asking for an argument its presets do not define is a bug here
         raise TypeError(f"{family}: no preset defines {', '.join(sorted(unknown))}")
+    for name, value in given.items():  # a switch given as a string ("no") would read as true
+        if value is not None and isinstance(options[name], bool) and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     options.update({k: v for k, v in given.items() if v is not None})
     if not isinstance(options["label_side"], LabelSide):
         raise TypeError(f"label_side must be an al_ext.label_side.LabelSide, got {type(options['label_side']).__name__}")
@@ -224,13 +228,19 @@ def training_settings(preset: str, batch_size: int | None = None, width_ratio: f
                       family: type | object | None = None) -> dict[str, Any]:
     """Trainer arguments (lr, ae_lr, batch_size) of a preset's reference, at its batch size,
     or scaled to ``batch_size`` and ``width_ratio`` (TrainingSettings.at). ``family``, the
-    model or its class (e.g. ResNet_AL, or a subclass), takes the family's own rates where
-    the reference sets them."""
+    model, its class (e.g. ResNet_AL, or a subclass) or its name ("ResNet_AL"), takes the
+    family's own rates where the reference sets them."""
     if preset not in TRAINING_SETTINGS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, TRAINING_SETTINGS))}, got {preset!r}")
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
+    if (isinstance(width_ratio, bool) or not isinstance(width_ratio, (int, float)) or not math.isfinite(width_ratio)
+            or width_ratio <= 0):
+        raise ValueError(f"width_ratio must be a finite number > 0, got {width_ratio!r}")
     settings = TRAINING_SETTINGS[preset]
     if family is not None:
-        classes = (family if isinstance(family, type) else type(family)).__mro__
-        settings = next((FAMILY_TRAINING_SETTINGS[(preset, c.__name__)] for c in classes
-                         if (preset, c.__name__) in FAMILY_TRAINING_SETTINGS), settings)
+        names = [family] if isinstance(family, str) else [
+            c.__name__ for c in (family if isinstance(family, type) else type(family)).__mro__]
+        settings = next((FAMILY_TRAINING_SETTINGS[(preset, name)] for name in names
+                         if (preset, name) in FAMILY_TRAINING_SETTINGS), settings)
     return settings.at(settings.batch_size if batch_size is None else batch_size, width_ratio)

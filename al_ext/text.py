@@ -15,7 +15,7 @@ from torch import Tensor
 from .validation import check_positive_int
 
 PAD, UNKNOWN = 0, 1
-_TOKEN = re.compile(r"[a-z0-9']+")
+_TOKEN = re.compile(r"(?:[^\W_]|')+")  # letters and digits of any script, and apostrophes
 
 Texts = tuple[list[str], Tensor]
 
@@ -50,6 +50,9 @@ class Vocabulary:
         check_positive_int(min_count, "min_count")
         counts = Counter(token for text in texts for token in tokenize(text))
         kept = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
+        if not kept:
+            raise ValueError(f"texts hold no word seen at least min_count={min_count} times (words are runs of "
+                             "letters, digits and apostrophes): every text would encode as padding")
         self.tokens = ["<pad>", "<unk>"] + kept[: max_size - 2]
         self.ids = {t: i for i, t in enumerate(self.tokens)}
 
@@ -108,6 +111,9 @@ def load_imdb(directory: str | Path, split: str = "train") -> Texts:
     return texts, torch.tensor(labels, dtype=torch.long)
 
 
+MAX_TOPICAL_WORDS = 4
+
+
 def generated_topics(n: int, num_classes: int = 4, seed: int = 0, length: tuple[int, int] = (8, 24)) -> Texts:
     """A text classification task made here, for machines that can download nothing: each
     text is filler words from a pool every class shares, with 2-4 words of its class's topic
@@ -116,6 +122,11 @@ def generated_topics(n: int, num_classes: int = 4, seed: int = 0, length: tuple[
     check_positive_int(n, "n")
     if check_positive_int(num_classes, "num_classes") < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if (isinstance(length, (str, bytes)) or not isinstance(length, Sequence) or len(length) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in length)
+            or not MAX_TOPICAL_WORDS <= length[0] <= length[1]):
+        raise ValueError(f"length must be (shortest, longest) words, integers with {MAX_TOPICAL_WORDS} <= shortest "
+                         f"<= longest (a text holds up to {MAX_TOPICAL_WORDS} topic words), got {length!r}")
     gen = torch.Generator().manual_seed(seed)
     filler = [f"w{i}" for i in range(200)]
     topics = [[f"t{c}_{i}" for i in range(10)] + [f"t{(c + 1) % num_classes}_{i}" for i in range(5)]
@@ -124,7 +135,7 @@ def generated_topics(n: int, num_classes: int = 4, seed: int = 0, length: tuple[
     for _ in range(n):
         label = int(torch.randint(num_classes, (1,), generator=gen))
         size = int(torch.randint(length[0], length[1] + 1, (1,), generator=gen))
-        topical = int(torch.randint(2, 5, (1,), generator=gen))
+        topical = int(torch.randint(2, MAX_TOPICAL_WORDS + 1, (1,), generator=gen))
         words = [filler[int(i)] for i in torch.randint(len(filler), (size - topical,), generator=gen)]
         words += [topics[label][int(i)] for i in torch.randint(len(topics[label]), (topical,), generator=gen)]
         order = torch.randperm(len(words), generator=gen).tolist()

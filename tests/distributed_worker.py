@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = dict(stages=2, replicas=None, backend="auto", optimiz
                                 samples=150, blocks=4, precision="fp32", schedule=None, save=None, load=None,
                                 fail=None, max_in_flight=None, timeout_s=60.0, sharded_save=None, mismatch=False,
                                 checkpoint_every=None, cnn=False, stop_at=None, seed_per_rank=False,
-                                rank_stages=1)
+                                rank_stages=1, eval_differs=False, predict_differs=False)
 
 
 def data(options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,10 +39,14 @@ def model(options: dict[str, Any]) -> al_ext.AssociatedLearning:
     if options["cnn"]:  # conv blocks: 4-D activations between stages, the autograd path
         return al_ext.models.ALCNN((1, 3, 4), 3, channels=((4, 4),) * options["blocks"],
                                    strides=(1,) * options["blocks"], label_dim=8, bridge_factor=2)
-    hidden = [16] * options["blocks"]
-    if options["mismatch"] and os.environ.get("RANK") == "1":
-        hidden[-1] = 20  # a bug: this rank builds another model
-    return al_ext.ALMLP(12, 3, hidden=hidden, label_dim=8, bridge_factor=2, backend=options["backend"])
+    hidden, activation = [16] * options["blocks"], "elu"
+    if options["mismatch"] and os.environ.get("RANK") == "1":  # a bug: this rank builds another model
+        if options["mismatch"] == "activation":
+            activation = "tanh"  # of the same shapes
+        else:
+            hidden[-1] = 20
+    return al_ext.ALMLP(12, 3, hidden=hidden, label_dim=8, bridge_factor=2, backend=options["backend"],
+                        activation=activation)
 
 
 def trainer(options: dict[str, Any], distributed: DistributedConfig | None) -> al_ext.Trainer:
@@ -100,6 +104,11 @@ def main(out: Path, options: dict[str, Any]) -> None:
         t.save(options["save"])
     if options["sharded_save"] is not None:
         t.save(options["sharded_save"], sharded=True)
+    rank = torch.distributed.get_rank()
+    if options["eval_differs"]:  # a bug: each replica evaluates a shard of its own (a DistributedSampler)
+        t.evaluate((x[rank::2], y[rank::2]))
+    if options["predict_differs"]:  # a bug: the ranks predict different inputs
+        t.engine.predict(x[: 37 + rank])
     result = {"history": history, "position": (t.epoch, t.position), "evaluation": t.evaluate((x, y)), "predict": t.engine.predict(x[:37]),
               "predict_depth1": t.engine.predict(x[:37], depth=1),
               "adaptive": t.engine.predict_adaptive(x[:37], 0.6), "blocks": list(t.engine.topology.blocks),

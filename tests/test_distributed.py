@@ -277,6 +277,24 @@ def test_ranks_that_build_different_models_are_refused_at_the_start(tmp_path: Pa
     assert all(p.returncode != 0 for p in procs)
     assert "every rank must build the same model" in _stderr_of(procs)
     assert "blocks.3.b.0.weight ([16, 16] against [16, 20]" in _stderr_of(procs)
+    procs = launch(2, tmp_path / "activation", stages=2, mismatch="activation", epochs=1)
+    assert all(p.returncode != 0 for p in procs)
+    assert "every rank must build the same model" in _stderr_of(procs)
+    assert "in '(2): Tanh()' against '(2): ELU(alpha=1.0)'" in _stderr_of(procs)
+
+
+@pytest.mark.parametrize("bug, message", [
+    ("eval_differs", "the first stage's replicas read different evaluation data"),
+    ("predict_differs", "x must hold the same rows on every rank"),
+])
+def test_replicas_that_evaluate_or_predict_different_inputs_are_refused(tmp_path: Path, bug: str, message: str):
+    """Evaluation summed each replica's count of its own share, so replicas that read
+    different data (a DistributedSampler) were counted over a mix of both; predict on inputs
+    of different lengths aborted a rank inside Gloo."""
+    procs = launch(2, tmp_path, stages=1, replicas=2, epochs=1, **{bug: True})
+    assert all(p.returncode != 0 for p in procs), _stderr_of(procs)
+    for p in procs:
+        assert message in p.stderr and "ValueError" in p.stderr, p.stderr[-2000:]
 
 
 # ---- in this process ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import al_ext
-from al_ext import Trainer, data, text
+from al_ext import Trainer, data, memory_format, presets, text
 from al_ext.label_side import LabelSide
 from al_ext.models import ALCNN, VGG_AL, ResNet_AL, Transformer_AL
 
@@ -829,3 +829,58 @@ def test_a_fused_block_step_needs_its_step_counts():
     with pytest.raises(ValueError, match="steps must hold the parameters' step counts"):
         al_ext._extension._C.fused_adam_block_step(params, *state, [], 1e-3, 1e-3, 0.9, 0.999, 1e-8, "elu",
                                                     "sigmoid", "A", "mse")
+
+
+def test_text_of_any_script_tokenizes_and_text_of_no_words_is_refused():
+    assert text.tokenize("Café naïve Straße, l'été") == ["café", "naïve", "straße", "l'été"]
+    assert text.tokenize("w1 t0_3 <br />x") == ["w1", "t0", "3", "x"]  # ASCII as before: _ splits
+    with pytest.raises(ValueError, match="texts hold no word seen at least min_count=1 times"):
+        text.Vocabulary(["...", "!!"])
+    with pytest.raises(ValueError, match=r"length must be \(shortest, longest\) words"):
+        text.generated_topics(10, length=(3, 24))
+    with pytest.raises(ValueError, match=r"length must be \(shortest, longest\) words"):
+        text.generated_topics(10, length=(9, 8))
+
+
+def test_token_ids_of_any_integer_dtype_reach_the_embedding_as_indices():
+    model = al_ext.models.LSTM_AL(10, 2, hidden=(4,), embed_dim=4, label_dim=4)
+    x = torch.randint(1, 10, (3, 5))
+    expected = model.predict(x)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(model.predict(x.to(dtype)), expected)
+
+
+def test_only_convolution_weights_take_channels_last():
+    """Another module's 4-D parameter may be read as flat memory (view(-1))."""
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 3, 4, 4))
+
+        def forward(self, x):
+            return x @ self.w.view(-1)[: x.shape[1]].unsqueeze(1)
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), Flat())
+    memory_format.use_fastest_memory_format(model)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and model[1].w.is_contiguous()
+
+
+def test_preset_switches_and_training_settings_are_checked():
+    with pytest.raises(TypeError, match="bidirectional must be True or False, got 'no'"):
+        al_ext.models.LSTM_AL(10, 2, bidirectional="no")
+    settings = presets.training_settings
+    assert settings("neco", family="ResNet_AL") == settings("neco", family=al_ext.models.ResNet_AL)
+    for kwargs, message in (({"batch_size": 0}, "batch_size must be"), ({"batch_size": 1.5}, "batch_size must be"),
+                            ({"width_ratio": -1.0}, "width_ratio must be a finite number > 0"),
+                            ({"width_ratio": float("nan")}, "width_ratio must be a finite number > 0")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            settings("neco", **kwargs)
+
+
+def test_file_loggers_write_on_the_process_that_writes_checkpoints_only(tmp_path):
+    model = small_mlp(backend="reference")
+    logger = al_ext.callbacks.CSVLogger(tmp_path)
+    trainer = Trainer(model, batch_size=8, progress=False, label_warmup=False, callbacks=[logger])
+    trainer.engine.is_writer = False  # as on a distributed run's other ranks
+    trainer.fit(batch(24), epochs=1)
+    assert not any(path.stat().st_size for path in tmp_path.iterdir())

@@ -91,6 +91,9 @@ def test_threads_never_share_a_buffer():
 
 
 def _allocate_large() -> None:
+    # One thread, as a DataLoader worker runs: GNU OpenMP's pool does not survive fork, and a
+    # parallel fill in the child would hang for a reason that is not the cache's.
+    torch.set_num_threads(1)
     assert float(torch.ones(LARGE).sum()) == LARGE
 
 
@@ -110,6 +113,9 @@ def test_a_process_forked_inside_a_block_allocates():
                 child = multiprocessing.get_context("fork").Process(target=_allocate_large)
                 child.start()
                 child.join(timeout=60)
+                if child.is_alive():  # never leave a hung child holding the test run's output open
+                    child.kill()
+                    child.join()
                 assert child.exitcode == 0, "the child hung or failed allocating a large buffer"
         finally:
             stop.set()

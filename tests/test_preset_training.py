@@ -8,7 +8,7 @@ generated topic task, 4096 training samples, three epochs:
 - without the warm-up, the sigmoid label side leaves the deeper blocks behind (the README's
   grid shows it at the NECO widths, at every batch size on this small split), and the
   Trainer says so; with the zero-centred label side the warning also names, their full
-  paths are off chance.
+  paths are off chance (the ResNet's at batch 64: at 256 it lags, as the README says).
 
 experiments/preset_batch_grid.py runs the grid at the references' widths on the whole split."""
 import warnings
@@ -94,7 +94,9 @@ def test_without_the_warm_up_neco_deeper_blocks_lag_and_the_trainer_says_so(data
     assert "label_warmup=True" in last["collapse_warning"]
 
 
-@pytest.mark.parametrize("family", NECO)
-def test_the_zero_centred_label_side_takes_the_neco_families_off_chance_without_the_warm_up(family, datasets):
-    history, classes = train(family, 256, datasets, label_warmup=False, label_side=ZERO_CENTRED)
+# At 256 the ResNet's deeper blocks still lag with it (the README's grid); at 64 they do not.
+@pytest.mark.parametrize("family, batch_size", [(f, 64 if f == "ResNet_AL" else 256) for f in NECO])
+def test_the_zero_centred_label_side_takes_the_neco_families_off_chance_without_the_warm_up(family, batch_size,
+                                                                                           datasets):
+    history, classes = train(family, batch_size, datasets, label_warmup=False, label_side=ZERO_CENTRED)
     assert off_chance(history[-1], classes), [r["val_accuracy"] for r in history]

@@ -86,7 +86,7 @@ def test_weight_decay_reaches_the_fused_op():
     assert opt.defaults["weight_decay"] == 0.3 and opt.defaults["decoupled_weight_decay"]
     params = [p.detach() for p in al_ext.fused.dense_block_layout(small_mlp().blocks[0])[0]]
     s, t = torch.randn(4, 20), small_mlp().label_targets(torch.tensor([0, 1, 2, 3]))
-    with pytest.raises(RuntimeError, match="weight_decay must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got -1"):
         al_ext.fused.dense_block_sgd_step_(s, t, params, [torch.zeros_like(p) for p in params], 0.1, 0.1, 0.9,
                                            weight_decay=-1.0)
 

@@ -36,7 +36,7 @@ from .._extension import _C
 from ..precision import Precision
 from . import checkpoint, placement
 from .config import DistributedConfig, make_topology
-from .inference import CrossRankInference
+from .inference import CrossRankInference, data_fingerprint
 from .rank_scheduler import run_in_scheduler
 from .stage_step import StageStep
 from .transport import BATCH, END, FORWARD_TAG, LOSSES_TAG, STOP, Header, Link, collective, report_failure, wait
@@ -358,7 +358,7 @@ class DistributedALEngine(Engine):
                 break
             x, y = (v.to(self.device, non_blocking=True) for v in batch)  # type: ignore[union-attr]
             if index == 0 and top.replicas > 1:
-                self._check_replicas_read_alike(x, y)
+                self.check_replicas_read_alike(data_fingerprint(x, y), "batches")
             samples = int(x.shape[0])
             s, t = self._shard(*self.model.inputs_and_targets(x, y))
             losses = torch.zeros(self.model.depth, 2, dtype=torch.float64)
@@ -402,16 +402,16 @@ class DistributedALEngine(Engine):
                              "the same batches (not a DistributedSampler's share: al_ext splits each batch itself)")
         return bool(votes[0])
 
-    def _check_replicas_read_alike(self, x: Tensor, y: Tensor) -> None:
-        """Refuses replicas that read different first batches (a per-rank seed or sampler)."""
-        mine = torch.tensor([x.shape[0], float(y.double().sum()), float(x.double().sum())], dtype=torch.float64,
-                            device=self.link_device)
-        high, low = mine.clone(), mine.clone()
+    def check_replicas_read_alike(self, fingerprint: Tensor, what: str) -> None:
+        """Refuses first-stage replicas whose ``data_fingerprint`` of what they read (the first
+        training batch, all of an evaluation's) differs: a per-rank seed or sampler. Every
+        replica of the first stage calls it at the same point."""
+        high, low = (fingerprint.to(self.link_device, copy=True) for _ in range(2))  # two tensors, reduced apart
         for tensor, op in ((high, dist.ReduceOp.MAX), (low, dist.ReduceOp.MIN)):
             collective(partial(dist.all_reduce, tensor, op=op, group=self.first_stage_group, async_op=True),
-                       "the replicas' first batch")
+                       f"the replicas' {what}")
         if not torch.equal(high, low):
-            raise ValueError("the first stage's replicas read different batches: every replica must read the same "
+            raise ValueError(f"the first stage's replicas read different {what}: every replica must read the same "
                              "data in the same order (the same seed, no DistributedSampler; al_ext splits each "
                              "batch among the replicas itself)")
 
@@ -458,16 +458,26 @@ class DistributedALEngine(Engine):
 def _check_same_model(model: AssociatedLearning) -> None:
     """Refuses at the start a job whose ranks built different models: a stage would get
     activations of shapes its blocks do not take, or train another architecture."""
-    mine = {name: list(t.shape) for name, t in model.state_dict().items()}
+    shapes = {name: list(t.shape) for name, t in model.state_dict().items()}
+    # The modules as printed (activations, their settings) and the losses: shapes alike do not
+    # make one architecture.
+    structure = [*repr(model).splitlines(), f"variant {model.variant}",
+                 *(f"block {i + 1}'s auto-encoder loss {model.ae_loss_of(i)}" for i in range(model.depth))]
     every: list[Any] = [None] * dist.get_world_size()
     try:
-        dist.all_gather_object(every, mine)
+        dist.all_gather_object(every, (shapes, structure))
     except Exception as exc:  # noqa: BLE001 - a peer that failed before it got here
         raise DistributedError(f"rank {dist.get_rank()} could not compare its model with the other ranks': {exc}")
-    for rank, theirs in enumerate(every):
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"every rank must build the same model: rank {rank}'s differs from rank "
-                             f"{dist.get_rank()}'s at {diff[0]} ({theirs.get(diff[0])} against {mine.get(diff[0])}"
-                             f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); build it from the same "
-                             "arguments on every rank")
+    for rank, (their_shapes, their_structure) in enumerate(every):
+        if their_shapes != shapes:
+            diff = sorted(k for k in set(shapes) | set(their_shapes) if shapes.get(k) != their_shapes.get(k))
+            where = (f"at {diff[0]} ({their_shapes.get(diff[0])} against {shapes.get(diff[0])}"
+                     f"{f', and {len(diff) - 1} more' if len(diff) > 1 else ''})")
+        elif their_structure != structure:
+            theirs, mine = next((a, b) for a, b in itertools.zip_longest(their_structure, structure, fillvalue="")
+                                if a != b)
+            where = f"in {theirs.strip()!r} against {mine.strip()!r}"
+        else:
+            continue
+        raise ValueError(f"every rank must build the same model: rank {rank}'s differs from rank {dist.get_rank()}'s "
+                         f"{where}; build it from the same arguments on every rank")

@@ -105,22 +105,28 @@ class CrossRankInference:
 
     def correct_counts(self, batches: Iterable[Batch]) -> tuple[Tensor | None, int]:
         """Correct predictions per depth and the samples, over every replica, on every rank.
-        Only the first stage reads ``batches``."""
+        Only the first stage reads ``batches``; its replicas must read the same ones (each
+        counts its own share of every batch), which is checked once they are read."""
         correct = torch.zeros(self.model.depth + 1, dtype=torch.float64)
         if self.top.is_first:
-            shards = ((self.engine._shard(x.to(self.engine.device), y.to(self.engine.device))) for x, y in batches)
-            pairs: list[Tensor] = []
+            read = torch.zeros(4, dtype=torch.float64)  # batches, then data_fingerprint's sums
 
             def inputs() -> Iterator[Tensor]:
-                for x, y in shards:
+                for x, y in batches:
+                    x, y = x.to(self.engine.device), y.to(self.engine.device)
+                    read.add_(torch.cat([torch.ones(1, dtype=torch.float64), data_fingerprint(x, y)]))
+                    x, y = self.engine._shard(x, y)
                     if x.shape[0]:  # a batch smaller than the replicas leaves some with no rows
                         pairs.append(y)
                         yield x
 
+            pairs: list[Tensor] = []
             for scores in self.scores_of_batches(inputs()):
                 y = pairs.pop(0)
                 correct[:-1] += torch.stack([(s.argmax(dim=1) == y).sum() for s in scores]).double().cpu()
                 correct[-1] += y.shape[0]
+            if self.top.replicas > 1:
+                self.engine.check_replicas_read_alike(read, "evaluation data")
         else:
             for _ in self.scores_of_batches(None):
                 pass
@@ -142,6 +148,11 @@ class CrossRankInference:
         ranks every depth is computed, so early exit chooses the same answers as in one
         process but saves no work."""
         n = x.shape[0]
+        most, fewest = _reduced_over_ranks(torch.tensor([n, -n]), self.engine.link_device, dist.ReduceOp.MAX,
+                                           "the number of rows to predict").tolist()
+        if most != -fewest:  # every rank sees this, and raises alike
+            raise ValueError(f"x must hold the same rows on every rank (each rank predicts its share of them): this "
+                             f"rank has {n}, the ranks {-fewest} to {most}")
         classes = torch.zeros(n, dtype=torch.int64)
         depths = torch.zeros(n, dtype=torch.int64)
         rows, where = self._rows(x.to(self.engine.device))
@@ -171,8 +182,18 @@ class CrossRankInference:
         return classes, exit_depth
 
 
-def _summed_over_ranks(tensor: Tensor, device: torch.device) -> Tensor:
-    """The sum over every rank, on the CPU (NCCL reduces only tensors on the GPU)."""
+def data_fingerprint(x: Tensor, y: Tensor) -> Tensor:
+    """(rows, sum of labels, sum of inputs) in float64 on the CPU: what replicas that read the
+    same data agree on, and others almost surely do not."""
+    return torch.tensor([x.shape[0], float(y.double().sum()), float(x.double().sum())], dtype=torch.float64)
+
+
+def _reduced_over_ranks(tensor: Tensor, device: torch.device, op: dist.ReduceOp, what: str) -> Tensor:
+    """``op`` over every rank, on the CPU (NCCL reduces only tensors on the GPU)."""
     on_device = tensor.to(device)
-    collective(partial(dist.all_reduce, on_device, async_op=True), "the evaluation's counts")
+    collective(partial(dist.all_reduce, on_device, op=op, async_op=True), what)
     return on_device.cpu()
+
+
+def _summed_over_ranks(tensor: Tensor, device: torch.device) -> Tensor:
+    return _reduced_over_ranks(tensor, device, dist.ReduceOp.SUM, "the evaluation's counts")

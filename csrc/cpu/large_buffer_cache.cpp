@@ -30,8 +30,13 @@ class LargeBufferCache final : public c10::Allocator {
       // A process forked while another thread holds the lock (a DataLoader starting its
       // workers during a pipelined run) would inherit it held, and its first large
       // allocation would wait forever: fork waits for the lock, and both sides let it go.
+      // The child (a worker, not a training run) keeps nothing: its buffers go back when
+      // freed. What the parent kept stays unused in it, shared with the parent until written.
       pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
-                     [] { instance().mutex_.unlock(); });
+                     [] {
+                       instance().users_ = 0;
+                       instance().mutex_.unlock();
+                     });
     });
     std::lock_guard<std::mutex> lock(mutex_);
     ++users_;
@@ -67,10 +72,11 @@ class LargeBufferCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kLargeBufferMinBytes) return base_->allocate(n);
     c10::DataPtr buffer;
+    bool reusing = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (users_ == 0) return base_->allocate(n);
-      auto kept = kept_.find(n);
+      reusing = users_ > 0;
+      auto kept = reusing ? kept_.find(n) : kept_.end();
       if (kept != kept_.end()) {
         buffer = std::move(kept->second);
         kept_.erase(kept);
@@ -78,6 +84,7 @@ class LargeBufferCache final : public c10::Allocator {
         ++reused_;
       }
     }
+    if (!reusing) return base_->allocate(n);  // torch's own buffer, freed by its own deleter
     if (!buffer) buffer = base_->allocate(n);
     void* data = buffer.get();
     {
