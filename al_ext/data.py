@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import numbers
 import os
 import struct
 import warnings
@@ -100,15 +101,16 @@ def load_digits() -> Dataset:
 
 
 def _resolve_size(size: float | int, total: int, name: str) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, float)):
+    # numbers.*, not int and float: numpy's scalars (a count read from an array) are numbers too
+    if isinstance(size, bool) or not isinstance(size, numbers.Real):
         raise TypeError(f"{name} must be a fraction in [0, 1) or a sample count, got {size!r}")
-    if isinstance(size, float):
-        if not 0.0 <= size < 1.0:
-            raise ValueError(f"{name} as a fraction must lie in [0, 1), got {size}")
-        return round(size * total)
-    if not 0 <= size < total:
-        raise ValueError(f"{name} as a count must lie in [0, {total}), got {size}")
-    return size
+    if isinstance(size, numbers.Integral):
+        if not 0 <= size < total:
+            raise ValueError(f"{name} as a count must lie in [0, {total}), got {size}")
+        return int(size)
+    if not 0.0 <= size < 1.0:
+        raise ValueError(f"{name} as a fraction must lie in [0, 1), got {size}")
+    return round(float(size) * total)
 
 
 def _allocate(class_counts: np.ndarray, total: int) -> np.ndarray:
@@ -135,6 +137,10 @@ def stratified_split(labels: Tensor, val: float | int = 0.1, test: float | int =
     ``val`` and ``test`` are fractions in [0, 1) or sample counts; the rest is training data.
     """
     labels = check_tensor(labels, "labels")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer >= 0, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed}")
     y = check_labels(labels, int(labels.max()) + 1 if labels.numel() else 1, "labels").numpy()
     n = y.shape[0]
     n_test, n_val = _resolve_size(test, n, "test"), _resolve_size(val, n, "val")
@@ -167,6 +173,8 @@ class DatasetSplits:
 def split_dataset(x: Tensor, y: Tensor, val: float | int = 0.1, test: float | int = 0.2, seed: int = 0) -> DatasetSplits:
     """(x, y) cut by ``stratified_split``; an empty part is None."""
     x, y = check_tensor(x, "x"), check_tensor(y, "y")
+    if x.dim() == 0:
+        raise ValueError("x must hold samples along its first dimension, got a 0-d tensor")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of samples, got {x.shape[0]} and {y.shape[0]}")
     idx = stratified_split(y, val, test, seed)

@@ -28,7 +28,7 @@ from .nn import AssociatedLearning
 from .optim import (OptimizerFactory, OptimizerSpec, SchedulerFactory, check_scheduler, optimizer_factory,
                     step_scheduler)
 from .pipeline import Batch, BatchCallback, Pipeline
-from .precision import Precision, make_precision
+from .precision import Precision, make_precision, missing_bf16_hardware
 from .validation import (check_batch_pair, check_labels, check_positive_float, check_tensor, classes_of,
                          first_parameter)
 
@@ -99,6 +99,10 @@ class Engine:
     def agree(self, flag: bool) -> bool:
         """Whether to stop, as every process of the run sees it (here: this one)."""
         return flag
+
+    def check_alike_on_every_rank(self, call: str, arguments: dict[str, Any]) -> None:
+        """Refuses ``call`` where another process of the run was given other ``arguments``
+        (those that decide which collectives it joins); here there is none."""
 
     def report_failure(self, exc: BaseException) -> None:
         """Tells the other processes of the run, if any, why this one fails."""
@@ -340,9 +344,7 @@ def _fused_optimizers(model: AssociatedLearning, torch_optimizers: list[torch.op
     if precision.compute_dtype is not None:
         device = first_parameter(model).device
         if not bf16_compute_available(device):
-            lacks = {"cpu": "this CPU has no bfloat16 matrix hardware (AVX512_BF16 or AMX)",
-                     "cuda": "this GPU has no bfloat16 tensor cores (compute capability 8.0 or later)"}
-            reason = lacks.get(device.type, f"the fused step has no kernel on {device.type}")
+            reason = missing_bf16_hardware(device) or f"the fused step has no bf16 kernel on {device.type} here"
             return f"{reason} for the fused bf16 step; the general path runs bf16 under autocast"
     if compile:
         return "compile=True compiles the general path (the fused step is one op already)"

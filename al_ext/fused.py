@@ -16,6 +16,7 @@ from .errors import NonFiniteLossError
 from .reference import (ACTIVATION_MODULES, AE_LOSSES, DENSE_PARAMETER_NAMES, VARIANTS, X_ACTIVATIONS, DenseBlockStep,
                         parameter_groups)
 from .optim import holds_exactly
+from .precision import missing_bf16_hardware
 from .validation import check_choice, check_rate, check_tensor
 
 
@@ -185,16 +186,14 @@ def _mark_written(tensors: list[Tensor]) -> None:
 
 def bf16_compute_available(device: torch.device | str = "cpu") -> bool:
     """Whether the fused step's ``compute_dtype=torch.bfloat16`` runs on ``device`` with
-    bfloat16 matrix hardware. The CPU (the default): AVX512_BF16 or AMX with torch's oneDNN,
-    which the CPU kernels need (elsewhere they refuse bf16: emulated bf16 GEMMs are slower than
-    float32). CUDA: al_ext built with its CUDA kernels and a GPU of compute capability 8.0 or
-    later (bf16 tensor cores; cuBLAS emulates bf16 on older ones)."""
+    bfloat16 matrix hardware (al_ext.precision.missing_bf16_hardware). The CPU (the default):
+    AVX512_BF16 or AMX with torch's oneDNN, which the CPU kernels need (elsewhere they refuse
+    bf16: emulated bf16 GEMMs are slower than float32). CUDA: al_ext built with its CUDA
+    kernels and a GPU of compute capability 8.0 or later (cuBLAS emulates bf16 on older ones)."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return bool(_C.build_info()["cpu_bf16_gemm"])
-    if device.type == "cuda":
-        return has_cuda_kernels() and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-    return False
+    if device.type == "cuda" and not (has_cuda_kernels() and torch.cuda.is_available()):
+        return False
+    return device.type in ("cpu", "cuda") and missing_bf16_hardware(device) is None
 
 
 def _outputs_like(s_prev: Tensor, t_prev: Tensor, params: Sequence[Tensor], compute_dtype: torch.dtype | None,

@@ -10,11 +10,13 @@ parameters, the optimiser state and the update stay float32 (master weights).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, ContextManager
 
 import torch
 from torch import Tensor, nn
 
+from ._extension import _C
 from .validation import check_choice
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -88,6 +90,17 @@ class FP16Precision(Precision):
         self.scaler.load_state_dict(state)
 
 
+def missing_bf16_hardware(device: torch.device) -> str | None:
+    """What ``device`` lacks to multiply bfloat16 matrices in hardware, or None where it has
+    it (or is of a kind not known here). Without it bf16 products are emulated, slower than
+    float32's."""
+    if device.type == "cpu" and not _C.build_info()["cpu_bf16_gemm"]:  # as torch's oneDNN finds the CPU
+        return "this CPU has no bfloat16 matrix hardware (AVX512_BF16 or AMX)"
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+        return "this GPU has no bfloat16 tensor cores (compute capability 8.0 or later)"
+    return None
+
+
 def make_precision(name: str, model: nn.Module, device: torch.device) -> Precision:
     """The policy ``name`` for ``model`` on ``device``; bf16 and fp16 keep float32 master
     weights, so the model's parameters must be float32."""
@@ -103,4 +116,9 @@ def make_precision(name: str, model: nn.Module, device: torch.device) -> Precisi
             raise ValueError("precision='fp16' runs on CUDA only (float16 needs loss scaling and has no fast CPU "
                              "kernels); on the CPU use precision='bf16'")
         return FP16Precision(device)
+    missing = missing_bf16_hardware(device)
+    if missing is not None:
+        # Emulated bf16 ran ALCNN's step 10x slower than float32 on an AVX2 CPU (benchmarks/RESULTS.md).
+        warnings.warn(f"precision='bf16': {missing}, so its bf16 matrix products are emulated and run slower than "
+                      "float32's; precision='fp32' is faster here", UserWarning, stacklevel=3)
     return BF16Precision(device)

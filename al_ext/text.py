@@ -81,6 +81,8 @@ def load_ag_news(path: str | Path) -> Texts:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is no part of row 1
             for line, row in enumerate(csv.reader(fh), start=1):
+                if not row:  # a blank line (an editor's trailing newline): no sample
+                    continue
                 if len(row) != 3 or row[0].strip() not in {"1", "2", "3", "4"}:
                     raise ValueError(f"{path}, row {line}: expected class index 1-4, title, description (3 fields); "
                                      f"got {len(row)} field(s): {str(row)[:200]}")
@@ -104,7 +106,10 @@ def load_imdb(directory: str | Path, split: str = "train") -> Texts:
         if not folder.is_dir():
             raise FileNotFoundError(f"IMDB folder not found: {folder}")
         for file in sorted(folder.glob("*.txt")):
-            texts.append(file.read_text(encoding="utf-8"))
+            try:
+                texts.append(file.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{file}: not UTF-8 text, as IMDB's reviews are ({exc})") from None
             labels.append(label)
     if not texts:
         raise ValueError(f"{Path(directory) / split} holds no reviews")

@@ -168,6 +168,9 @@ class Trainer:
             raise TypeError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}")
         self.callbacks = list(callbacks or ())
         for i, callback in enumerate(self.callbacks):
+            if isinstance(callback, type):  # its hooks would be unbound functions, failing at the first call
+                raise TypeError(f"callbacks[{i}] must be a callback object, got the class {callback.__name__} "
+                                f"(write {callback.__name__}(...))")
             hooks = {hook: getattr(callback, hook) for hook in HOOKS if hasattr(callback, hook)}
             if not hooks:
                 raise TypeError(f"callbacks[{i}] must have at least one of {', '.join(HOOKS)} (al_ext.callbacks."
@@ -341,6 +344,9 @@ class Trainer:
                 check_output_path(path, name)
         if save_best is not None and val is None:
             raise ValueError("save_best needs val= (the best epoch is the best on validation)")
+        self.engine.check_alike_on_every_rank("fit", {
+            "epochs": epochs, "val given": val is not None, "checkpoint given": checkpoint is not None,
+            "checkpoint_every": checkpoint_every, "save_best given": save_best is not None})
         train = self._prepared(train, "train")
         val = None if val is None else self._prepared(val, "val")
         self._check_batch_size_of_epoch(train)

@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = dict(stages=2, replicas=None, backend="auto", optimiz
                                 samples=150, blocks=4, precision="fp32", schedule=None, save=None, load=None,
                                 fail=None, max_in_flight=None, timeout_s=60.0, sharded_save=None, mismatch=False,
                                 checkpoint_every=None, cnn=False, stop_at=None, seed_per_rank=False,
-                                rank_stages=1, eval_differs=False, predict_differs=False)
+                                rank_stages=1, eval_differs=False, predict_differs=False, val_on_rank0_only=False)
 
 
 def data(options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +98,9 @@ def main(out: Path, options: dict[str, Any]) -> None:
         t.load(options["load"])  # a file or a sharded checkpoint's directory
     x, y = data(options)
     every = options["checkpoint_every"]
-    history = t.fit((x, y), (x, y), epochs=options["epochs"], checkpoint=None if every is None else out / "running.pt",
+    # val_on_rank0_only, a bug: the other ranks never join rank 0's evaluations
+    val = None if options["val_on_rank0_only"] and torch.distributed.get_rank() != 0 else (x, y)
+    history = t.fit((x, y), val, epochs=options["epochs"], checkpoint=None if every is None else out / "running.pt",
                     checkpoint_every=every)
     if options["save"] is not None:
         t.save(options["save"])

@@ -107,6 +107,13 @@ def test_stratified_split_sizes_shares_and_seed():
     assert torch.equal(split.test, again.test) and not torch.equal(split.test, other.test)
 
 
+def test_split_sizes_may_be_numpy_numbers():
+    split = data.stratified_split(torch.arange(100) % 4, val=np.int64(10), test=np.float32(0.2))
+    assert (split.val.numel(), split.test.numel()) == (10, 20)
+    with pytest.raises(ValueError, match="x must hold samples along its first dimension, got a 0-d tensor"):
+        data.split_dataset(torch.tensor(1.0), torch.arange(4))
+
+
 def test_split_dataset_of_mnist_sizes():
     y = torch.arange(10000) % 10
     parts = data.split_dataset(torch.zeros(10000, 1), y, val=0, test=0.2, seed=0)
@@ -121,6 +128,8 @@ def test_split_dataset_of_mnist_sizes():
         ({"val": -2}, ValueError, "val as a count must lie in"),
         ({"val": 0.5, "test": 0.5}, ValueError, "leave no training samples"),
         ({"test": "half"}, TypeError, "test must be a fraction"),
+        ({"seed": -1}, ValueError, "seed must be an integer >= 0, got -1"),
+        ({"seed": 0.5}, TypeError, "seed must be an integer >= 0, got 0.5"),
     ],
 )
 def test_bad_split_sizes(kwargs, error, message):

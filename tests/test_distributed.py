@@ -283,6 +283,16 @@ def test_ranks_that_build_different_models_are_refused_at_the_start(tmp_path: Pa
     assert "in '(2): Tanh()' against '(2): ELU(alpha=1.0)'" in _stderr_of(procs)
 
 
+def test_a_fit_given_val_on_some_ranks_only_is_refused_at_once(tmp_path: Path) -> None:
+    """Rank 0 would evaluate after the first epoch while rank 1 went on: both waited until the
+    timeout, then failed saying that a peer did not answer."""
+    procs = launch(2, tmp_path, stages=2, val_on_rank0_only=True)
+    for me, p in enumerate(procs):
+        other = 1 - me
+        expected = f"fit must be called alike on every rank: rank {other} has val given {other == 0}, rank {me} {me == 0}"
+        assert p.returncode != 0 and expected in p.stderr, p.stderr[-2000:]
+
+
 @pytest.mark.parametrize("bug, message", [
     ("eval_differs", "the first stage's replicas read different evaluation data"),
     ("predict_differs", "x must hold the same rows on every rank"),

@@ -48,6 +48,8 @@ def test_ag_news_csv(tmp_path):
     path.write_text('"5","x","y"\n', encoding="utf-8")
     with pytest.raises(ValueError, match="row 1: expected class index 1-4"):
         text.load_ag_news(path)
+    path.write_text('"2","t","d"\n\n"4","u","e"\n\n', encoding="utf-8")  # blank lines are no rows
+    assert text.load_ag_news(path)[1].tolist() == [1, 3]
 
 
 def test_imdb_folder(tmp_path):
@@ -61,6 +63,9 @@ def test_imdb_folder(tmp_path):
     assert labels.tolist() == [0, 1, 1] and texts[1] == "Great film!"
     with pytest.raises(FileNotFoundError, match="IMDB folder not found"):
         text.load_imdb(tmp_path, "train")
+    (tmp_path / "aclImdb" / "test" / "pos" / "9_1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match=r"9_1.txt: not UTF-8 text"):
+        text.load_imdb(tmp_path / "aclImdb", "test")
 
 
 def test_vocabulary_encodes_padded_ids():

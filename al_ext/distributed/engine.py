@@ -39,7 +39,8 @@ from .config import DistributedConfig, make_topology
 from .inference import CrossRankInference, data_fingerprint
 from .rank_scheduler import run_in_scheduler
 from .stage_step import StageStep
-from .transport import BATCH, END, FORWARD_TAG, LOSSES_TAG, STOP, Header, Link, collective, report_failure, wait
+from .transport import (BATCH, END, FORWARD_TAG, LOSSES_TAG, STOP, Header, Link, collective, failure_seen,
+                        report_failure, wait)
 
 
 class DistributedALEngine(Engine):
@@ -146,6 +147,20 @@ class DistributedALEngine(Engine):
         vote = torch.tensor([1.0 if flag else 0.0], device=self.link_device)
         collective(partial(dist.all_reduce, vote, op=dist.ReduceOp.MAX, async_op=True), "the ranks' vote to stop")
         return bool(vote.item())
+
+    def check_alike_on_every_rank(self, call: str, arguments: dict[str, Any]) -> None:
+        """Every rank sees every rank's ``arguments`` and raises alike: a rank that validates
+        or checkpoints where the others do not would wait in a collective they never join."""
+        every: list[Any] = [None] * dist.get_world_size()
+        try:
+            dist.all_gather_object(every, arguments)
+        except Exception as exc:  # noqa: BLE001 - a peer that failed before it got here
+            raise failure_seen(None, f"the ranks' {call} arguments", exc) from None
+        for rank, theirs in enumerate(every):
+            for name, value in arguments.items():
+                if theirs.get(name) != value:
+                    raise ValueError(f"{call} must be called alike on every rank: rank {rank} has {name} "
+                                     f"{theirs.get(name)!r}, rank {dist.get_rank()} {value!r}")
 
     def report_failure(self, exc: BaseException) -> None:
         report_failure(exc)
