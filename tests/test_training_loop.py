@@ -553,6 +553,14 @@ def test_deeper_blocks_lagging_behind_a_good_shortcut_are_reported(accuracy, exp
         assert ("label_warmup=True" in warning) is not warmed_up, "the warm-up is advised only where it has not run"
 
 
+def test_two_classes_at_70_percent_are_not_called_chance():
+    """1.5 x chance is 75 % on two classes: a full path at 70 % was reported as at chance."""
+    from al_ext.collapse import chance_ceiling, collapse_warning
+    assert [round(chance_ceiling(c), 3) for c in (2, 3, 4, 10, 100)] == [0.6, 0.433, 0.35, 0.15, 0.015]
+    assert collapse_warning(0.05, [0.95, 0.70], 2, "mse") is None
+    assert "the full path answers at chance" in collapse_warning(0.05, [0.95, 0.52], 2, "mse")
+
+
 # ---- what the review found ---------------------------------------------------------------
 
 @pytest.mark.parametrize("pipelined", [False, True])
