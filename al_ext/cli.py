@@ -396,6 +396,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     _check_outputs(args)
     _say(f"dataset {args.dataset}: {x.shape[0]} samples, {num_classes} classes; stratified split (seed {args.seed}): "
          f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test")
+    absent = sorted(set(range(num_classes)) - set(y.unique().tolist()))
+    if absent:  # labels counted from 1, or classes dropped: the model gets outputs nothing trains
+        _say(f"  warning: no sample has label {', '.join(map(str, absent[:10]))}{' ...' if len(absent) > 10 else ''} "
+             f"(the model has {num_classes} classes, one per label from 0 to the largest); labels should run from 0")
     torch.manual_seed(args.seed)
     model = build_model(args, image_shape, num_classes, vocab_size)
     baseline = bp_baseline(model) if args.compare_bp else None  # same initial weights on the shared path

@@ -141,9 +141,10 @@ def test_model_and_dataset_must_agree(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_train_on_idx_files(tmp_path):
+@pytest.mark.parametrize("first_label", [0, 1])
+def test_train_on_idx_files(tmp_path, first_label):
     rng = np.random.default_rng(0)
-    labels = np.arange(60, dtype=np.uint8) % 3
+    labels = (np.arange(60, dtype=np.uint8) % 3 + first_label).astype(np.uint8)
     images = (rng.random((60, 4, 4)) * 60 + labels[:, None, None] * 60).astype(np.uint8)
     write_idx(tmp_path / "img.gz", images, 0x08)
     write_idx(tmp_path / "lab.gz", labels, 0x08)
@@ -151,6 +152,8 @@ def test_train_on_idx_files(tmp_path):
                  "--hidden", "8", "--label-dim", "4", "--val", "0", "--test", "12", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "48 train / 0 val / 12 test" in result.stdout
+    # labels counted from 1: a class 0 that nothing trains, said so
+    assert ("warning: no sample has label 0 (the model has 4 classes" in result.stdout) is (first_label == 1)
 
 
 @pytest.mark.parametrize(
