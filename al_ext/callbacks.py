@@ -140,22 +140,29 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ImportError("TensorBoardLogger needs the tensorboard package: pip install al-ext[tensorboard]") from exc
-        self.writer = SummaryWriter(str(log_dir))
+        self._make_writer = lambda: SummaryWriter(str(log_dir))
+        self._writer: Any = None  # made on the first write: a rank that never writes leaves no event file
         self.every = check_positive_int(every, "every")
 
+    def _scalars(self, trainer: Any, prefix: str, record: dict[str, Any], step: int, skipped: tuple[str, ...]) -> None:
+        if not _writes(trainer):
+            return
+        if self._writer is None:
+            self._writer = self._make_writer()
+        for key, value in _flat(record).items():
+            if key not in skipped and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{prefix}/{key}", value, step)
+
     def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
-        if record["step"] % self.every == 0 and _writes(trainer):
-            for key, value in _flat(record).items():
-                if key not in ("epoch", "batch", "step") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if record["step"] % self.every == 0:
+            self._scalars(trainer, "train", record, record["step"], ("epoch", "batch", "step"))
 
     def on_epoch(self, trainer: Any, record: dict[str, Any]) -> None:
-        for key, value in _flat(record).items() if _writes(trainer) else ():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+        self._scalars(trainer, "epoch", record, record["epoch"], ("epoch",))
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def tensorboard_available() -> bool:

@@ -100,9 +100,12 @@ class Engine:
         """Whether to stop, as every process of the run sees it (here: this one)."""
         return flag
 
-    def check_alike_on_every_rank(self, call: str, arguments: dict[str, Any]) -> None:
-        """Refuses ``call`` where another process of the run was given other ``arguments``
-        (those that decide which collectives it joins); here there is none."""
+    def check_alike_on_every_rank(self, call: str, arguments: dict[str, Any], refusal: Exception | None) -> None:
+        """Raises ``refusal`` (this process's own objection to ``call``, if any), and refuses
+        ``call`` where another process of the run objected or was given other ``arguments``
+        (those that decide which collectives it joins); here there is no other."""
+        if refusal is not None:
+            raise refusal
 
     def report_failure(self, exc: BaseException) -> None:
         """Tells the other processes of the run, if any, why this one fails."""

@@ -3,8 +3,8 @@ must follow it.
 
 On the CPU, oneDNN runs 2-D convolutions and their gradients faster on channels_last
 tensors than on NCHW ones, and it takes channels_last when the weight is: so an engine puts
-every 4-D parameter and buffer of a model with a Conv2d there, in place, once, and the
-activations follow. Measured (benchmarks/RESULTS.md, the general path against a hand-written
+the Conv2d weights of a model there, in place, once, and the activations follow (other
+modules' 4-D tensors stay as they are: one may be read as flat memory). Measured (benchmarks/RESULTS.md, the general path against a hand-written
 NCHW loop): VGG_AL 1.20-1.25x, ResNet_AL(20) 1.05-1.17x, ALCNN at parity. The values, the
 state_dict and what a checkpoint holds are unchanged (a layout is not a value), and the
 parameters stay the same objects; the layout stays with the model if it later moves to a GPU

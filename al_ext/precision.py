@@ -119,6 +119,7 @@ def make_precision(name: str, model: nn.Module, device: torch.device) -> Precisi
     missing = missing_bf16_hardware(device)
     if missing is not None:
         # Emulated bf16 ran ALCNN's step 10x slower than float32 on an AVX2 CPU (benchmarks/RESULTS.md).
+        faster = "precision='fp32' is faster here" if device.type == "cpu" else "precision='fp16' or 'fp32' is faster here"
         warnings.warn(f"precision='bf16': {missing}, so its bf16 matrix products are emulated and run slower than "
-                      "float32's; precision='fp32' is faster here", UserWarning, stacklevel=3)
+                      f"float32's; {faster}", UserWarning, stacklevel=3)
     return BF16Precision(device)

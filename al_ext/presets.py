@@ -20,12 +20,15 @@ is what takes NECO's sigmoid label side off chance in the first epochs at batch 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .label_side import LabelSide
-from .validation import check_positive_int
+from .validation import check_positive_float, check_positive_int
 
 PresetOptions = dict[str, Any]
 
@@ -176,9 +179,9 @@ def resolve(family: str, preset: str | None, **given: Any) -> PresetOptions:
     if unknown:  # a family asking for an argument its presets do not define is a bug here
         raise TypeError(f"{family}: no preset defines {', '.join(sorted(unknown))}")
     for name, value in given.items():  # a switch given as a string ("no") would read as true
-        if value is not None and isinstance(options[name], bool) and not isinstance(value, bool):
+        if value is not None and isinstance(options[name], bool) and not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {value!r}")
-    options.update({k: v for k, v in given.items() if v is not None})
+    options.update({k: bool(v) if isinstance(v, np.bool_) else v for k, v in given.items() if v is not None})
     if not isinstance(options["label_side"], LabelSide):
         raise TypeError(f"label_side must be an al_ext.label_side.LabelSide, got {type(options['label_side']).__name__}")
     return options
@@ -232,13 +235,19 @@ def training_settings(preset: str, batch_size: int | None = None, width_ratio: f
     family's own rates where the reference sets them."""
     if preset not in TRAINING_SETTINGS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, TRAINING_SETTINGS))}, got {preset!r}")
+    # numbers.*: a batch size or ratio read from numpy is as good as Python's
     if batch_size is not None:
-        check_positive_int(batch_size, "batch_size")
-    if (isinstance(width_ratio, bool) or not isinstance(width_ratio, (int, float)) or not math.isfinite(width_ratio)
-            or width_ratio <= 0):
-        raise ValueError(f"width_ratio must be a finite number > 0, got {width_ratio!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_positive_int(int(batch_size), "batch_size")
+    if isinstance(width_ratio, bool) or not isinstance(width_ratio, numbers.Real):
+        raise TypeError(f"width_ratio must be a positive finite number, got {width_ratio!r}")
+    width_ratio = check_positive_float(float(width_ratio), "width_ratio")
     settings = TRAINING_SETTINGS[preset]
     if family is not None:
+        if isinstance(family, str) and family not in PRESETS:  # a typo would take the generic rates silently
+            raise ValueError(f"family must be one of {', '.join(map(repr, PRESETS))} (or the model or its class), "
+                             f"got {family!r}")
         names = [family] if isinstance(family, str) else [
             c.__name__ for c in (family if isinstance(family, type) else type(family)).__mro__]
         settings = next((FAMILY_TRAINING_SETTINGS[(preset, name)] for name in names

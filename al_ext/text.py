@@ -3,6 +3,7 @@ folder), and a vocabulary that turns texts into padded token-id tensors."""
 from __future__ import annotations
 
 import csv
+import numbers
 import re
 from collections import Counter
 from pathlib import Path
@@ -52,7 +53,7 @@ class Vocabulary:
         kept = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
         if not kept:
             raise ValueError(f"texts hold no word seen at least min_count={min_count} times (words are runs of "
-                             "letters, digits and apostrophes): every text would encode as padding")
+                             "letters, digits and apostrophes): every text would encode as padding and unknown words")
         self.tokens = ["<pad>", "<unk>"] + kept[: max_size - 2]
         self.ids = {t: i for i, t in enumerate(self.tokens)}
 
@@ -128,7 +129,7 @@ def generated_topics(n: int, num_classes: int = 4, seed: int = 0, length: tuple[
     if check_positive_int(num_classes, "num_classes") < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if (isinstance(length, (str, bytes)) or not isinstance(length, Sequence) or len(length) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in length)
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in length)
             or not MAX_TOPICAL_WORDS <= length[0] <= length[1]):
         raise ValueError(f"length must be (shortest, longest) words, integers with {MAX_TOPICAL_WORDS} <= shortest "
                          f"<= longest (a text holds up to {MAX_TOPICAL_WORDS} topic words), got {length!r}")

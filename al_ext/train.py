@@ -237,7 +237,7 @@ class Trainer:
 
     def _check_pair(self, x: Any, y: Any, name: str) -> tuple[Tensor, Tensor]:
         vocab_size = getattr(self.model, "vocab_size", None)
-        if vocab_size is not None:  # token ids: checked by the model's own rule, never cast
+        if vocab_size is not None:  # token ids: checked by the model's own rule, which casts them to an index dtype
             x = check_token_batch(check_tensor(x, f"{name} inputs").to(self.device), self.device, vocab_size,
                                   f"{name} inputs")
             return x, check_labels(y, self.num_classes, f"{name} labels", length=x.shape[0]).to(self.device)
@@ -332,24 +332,28 @@ class Trainer:
         exactly as it would have finished (pipelined runs drain the pipeline at each
         checkpoint). ``on_epoch(record)`` is called after each epoch, as are the callbacks.
         """
-        check_positive_int(epochs, "epochs")
-        if on_epoch is not None and not callable(on_epoch):
-            raise TypeError(f"on_epoch must be a callable record -> None, got {type(on_epoch).__name__}")
-        if checkpoint_every is not None:
-            check_positive_int(checkpoint_every, "checkpoint_every")
-            if checkpoint is None:
-                raise ValueError("checkpoint_every needs checkpoint= (the file to write)")
-        for name, path in (("checkpoint", checkpoint), ("save_best", save_best)):
-            if path is not None and self.engine.is_writer:  # the one process that writes them
-                check_output_path(path, name)
-        if save_best is not None and val is None:
-            raise ValueError("save_best needs val= (the best epoch is the best on validation)")
+        refusal: Exception | None = None
+        try:  # a rank alone may refuse (its data, the writer's paths): every rank hears of it
+            check_positive_int(epochs, "epochs")
+            if on_epoch is not None and not callable(on_epoch):
+                raise TypeError(f"on_epoch must be a callable record -> None, got {type(on_epoch).__name__}")
+            if checkpoint_every is not None:
+                check_positive_int(checkpoint_every, "checkpoint_every")
+                if checkpoint is None:
+                    raise ValueError("checkpoint_every needs checkpoint= (the file to write)")
+            for name, path in (("checkpoint", checkpoint), ("save_best", save_best)):
+                if path is not None and self.engine.is_writer:  # the one process that writes them
+                    check_output_path(path, name)
+            if save_best is not None and val is None:
+                raise ValueError("save_best needs val= (the best epoch is the best on validation)")
+            train = self._prepared(train, "train")
+            val = None if val is None else self._prepared(val, "val")
+            self._check_batch_size_of_epoch(train)
+        except (TypeError, ValueError) as exc:
+            refusal = exc
         self.engine.check_alike_on_every_rank("fit", {
             "epochs": epochs, "val given": val is not None, "checkpoint given": checkpoint is not None,
-            "checkpoint_every": checkpoint_every, "save_best given": save_best is not None})
-        train = self._prepared(train, "train")
-        val = None if val is None else self._prepared(val, "val")
-        self._check_batch_size_of_epoch(train)
+            "checkpoint_every": checkpoint_every, "save_best given": save_best is not None}, refusal)
         self._fit_epochs = epochs
         self._best_path = None if save_best is None else Path(save_best)
         self.should_stop = False

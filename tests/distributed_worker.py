@@ -24,7 +24,8 @@ DEFAULTS: dict[str, Any] = dict(stages=2, replicas=None, backend="auto", optimiz
                                 samples=150, blocks=4, precision="fp32", schedule=None, save=None, load=None,
                                 fail=None, max_in_flight=None, timeout_s=60.0, sharded_save=None, mismatch=False,
                                 checkpoint_every=None, cnn=False, stop_at=None, seed_per_rank=False,
-                                rank_stages=1, eval_differs=False, predict_differs=False, val_on_rank0_only=False)
+                                rank_stages=1, eval_differs=False, predict_differs=False, val_on_rank0_only=False,
+                                checkpoint_folder=None)
 
 
 def data(options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +101,8 @@ def main(out: Path, options: dict[str, Any]) -> None:
     every = options["checkpoint_every"]
     # val_on_rank0_only, a bug: the other ranks never join rank 0's evaluations
     val = None if options["val_on_rank0_only"] and torch.distributed.get_rank() != 0 else (x, y)
-    history = t.fit((x, y), val, epochs=options["epochs"], checkpoint=None if every is None else out / "running.pt",
+    folder = out if options["checkpoint_folder"] is None else Path(options["checkpoint_folder"])
+    history = t.fit((x, y), val, epochs=options["epochs"], checkpoint=None if every is None else folder / "running.pt",
                     checkpoint_every=every)
     if options["save"] is not None:
         t.save(options["save"])
@@ -108,9 +110,10 @@ def main(out: Path, options: dict[str, Any]) -> None:
         t.save(options["sharded_save"], sharded=True)
     rank = torch.distributed.get_rank()
     if options["eval_differs"]:  # a bug: each replica evaluates a shard of its own (a DistributedSampler)
-        t.evaluate((x[rank::2], y[rank::2]))
-    if options["predict_differs"]:  # a bug: the ranks predict different inputs
-        t.engine.predict(x[: 37 + rank])
+        replica = t.engine.topology.replica
+        t.evaluate((x[replica::2], y[replica::2]))
+    if options["predict_differs"]:  # a bug: the ranks predict different rows (as many on each)
+        t.engine.predict(x[rank : 37 + rank])
     result = {"history": history, "position": (t.epoch, t.position), "evaluation": t.evaluate((x, y)), "predict": t.engine.predict(x[:37]),
               "predict_depth1": t.engine.predict(x[:37], depth=1),
               "adaptive": t.engine.predict_adaptive(x[:37], 0.6), "blocks": list(t.engine.topology.blocks),

@@ -293,18 +293,47 @@ def test_a_fit_given_val_on_some_ranks_only_is_refused_at_once(tmp_path: Path) -
         assert p.returncode != 0 and expected in p.stderr, p.stderr[-2000:]
 
 
+def test_a_fit_that_one_rank_refuses_ends_every_rank_at_once(tmp_path: Path) -> None:
+    """Only the writing rank checks the checkpoint's folder: the others waited for it in the
+    first collective until the timeout."""
+    start = time.monotonic()
+    procs = launch(2, tmp_path, stages=2, checkpoint_every=2, checkpoint_folder="/no/such/folder")
+    assert "ValueError: checkpoint: the folder '/no/such/folder'" in procs[0].stderr, procs[0].stderr[-2000:]
+    assert "rank 0 refused fit (ValueError: checkpoint: the folder '/no/such/folder'" in procs[1].stderr, \
+        procs[1].stderr[-2000:]
+    assert all(p.returncode != 0 for p in procs) and time.monotonic() - start < 40  # the ranks' timeout is 60 s
+
+
+def test_the_data_fingerprint_tells_order_apart_and_adds_up_over_batches() -> None:
+    from al_ext.distributed.inference import data_fingerprint
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g), torch.randint(3, (40,), generator=g)
+    whole = data_fingerprint(x, y)
+    order = torch.randperm(40, generator=g)
+    assert not torch.equal(whole, data_fingerprint(x[order], y[order]))  # the same rows, shuffled
+    assert torch.allclose(whole, data_fingerprint(x[:16], y[:16]) + data_fingerprint(x[16:], y[16:], first_row=16))
+    x[3, 1], x[5, 0] = float("nan"), float("inf")
+    assert torch.equal(data_fingerprint(x, y), data_fingerprint(x.clone(), y))  # NaN agrees with itself
+    assert torch.equal(data_fingerprint(x[:0], y[:0]), torch.zeros(3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("bug, message", [
     ("eval_differs", "the first stage's replicas read different evaluation data"),
     ("predict_differs", "x must hold the same rows on every rank"),
 ])
-def test_replicas_that_evaluate_or_predict_different_inputs_are_refused(tmp_path: Path, bug: str, message: str):
+@pytest.mark.parametrize("stages", [1, 2])
+def test_replicas_that_evaluate_or_predict_different_inputs_are_refused(tmp_path: Path, bug: str, message: str,
+                                                                        stages: int):
     """Evaluation summed each replica's count of its own share, so replicas that read
     different data (a DistributedSampler) were counted over a mix of both; predict on inputs
-    of different lengths aborted a rank inside Gloo."""
-    procs = launch(2, tmp_path, stages=1, replicas=2, epochs=1, **{bug: True})
+    of different lengths aborted a rank inside Gloo. Every rank says so at once, the later
+    stage's too (it reads nothing, and waited until the timeout)."""
+    start = time.monotonic()
+    procs = launch(2 * stages, tmp_path, stages=stages, replicas=2, epochs=1, **{bug: True})
     assert all(p.returncode != 0 for p in procs), _stderr_of(procs)
     for p in procs:
         assert message in p.stderr and "ValueError" in p.stderr, p.stderr[-2000:]
+    assert time.monotonic() - start < 40  # the ranks' timeout is 60 s
 
 
 # ---- in this process ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -868,11 +869,15 @@ def test_only_convolution_weights_take_channels_last():
 def test_preset_switches_and_training_settings_are_checked():
     with pytest.raises(TypeError, match="bidirectional must be True or False, got 'no'"):
         al_ext.models.LSTM_AL(10, 2, bidirectional="no")
+    assert al_ext.models.LSTM_AL(10, 2, bidirectional=np.True_).blocks[0].f is not None  # numpy's bool is a bool
     settings = presets.training_settings
     assert settings("neco", family="ResNet_AL") == settings("neco", family=al_ext.models.ResNet_AL)
+    assert settings("neco", np.int64(64), np.float32(0.5)) == settings("neco", 64, 0.5)
     for kwargs, message in (({"batch_size": 0}, "batch_size must be"), ({"batch_size": 1.5}, "batch_size must be"),
-                            ({"width_ratio": -1.0}, "width_ratio must be a finite number > 0"),
-                            ({"width_ratio": float("nan")}, "width_ratio must be a finite number > 0")):
+                            ({"width_ratio": -1.0}, "width_ratio must be a positive finite number"),
+                            ({"width_ratio": float("nan")}, "width_ratio must be a positive finite number"),
+                            ({"width_ratio": "half"}, "width_ratio must be a positive finite number"),
+                            ({"family": "resnet_al"}, "family must be one of 'ALMLP', .* got 'resnet_al'")):
         with pytest.raises((TypeError, ValueError), match=message):
             settings("neco", **kwargs)
 
@@ -884,3 +889,34 @@ def test_file_loggers_write_on_the_process_that_writes_checkpoints_only(tmp_path
     trainer.engine.is_writer = False  # as on a distributed run's other ranks
     trainer.fit(batch(24), epochs=1)
     assert not any(path.stat().st_size for path in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_the_tensorboard_logger_makes_its_writer_on_the_writing_rank_only(monkeypatch, tmp_path, writer):
+    """A SummaryWriter made on every rank left an empty event file per rank in the shared
+    folder. torch.utils.tensorboard is stood in for, so that this runs without tensorboard."""
+    import types
+    made: list[list[tuple[str, float, int]]] = []
+
+    class Writer:
+        def __init__(self, log_dir: str) -> None:
+            made.append([])
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            made[-1].append((tag, value, step))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    logger = al_ext.callbacks.TensorBoardLogger(tmp_path, every=1)
+    trainer = Trainer(small_mlp(backend="reference"), batch_size=8, progress=False, label_warmup=False,
+                      callbacks=[logger])
+    trainer.engine.is_writer = writer
+    trainer.fit(batch(24), epochs=1)
+    logger.close()
+    assert len(made) == int(writer)
+    if writer:
+        steps = {step for tag, _, step in made[0] if tag.startswith("train/")}
+        epochs = {step for tag, _, step in made[0] if tag.startswith("epoch/")}
+        assert steps == {1, 2, 3} and epochs == {1}, made[0]

@@ -1,6 +1,7 @@
 """al_ext.large_buffers: freed large CPU buffers are kept for the next request of their size
 while a run is open, and given back after; training computes the same with them."""
 import multiprocessing
+import os
 import threading
 
 import pytest
@@ -95,6 +96,29 @@ def _allocate_large() -> None:
     # parallel fill in the child would hang for a reason that is not the cache's.
     torch.set_num_threads(1)
     assert float(torch.ones(LARGE).sum()) == LARGE
+
+
+def test_a_child_forked_inside_a_block_closes_it_and_keeps_nothing():
+    """os.fork in a block: the child leaves the block it inherited as the parent does, and
+    gives its buffers back when it frees them (a worker process does not train)."""
+    child, keeps_nothing = False, False
+    try:
+        with large_buffers.reusing_large_buffers():
+            pid = os.fork()
+            child = pid == 0
+            if child:
+                torch.set_num_threads(1)  # GNU OpenMP's pool does not survive fork
+                kept = large_buffers.stats()["kept_bytes"]  # the parent's, inherited
+                torch.empty(LARGE)  # freed at once
+                keeps_nothing = large_buffers.stats()["kept_bytes"] == kept
+    except BaseException:
+        if child:  # the child reports through its exit status, never into the test run
+            os._exit(1)
+        raise
+    if child:
+        os._exit(0 if keeps_nothing else 2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "1: closing the inherited block failed; 2: the child kept a buffer"
 
 
 def test_a_process_forked_inside_a_block_allocates():

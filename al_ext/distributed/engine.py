@@ -36,7 +36,7 @@ from .._extension import _C
 from ..precision import Precision
 from . import checkpoint, placement
 from .config import DistributedConfig, make_topology
-from .inference import CrossRankInference, data_fingerprint
+from .inference import CrossRankInference, alike_on_every_rank, data_fingerprint
 from .rank_scheduler import run_in_scheduler
 from .stage_step import StageStep
 from .transport import (BATCH, END, FORWARD_TAG, LOSSES_TAG, STOP, Header, Link, collective, failure_seen,
@@ -148,19 +148,26 @@ class DistributedALEngine(Engine):
         collective(partial(dist.all_reduce, vote, op=dist.ReduceOp.MAX, async_op=True), "the ranks' vote to stop")
         return bool(vote.item())
 
-    def check_alike_on_every_rank(self, call: str, arguments: dict[str, Any]) -> None:
-        """Every rank sees every rank's ``arguments`` and raises alike: a rank that validates
-        or checkpoints where the others do not would wait in a collective they never join."""
+    def check_alike_on_every_rank(self, call: str, arguments: dict[str, Any], refusal: Exception | None) -> None:
+        """Every rank sees every rank's ``arguments`` and objection, and raises alike: a rank
+        that refused, validates or checkpoints where the others do not would leave them
+        waiting in a collective it never joins."""
         every: list[Any] = [None] * dist.get_world_size()
+        mine = (arguments, None if refusal is None else f"{type(refusal).__name__}: {refusal}")
         try:
-            dist.all_gather_object(every, arguments)
+            dist.all_gather_object(every, mine)
         except Exception as exc:  # noqa: BLE001 - a peer that failed before it got here
             raise failure_seen(None, f"the ranks' {call} arguments", exc) from None
-        for rank, theirs in enumerate(every):
+        if refusal is not None:
+            raise refusal
+        me = dist.get_rank()
+        for rank, (theirs, their_refusal) in enumerate(every):
+            if their_refusal is not None:
+                raise ValueError(f"rank {rank} refused {call} ({their_refusal}), so rank {me} stops too")
             for name, value in arguments.items():
                 if theirs.get(name) != value:
                     raise ValueError(f"{call} must be called alike on every rank: rank {rank} has {name} "
-                                     f"{theirs.get(name)!r}, rank {dist.get_rank()} {value!r}")
+                                     f"{theirs.get(name)!r}, rank {me} {value!r}")
 
     def report_failure(self, exc: BaseException) -> None:
         report_failure(exc)
@@ -372,8 +379,8 @@ class DistributedALEngine(Engine):
             if ended:
                 break
             x, y = (v.to(self.device, non_blocking=True) for v in batch)  # type: ignore[union-attr]
-            if index == 0 and top.replicas > 1:
-                self.check_replicas_read_alike(data_fingerprint(x, y), "batches")
+            if index == 0 and top.replicas > 1 and not self.replicas_read_alike(data_fingerprint(x, y), "batches"):
+                raise self.replicas_read_apart("batches")
             samples = int(x.shape[0])
             s, t = self._shard(*self.model.inputs_and_targets(x, y))
             losses = torch.zeros(self.model.depth, 2, dtype=torch.float64)
@@ -417,18 +424,17 @@ class DistributedALEngine(Engine):
                              "the same batches (not a DistributedSampler's share: al_ext splits each batch itself)")
         return bool(votes[0])
 
-    def check_replicas_read_alike(self, fingerprint: Tensor, what: str) -> None:
-        """Refuses first-stage replicas whose ``data_fingerprint`` of what they read (the first
-        training batch, all of an evaluation's) differs: a per-rank seed or sampler. Every
-        replica of the first stage calls it at the same point."""
-        high, low = (fingerprint.to(self.link_device, copy=True) for _ in range(2))  # two tensors, reduced apart
-        for tensor, op in ((high, dist.ReduceOp.MAX), (low, dist.ReduceOp.MIN)):
-            collective(partial(dist.all_reduce, tensor, op=op, group=self.first_stage_group, async_op=True),
-                       f"the replicas' {what}")
-        if not torch.equal(high, low):
-            raise ValueError(f"the first stage's replicas read different {what}: every replica must read the same "
-                             "data in the same order (the same seed, no DistributedSampler; al_ext splits each "
-                             "batch among the replicas itself)")
+    def replicas_read_alike(self, fingerprint: Tensor, what: str) -> bool:
+        """Whether the first stage's replicas agree on the ``data_fingerprint`` of what they
+        read (the first training batch, all of an evaluation's): a per-rank seed or sampler
+        makes them differ. Every replica of the first stage calls it at the same point."""
+        return alike_on_every_rank(fingerprint, self.link_device, f"the replicas' {what}", self.first_stage_group)
+
+    @staticmethod
+    def replicas_read_apart(what: str) -> ValueError:
+        return ValueError(f"the first stage's replicas read different {what}: every replica must read the same data "
+                          "in the same order (the same seed, no DistributedSampler; al_ext splits each batch among "
+                          "the replicas itself)")
 
     def _run_later(self, on_batch: BatchCallback) -> bool:
         top = self.topology

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -105,16 +105,22 @@ class CrossRankInference:
 
     def correct_counts(self, batches: Iterable[Batch]) -> tuple[Tensor | None, int]:
         """Correct predictions per depth and the samples, over every replica, on every rank.
-        Only the first stage reads ``batches``; its replicas must read the same ones (each
-        counts its own share of every batch), which is checked once they are read."""
-        correct = torch.zeros(self.model.depth + 1, dtype=torch.float64)
+        Only the first stage reads ``batches``; its replicas must read the same ones in the
+        same order (each counts its own share of every batch), which is checked once they
+        are read, and every rank raises alike where they did not."""
+        depth = self.model.depth
+        correct = torch.zeros(depth + 2, dtype=torch.float64)  # per depth, samples, replicas that read apart
         if self.top.is_first:
-            read = torch.zeros(4, dtype=torch.float64)  # batches, then data_fingerprint's sums
+            checking = self.top.replicas > 1
+            read = torch.zeros(3, dtype=torch.float64)  # data_fingerprint's, over every row read
 
             def inputs() -> Iterator[Tensor]:
+                rows_read = 0
                 for x, y in batches:
                     x, y = x.to(self.engine.device), y.to(self.engine.device)
-                    read.add_(torch.cat([torch.ones(1, dtype=torch.float64), data_fingerprint(x, y)]))
+                    if checking:
+                        read.add_(data_fingerprint(x, y, first_row=rows_read))
+                        rows_read += x.shape[0]
                     x, y = self.engine._shard(x, y)
                     if x.shape[0]:  # a batch smaller than the replicas leaves some with no rows
                         pairs.append(y)
@@ -123,16 +129,18 @@ class CrossRankInference:
             pairs: list[Tensor] = []
             for scores in self.scores_of_batches(inputs()):
                 y = pairs.pop(0)
-                correct[:-1] += torch.stack([(s.argmax(dim=1) == y).sum() for s in scores]).double().cpu()
-                correct[-1] += y.shape[0]
-            if self.top.replicas > 1:
-                self.engine.check_replicas_read_alike(read, "evaluation data")
+                correct[:depth] += torch.stack([(s.argmax(dim=1) == y).sum() for s in scores]).double().cpu()
+                correct[depth] += y.shape[0]
+            if checking and not self.engine.replicas_read_alike(read, "evaluation data"):
+                correct[depth + 1] = 1
         else:
             for _ in self.scores_of_batches(None):
                 pass
         correct = _summed_over_ranks(correct, self.engine.link_device)
-        samples = int(correct[-1])
-        return (correct[:-1].long() if samples else None), samples
+        if correct[depth + 1]:  # every rank, later stages too, learns it from the sum
+            raise self.engine.replicas_read_apart("evaluation data")
+        samples = int(correct[depth])
+        return (correct[:depth].long() if samples else None), samples
 
     def _rows(self, x: Tensor) -> tuple[Tensor, slice]:
         n, replicas = x.shape[0], self.top.replicas
@@ -148,11 +156,10 @@ class CrossRankInference:
         ranks every depth is computed, so early exit chooses the same answers as in one
         process but saves no work."""
         n = x.shape[0]
-        most, fewest = _reduced_over_ranks(torch.tensor([n, -n]), self.engine.link_device, dist.ReduceOp.MAX,
-                                           "the number of rows to predict").tolist()
-        if most != -fewest:  # every rank sees this, and raises alike
-            raise ValueError(f"x must hold the same rows on every rank (each rank predicts its share of them): this "
-                             f"rank has {n}, the ranks {-fewest} to {most}")
+        if not alike_on_every_rank(data_fingerprint(x, torch.zeros(n, device=x.device)), self.engine.link_device,
+                                   "the rows to predict"):
+            raise ValueError(f"x must hold the same rows on every rank (each rank predicts its share of them); this "
+                             f"rank's {n} rows differ from another's")
         classes = torch.zeros(n, dtype=torch.int64)
         depths = torch.zeros(n, dtype=torch.int64)
         rows, where = self._rows(x.to(self.engine.device))
@@ -182,16 +189,32 @@ class CrossRankInference:
         return classes, exit_depth
 
 
-def data_fingerprint(x: Tensor, y: Tensor) -> Tensor:
-    """(rows, sum of labels, sum of inputs) in float64 on the CPU: what replicas that read the
-    same data agree on, and others almost surely do not."""
-    return torch.tensor([x.shape[0], float(y.double().sum()), float(x.double().sum())], dtype=torch.float64)
+def data_fingerprint(x: Tensor, y: Tensor, first_row: int = 0) -> Tensor:
+    """(rows, and the sums of the labels and of each row's inputs, weighted by the rows'
+    places from ``first_row``) in float64 on the CPU: what ranks that read the same data in
+    the same order agree on, and others almost surely do not. Sums are additive over batches
+    read one after another. NaN and infinities count as fixed numbers, so that they agree too."""
+    rows = x.shape[0]
+    if rows == 0:
+        return torch.zeros(3, dtype=torch.float64)
+    places = torch.arange(first_row + 1, first_row + rows + 1, dtype=torch.float64, device=x.device)
+    inputs = x.reshape(rows, -1).double().nan_to_num(nan=0.5, posinf=1.0, neginf=-1.0).sum(dim=1)
+    return torch.stack([places.new_tensor(float(rows)), places @ y.double(), places @ inputs]).cpu()
 
 
-def _reduced_over_ranks(tensor: Tensor, device: torch.device, op: dist.ReduceOp, what: str) -> Tensor:
-    """``op`` over every rank, on the CPU (NCCL reduces only tensors on the GPU)."""
+def alike_on_every_rank(tensor: Tensor, device: torch.device, what: str, group: Any = None) -> bool:
+    """Whether every rank of ``group`` (all if None) holds the same ``tensor``: one MAX over
+    it and its negation. Every rank gets the same answer."""
+    both = _reduced_over_ranks(torch.cat([tensor, -tensor]), device, dist.ReduceOp.MAX, what, group)
+    highest, lowest = both[: tensor.numel()], -both[tensor.numel():]
+    return bool(torch.equal(highest, lowest))
+
+
+def _reduced_over_ranks(tensor: Tensor, device: torch.device, op: dist.ReduceOp, what: str, group: Any = None
+                        ) -> Tensor:
+    """``op`` over every rank of ``group``, on the CPU (NCCL reduces only tensors on the GPU)."""
     on_device = tensor.to(device)
-    collective(partial(dist.all_reduce, on_device, op=op, async_op=True), what)
+    collective(partial(dist.all_reduce, on_device, op=op, group=group, async_op=True), what)
     return on_device.cpu()
 
 

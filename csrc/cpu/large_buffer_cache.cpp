@@ -32,9 +32,10 @@ class LargeBufferCache final : public c10::Allocator {
       // allocation would wait forever: fork waits for the lock, and both sides let it go.
       // The child (a worker, not a training run) keeps nothing: its buffers go back when
       // freed. What the parent kept stays unused in it, shared with the parent until written.
+      // Its count of open blocks stays, so that a block it inherited open closes normally.
       pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
                      [] {
-                       instance().users_ = 0;
+                       instance().forked_child_ = true;
                        instance().mutex_.unlock();
                      });
     });
@@ -75,7 +76,7 @@ class LargeBufferCache final : public c10::Allocator {
     bool reusing = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      reusing = users_ > 0;
+      reusing = keeping_locked();
       auto kept = reusing ? kept_.find(n) : kept_.end();
       if (kept != kept_.end()) {
         buffer = std::move(kept->second);
@@ -123,7 +124,7 @@ class LargeBufferCache final : public c10::Allocator {
       }
       Lent buffer = std::move(lent->second);
       cache.lent_.erase(lent);
-      if (cache.users_ > 0 && cache.kept_bytes_ + buffer.bytes <= cache.max_kept_bytes_) {
+      if (cache.keeping_locked() && cache.kept_bytes_ + buffer.bytes <= cache.max_kept_bytes_) {
         cache.kept_bytes_ += buffer.bytes;
         cache.kept_.emplace(buffer.bytes, std::move(buffer.base));
       } else {
@@ -131,6 +132,8 @@ class LargeBufferCache final : public c10::Allocator {
       }
     }
   }
+
+  bool keeping_locked() const { return users_ > 0 && !forked_child_; }
 
   std::vector<c10::DataPtr> take_kept_locked() {
     std::vector<c10::DataPtr> taken;
@@ -145,6 +148,7 @@ class LargeBufferCache final : public c10::Allocator {
   c10::Allocator* base_ = nullptr;
   std::mutex mutex_;
   int64_t users_ = 0;
+  bool forked_child_ = false;  // this process is a fork of one that enabled the cache
   int64_t reused_ = 0;
   size_t kept_bytes_ = 0;
   size_t max_kept_bytes_ = size_t{2} << 30;  // 2 GiB: a step's worth of large buffers, bounded
