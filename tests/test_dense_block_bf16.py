@@ -6,13 +6,14 @@ import torch
 import al_ext
 from al_ext import fused, reference
 from al_ext.engines import ALEngine, FusedALEngine, PipelinedALEngine
+from al_ext.precision import missing_bf16_hardware
 
 from conftest import small_mlp
 from test_dense_block import CONFIGS, SHAPES, make_block, zeros_like_block
 
 BF16 = torch.bfloat16
 needs_bf16_hardware = pytest.mark.skipif(not fused.bf16_compute_available(),
-                                         reason="this CPU has no bfloat16 matrix hardware (AVX512_BF16 or AMX)")
+                                         reason=str(missing_bf16_hardware(torch.device("cpu"))))
 pytestmark = needs_bf16_hardware
 
 
