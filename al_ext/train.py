@@ -334,21 +334,8 @@ class Trainer:
         """
         refusal: Exception | None = None
         try:  # a rank alone may refuse (its data, the writer's paths): every rank hears of it
-            check_positive_int(epochs, "epochs")
-            if on_epoch is not None and not callable(on_epoch):
-                raise TypeError(f"on_epoch must be a callable record -> None, got {type(on_epoch).__name__}")
-            if checkpoint_every is not None:
-                check_positive_int(checkpoint_every, "checkpoint_every")
-                if checkpoint is None:
-                    raise ValueError("checkpoint_every needs checkpoint= (the file to write)")
-            for name, path in (("checkpoint", checkpoint), ("save_best", save_best)):
-                if path is not None and self.engine.is_writer:  # the one process that writes them
-                    check_output_path(path, name)
-            if save_best is not None and val is None:
-                raise ValueError("save_best needs val= (the best epoch is the best on validation)")
-            train = self._prepared(train, "train")
-            val = None if val is None else self._prepared(val, "val")
-            self._check_batch_size_of_epoch(train)
+            train, val = self._checked_fit_arguments(train, val, epochs, on_epoch, checkpoint, checkpoint_every,
+                                                     save_best)
         except (TypeError, ValueError) as exc:
             refusal = exc
         self.engine.check_alike_on_every_rank("fit", {
@@ -383,6 +370,27 @@ class Trainer:
             self.engine.report_failure(exc)  # distributed: so that the other ranks can say what happened
             raise
         return self.history
+
+    def _checked_fit_arguments(self, train: Data, val: Data | None, epochs: int, on_epoch: Any,
+                               checkpoint: str | Path | None, checkpoint_every: int | None,
+                               save_best: str | Path | None) -> tuple[Data, Data | None]:
+        """fit's arguments checked, and its data prepared: (train, val)."""
+        check_positive_int(epochs, "epochs")
+        if on_epoch is not None and not callable(on_epoch):
+            raise TypeError(f"on_epoch must be a callable record -> None, got {type(on_epoch).__name__}")
+        if checkpoint_every is not None:
+            check_positive_int(checkpoint_every, "checkpoint_every")
+            if checkpoint is None:
+                raise ValueError("checkpoint_every needs checkpoint= (the file to write)")
+        for name, path in (("checkpoint", checkpoint), ("save_best", save_best)):
+            if path is not None and self.engine.is_writer:  # the one process that writes them
+                check_output_path(path, name)
+        if save_best is not None and val is None:
+            raise ValueError("save_best needs val= (the best epoch is the best on validation)")
+        train = self._prepared(train, "train")
+        val = None if val is None else self._prepared(val, "val")
+        self._check_batch_size_of_epoch(train)
+        return train, val
 
     def _check_batch_size_of_epoch(self, train: Data) -> None:
         """A run stopped mid-epoch resumes at a batch count, which the batches of tensor data

@@ -152,12 +152,8 @@ class DistributedALEngine(Engine):
         """Every rank sees every rank's ``arguments`` and objection, and raises alike: a rank
         that refused, validates or checkpoints where the others do not would leave them
         waiting in a collective it never joins."""
-        every: list[Any] = [None] * dist.get_world_size()
-        mine = (arguments, None if refusal is None else f"{type(refusal).__name__}: {refusal}")
-        try:
-            dist.all_gather_object(every, mine)
-        except Exception as exc:  # noqa: BLE001 - a peer that failed before it got here
-            raise failure_seen(None, f"the ranks' {call} arguments", exc) from None
+        every = _gathered((arguments, None if refusal is None else f"{type(refusal).__name__}: {refusal}"),
+                          f"the ranks' {call} arguments")
         if refusal is not None:
             raise refusal
         me = dist.get_rank()
@@ -484,12 +480,7 @@ def _check_same_model(model: AssociatedLearning) -> None:
     # make one architecture.
     structure = [*repr(model).splitlines(), f"variant {model.variant}",
                  *(f"block {i + 1}'s auto-encoder loss {model.ae_loss_of(i)}" for i in range(model.depth))]
-    every: list[Any] = [None] * dist.get_world_size()
-    try:
-        dist.all_gather_object(every, (shapes, structure))
-    except Exception as exc:  # noqa: BLE001 - a peer that failed before it got here
-        raise DistributedError(f"rank {dist.get_rank()} could not compare its model with the other ranks': {exc}")
-    for rank, (their_shapes, their_structure) in enumerate(every):
+    for rank, (their_shapes, their_structure) in enumerate(_gathered((shapes, structure), "the ranks' models")):
         if their_shapes != shapes:
             diff = sorted(k for k in set(shapes) | set(their_shapes) if shapes.get(k) != their_shapes.get(k))
             where = (f"at {diff[0]} ({their_shapes.get(diff[0])} against {shapes.get(diff[0])}"
@@ -502,3 +493,13 @@ def _check_same_model(model: AssociatedLearning) -> None:
             continue
         raise ValueError(f"every rank must build the same model: rank {rank}'s differs from rank {dist.get_rank()}'s "
                          f"{where}; build it from the same arguments on every rank")
+
+
+def _gathered(value: Any, what: str) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    every: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(every, value)
+    except Exception as exc:  # noqa: BLE001 - a peer that failed before it got here
+        raise failure_seen(None, what, exc) from None
+    return every

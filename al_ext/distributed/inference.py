@@ -112,7 +112,7 @@ class CrossRankInference:
         correct = torch.zeros(depth + 2, dtype=torch.float64)  # per depth, samples, replicas that read apart
         if self.top.is_first:
             checking = self.top.replicas > 1
-            read = torch.zeros(3, dtype=torch.float64)  # data_fingerprint's, over every row read
+            read = torch.zeros(3, dtype=torch.float64, device=self.engine.device)  # data_fingerprint's, every row
 
             def inputs() -> Iterator[Tensor]:
                 rows_read = 0
@@ -191,15 +191,16 @@ class CrossRankInference:
 
 def data_fingerprint(x: Tensor, y: Tensor, first_row: int = 0) -> Tensor:
     """(rows, and the sums of the labels and of each row's inputs, weighted by the rows'
-    places from ``first_row``) in float64 on the CPU: what ranks that read the same data in
-    the same order agree on, and others almost surely do not. Sums are additive over batches
-    read one after another. NaN and infinities count as fixed numbers, so that they agree too."""
+    places from ``first_row``) in float64 on x's device, so that reading it waits for nothing:
+    what ranks that read the same data in the same order agree on, and others almost surely
+    do not. Sums are additive over batches read one after another. NaN and infinities count
+    as fixed numbers, so that they agree too."""
     rows = x.shape[0]
     if rows == 0:
-        return torch.zeros(3, dtype=torch.float64)
+        return torch.zeros(3, dtype=torch.float64, device=x.device)
     places = torch.arange(first_row + 1, first_row + rows + 1, dtype=torch.float64, device=x.device)
     inputs = x.reshape(rows, -1).double().nan_to_num(nan=0.5, posinf=1.0, neginf=-1.0).sum(dim=1)
-    return torch.stack([places.new_tensor(float(rows)), places @ y.double(), places @ inputs]).cpu()
+    return torch.stack([places.new_tensor(float(rows)), places @ y.double(), places @ inputs])
 
 
 def alike_on_every_rank(tensor: Tensor, device: torch.device, what: str, group: Any = None) -> bool:
